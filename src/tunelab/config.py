@@ -1,0 +1,152 @@
+"""Typed configuration for every stage of a run: the only place defaults live.
+
+A run is described by one `RunConfig`, usually read from YAML:
+
+    model: smollm2-135m-instruct
+    data:
+      path: train.csv          # relative paths are relative to the YAML file
+      format: csv
+      input_column: text
+      output_column: category
+    lora: {rank: 16}
+    train: {learning_rate: 1.0e-3, batch_size: 16}
+
+Unknown keys and bad values are errors that name the key (pydantic, extra="forbid").
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tunelab.errors import TunelabError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    """Where the examples come from and how they become conversations."""
+
+    path: Path = Field(description="Data file: a CSV/TSV (with column mapping) or chat JSONL.")
+    format: Literal["csv", "chat_jsonl"] = Field(
+        "chat_jsonl", description="csv: one input and one output column; chat_jsonl: OpenAI {'messages': [...]}."
+    )
+    input_column: str = Field("text", description="CSV: column holding the user message.")
+    output_column: str = Field("label", description="CSV: column holding the assistant answer.")
+    system_prompt: str | None = Field(
+        None, description="System message put before every example (CSV), or before those without one (JSONL)."
+    )
+    split: tuple[float, float, float] = Field(
+        (0.8, 0.1, 0.1), description="Train / validation / test fractions; must sum to 1."
+    )
+    max_train_rows: int | None = Field(
+        None, ge=1, description="Use at most this many training rows (a fixed, hash-ordered subset); None = all."
+    )
+    max_length: int = Field(
+        512, ge=8, description="Longest example in tokens after the chat template; longer ones are dropped and counted."
+    )
+
+    @model_validator(mode="after")
+    def _split_sums_to_one(self) -> "DataConfig":
+        if abs(sum(self.split) - 1.0) > 1e-6 or min(self.split) < 0:
+            raise ValueError(f"split fractions {self.split} must be >= 0 and sum to 1, e.g. [0.8, 0.1, 0.1]")
+        return self
+
+
+class LoraConfig(_Strict):
+    """The LoRA adapter (PEFT). Weights of the base model stay frozen."""
+
+    rank: int = Field(16, ge=1, description="LoRA rank r: width of the low-rank update.")
+    alpha: float = Field(32.0, gt=0, description="Scaling numerator: the update is scaled by alpha / rank.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input; 0 is best for short runs.")
+    target_modules: str | list[str] = Field(
+        "all-linear", description="Module names to adapt, or 'all-linear' (every linear layer but the LM head)."
+    )
+
+
+class TrainConfig(_Strict):
+    """The optimisation: AdamW, linear warmup then cosine decay, accumulation."""
+
+    epochs: float = Field(1.0, gt=0, description="Passes over the training rows (fractions allowed).")
+    batch_size: int = Field(16, ge=1, description="Examples per forward pass (micro-batch).")
+    grad_accumulation: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    learning_rate: float = Field(1e-3, gt=0, description="Peak learning rate (LoRA wants ~10x a full fine-tune's).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay.")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Fraction of steps spent warming up linearly.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this; None = no clipping.")
+    eval_every: int = Field(0, ge=0, description="Validation loss every N optimizer steps; 0 = only at the end.")
+    val_rows: int = Field(200, ge=0, description="Validation rows used for the validation loss (0 = none).")
+    seed: int = Field(0, description="Seeds the adapter init, the data order and dropout.")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="auto: bf16 autocast where the hardware runs it fast (AMX CPU, CUDA), else fp32."
+    )
+    threads: int | None = Field(None, ge=1, description="CPU threads for torch; None = torch's default.")
+
+
+class EvalConfig(_Strict):
+    """Evaluation on held-out test rows: fine-tune vs the base model, same rows."""
+
+    max_rows: int | None = Field(None, ge=1, description="Evaluate at most this many test rows; None = all.")
+    batch_size: int = Field(32, ge=1, description="Prompts generated together (grouped by length).")
+    max_new_tokens: int | None = Field(
+        None, ge=1, description="Generation limit; None = longest reference answer + 4 tokens."
+    )
+    compare_base: bool = Field(True, description="Also run the base model, prompted with the full label list.")
+
+
+class RunConfig(_Strict):
+    """Everything one run needs. Resolved (absolute paths) and saved as config.json in the run directory."""
+
+    model: str = Field(DEFAULT_MODEL, description="Base model: 'smollm2-135m-instruct', an HF folder or a .gguf.")
+    data: DataConfig
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    output_dir: Path = Field(Path("runs"), description="Run directories are created under this folder (relative to the working directory).")
+    name: str = Field("run", description="Prefix of the run directory name.")
+
+
+def load_config(path: Path, overrides: dict | None = None) -> RunConfig:
+    """Read a YAML config; relative paths inside it are taken relative to the YAML file."""
+    if not path.is_file():
+        raise TunelabError(f"config file not found: {path}", fix="pass the path of a YAML config file")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise TunelabError(f"invalid YAML: {getattr(exc, 'problem', exc)}", fix="correct the YAML syntax", where=where)
+    if not isinstance(raw, dict):
+        raise TunelabError("the config must be a YAML mapping", fix="write key: value pairs", where=str(path))
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(raw, dotted, value)
+    try:
+        cfg = RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        key = ".".join(str(p) for p in first["loc"])
+        raise TunelabError(
+            f"config key '{key}': {first['msg']}", fix="see `tunelab/config.py` for allowed keys and values", where=str(path)
+        ) from None
+    base = path.parent
+    cfg.data.path = _resolve(base, cfg.data.path)
+    return cfg
+
+
+def _resolve(base: Path, p: Path) -> Path:
+    return p if p.is_absolute() else (base / p).resolve()
+
+
+def _set_dotted(raw: dict, dotted: str, value: object) -> None:
+    node = raw
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        node = node.setdefault(key, {})
+    node[leaf] = value

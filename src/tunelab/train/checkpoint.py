@@ -1,0 +1,124 @@
+"""A run directory that describes itself, and loading it back.
+
+    runs/banking77-20261122-101500/
+      adapter/            adapter_config.json + adapter_model.safetensors (PEFT format)
+      tokenizer/          tokenizer.json, tokenizer_config.json, chat_template.jinja
+      config.json         the resolved RunConfig (absolute paths, every default filled in)
+      data.json           rows per split, data hash, tokens, trained tokens per example
+      metrics.jsonl       one JSON object per optimizer step / validation
+      eval.json           evaluation summary (fine-tune vs base on the same test rows)
+      manifest.json       written last: every file with its size and sha256
+
+Every file is written to a temporary name and renamed, and `manifest.json` comes
+last, so a directory without a manifest is an unfinished run and is never loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from tunelab.config import RunConfig
+from tunelab.errors import TunelabError
+from tunelab.models import load_model, resolve_model
+
+MANIFEST = "manifest.json"
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, default=str)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+class RunDir:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @classmethod
+    def create(cls, output_dir: Path, name: str) -> "RunDir":
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        path = Path(output_dir) / f"{name}-{stamp}"
+        suffix = 1
+        while path.exists():  # two runs in the same second
+            suffix += 1
+            path = Path(output_dir) / f"{name}-{stamp}-{suffix}"
+        path.mkdir(parents=True)
+        return cls(path)
+
+    def write_json(self, name: str, obj: Any) -> None:
+        write_json_atomic(self.path / name, obj)
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        # Appending a line is the one non-atomic write: a crash loses at most a partial last line.
+        with (self.path / "metrics.jsonl").open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def save_adapter(self, model: PeftModel) -> None:
+        self._save_dir("adapter", lambda tmp: model.save_pretrained(tmp, safe_serialization=True))
+
+    def save_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self._save_dir("tokenizer", lambda tmp: tokenizer.save_pretrained(tmp))
+
+    def _save_dir(self, name: str, save) -> None:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=self.path))
+        try:
+            save(tmp)
+            final = self.path / name
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def write_manifest(self, extra: dict[str, Any]) -> None:
+        """Last write of a run: lists every file, so its presence means the run is whole."""
+        files = {
+            str(p.relative_to(self.path)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+            for p in sorted(self.path.rglob("*"))
+            if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")
+        }
+        self.write_json(MANIFEST, {"format": "tunelab-run/1", "files": files, **extra})
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_run_config(run_dir: Path) -> RunConfig:
+    if not (run_dir / MANIFEST).is_file():
+        raise TunelabError(
+            f"{run_dir} is not a finished run (no {MANIFEST})",
+            fix="pass a run directory printed by `tunelab train` or `tunelab demo`",
+        )
+    return RunConfig.model_validate_json((run_dir / "config.json").read_text(encoding="utf-8"))
+
+
+def load_run(
+    run_dir: Path, dtype: torch.dtype = torch.float32
+) -> tuple[PeftModel, PreTrainedTokenizerBase, RunConfig]:
+    """Base model + the run's adapter + the run's tokenizer (its chat template travels with the adapter)."""
+    cfg = read_run_config(run_dir)
+    base, _ = load_model(resolve_model(cfg.model), dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokenizer")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = PeftModel.from_pretrained(base, run_dir / "adapter")
+    model.eval()
+    return model, tokenizer, cfg

@@ -1,0 +1,178 @@
+"""LoRA supervised fine-tuning, readable top to bottom: setup -> loop -> save.
+
+Run it through the CLI:
+
+    tunelab train examples/banking77/demo.yaml      # train, evaluate, write the run directory
+
+Loss is on assistant tokens (and their end-of-turn token) only; the LM head is
+computed only at those positions. Base weights are frozen (bf16 when the CPU has
+AMX); LoRA weights and AdamW state are fp32.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from peft import PeftModel
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from transformers import PreTrainedTokenizerBase
+
+from tunelab.config import RunConfig
+from tunelab.data.batches import Batch, collate, length_grouped_order
+from tunelab.data.prepare import PreparedData, prepare_data
+from tunelab.data.tokenize import TokenizedExample
+from tunelab.models import ResolvedModel, attach_lora, load_model, resolve_model, weights_fingerprint
+from tunelab.train.checkpoint import RunDir
+from tunelab.train.loop import Precision, choose_precision, make_optimizer, token_loss_sum, validation_loss
+
+
+@dataclass
+class TrainResult:
+    run: RunDir
+    model: PeftModel
+    tokenizer: PreTrainedTokenizerBase
+    data: PreparedData
+    precision: Precision
+    resolved: ResolvedModel
+    train_seconds: float
+    tokens_per_second: float  # real (non-pad) input tokens per second of training steps
+    trained_tokens_per_second: float  # tokens that carry loss, per second
+    final_validation_loss: float | None
+
+
+def backward_on(model: PeftModel, micro_batches: list[Batch], precision: Precision) -> float:
+    """Accumulate gradients of one optimizer step; returns the step's mean loss per trained token.
+
+    Each micro-batch's loss *sum* is divided by the trained tokens of the whole
+    step, so the gradient equals that of one big batch (accumulation is exact).
+    """
+    step_tokens = sum(b.trained_tokens for b in micro_batches)
+    total = 0.0
+    for batch in micro_batches:
+        with precision.autocast():
+            loss_sum, _ = token_loss_sum(model, batch)
+        (loss_sum / step_tokens).backward()
+        total += float(loss_sum)
+    return total / max(step_tokens, 1)
+
+
+def epoch_stream(
+    examples: list[TokenizedExample], batch_size: int, epochs: float, seed: int
+) -> list[list[TokenizedExample]]:
+    """All micro-batches of the run, in order: each epoch a new length-grouped shuffle."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths = [len(e.input_ids) for e in examples]
+    stream: list[list[TokenizedExample]] = []
+    for _ in range(math.ceil(epochs)):
+        stream.extend([examples[i] for i in idx] for idx in length_grouped_order(lengths, batch_size, generator))
+    per_epoch = math.ceil(len(examples) / batch_size)
+    return stream[: max(1, round(per_epoch * epochs))]
+
+
+def train(cfg: RunConfig, console: Console | None = None) -> TrainResult:
+    console = console or Console(stderr=True)
+    t = cfg.train
+
+    # ---------------------------------------------------------------- setup
+    torch.manual_seed(t.seed)
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    precision = choose_precision(t.precision)
+    console.print(f"[bold]precision[/]: {precision.reason}")
+    resolved = resolve_model(cfg.model)
+    model, tokenizer = load_model(resolved, dtype=precision.weights_dtype)
+    model.config.use_cache = False  # no KV cache while training: it would only cost memory
+
+    data = prepare_data(cfg.data, tokenizer, val_rows=t.val_rows)
+    rep = data.report
+    console.print(
+        f"[bold]data[/]: {rep['rows']:,} rows -> split {rep['splits']} "
+        f"({'stratified by label' if rep['stratified'] else 'not stratified'}); training on {rep['train_rows_used']:,} "
+        f"rows, {rep['tokens_per_example']['mean']:.1f} tokens/example of which "
+        f"{rep['trained_tokens_per_example']['mean']:.1f} trained (assistant answer + end-of-turn)"
+        + (f"; dropped {rep['dropped_too_long']['count']} longer than {cfg.data.max_length}" if rep["dropped_too_long"]["count"] else "")
+    )
+
+    model = attach_lora(model, cfg.lora)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    console.print(
+        f"[bold]model[/]: {cfg.model} + LoRA r={cfg.lora.rank} alpha={cfg.lora.alpha:g} on {cfg.lora.target_modules} "
+        f"({trainable / 1e6:.2f}M trainable parameters)"
+    )
+
+    stream = epoch_stream(data.train, t.batch_size, t.epochs, t.seed)
+    steps = math.ceil(len(stream) / t.grad_accumulation)
+    warmup = round(t.warmup_ratio * steps)
+    optimizer, scheduler = make_optimizer(model, t.learning_rate, t.weight_decay, steps, warmup)
+    pad_id = tokenizer.pad_token_id
+    val_batches = [
+        collate(data.validation[i : i + t.batch_size], pad_id)
+        for i in range(0, len(data.validation), t.batch_size)
+    ]
+    console.print(
+        f"[bold]schedule[/]: {steps} steps x {t.batch_size} examples x {t.grad_accumulation} accumulation, "
+        f"lr {t.learning_rate:g} (warmup {warmup}, cosine), {t.epochs:g} epoch(s)"
+    )
+
+    run = RunDir.create(cfg.output_dir, cfg.name)
+    run.write_json("config.json", cfg.model_dump(mode="json"))
+    run.write_json(
+        "data.json",
+        {**rep, "base_model": {"spec": cfg.model, "path": str(resolved.path), "weights": weights_fingerprint(resolved)}},
+    )
+
+    # ---------------------------------------------------------------- loop
+    model.train()
+    real_tokens = trained_tokens = 0
+    train_seconds = 0.0
+    progress = Progress(
+        TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+        TextColumn("loss {task.fields[loss]:.3f}"), TextColumn("{task.fields[tps]:.0f} tok/s"),
+        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console, transient=False,
+    )
+    with progress:
+        task = progress.add_task("train", total=steps, loss=float("nan"), tps=0.0)
+        for step in range(1, steps + 1):
+            started = time.perf_counter()
+            group = [collate(mb, pad_id) for mb in stream[(step - 1) * t.grad_accumulation : step * t.grad_accumulation]]
+            loss = backward_on(model, group, precision)
+            grad_norm = None
+            if t.max_grad_norm is not None:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(
+                    [p for p in model.parameters() if p.requires_grad], t.max_grad_norm
+                ))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            elapsed = time.perf_counter() - started
+            train_seconds += elapsed
+            step_real = sum(b.real_tokens for b in group)
+            real_tokens += step_real
+            trained_tokens += sum(b.trained_tokens for b in group)
+            record = {
+                "step": step, "loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                "tokens": step_real, "tokens_per_s": step_real / elapsed, "seconds": elapsed,
+            }
+            if t.eval_every and step % t.eval_every == 0 and step < steps and val_batches:
+                record["val_loss"] = validation_loss(model, val_batches, precision)
+                console.print(f"step {step}: validation loss {record['val_loss']:.4f}")
+            run.append_metrics(record)
+            progress.update(task, advance=1, loss=loss, tps=real_tokens / train_seconds)
+
+    # ---------------------------------------------------------------- save
+    final_val = validation_loss(model, val_batches, precision) if val_batches else None
+    if final_val is not None:
+        run.append_metrics({"step": steps, "val_loss": final_val})
+        console.print(f"[bold]validation loss[/]: {final_val:.4f}")
+    model.eval()
+    run.save_adapter(model)
+    run.save_tokenizer(tokenizer)
+    return TrainResult(
+        run=run, model=model, tokenizer=tokenizer, data=data, precision=precision, resolved=resolved,
+        train_seconds=train_seconds, tokens_per_second=real_tokens / max(train_seconds, 1e-9),
+        trained_tokens_per_second=trained_tokens / max(train_seconds, 1e-9), final_validation_loss=final_val,
+    )
