@@ -96,7 +96,7 @@ class EvalConfig(_Strict):
     max_rows: int | None = Field(None, ge=1, description="Evaluate at most this many test rows; None = all.")
     batch_size: int = Field(32, ge=1, description="Prompts generated together (grouped by length).")
     max_new_tokens: int | None = Field(
-        None, ge=1, description="Generation limit; None = longest reference answer + 4 tokens."
+        None, ge=1, description="Generation limit; None = longest label + 2 tokens."
     )
     compare_base: bool = Field(True, description="Also run the base model, prompted with the full label list.")
 
@@ -147,6 +147,11 @@ def _resolve(base: Path, p: Path) -> Path:
 def _set_dotted(raw: dict, dotted: str, value: object) -> None:
     node = raw
     *parents, leaf = dotted.split(".")
-    for key in parents:
-        node = node.setdefault(key, {})
+    for depth, key in enumerate(parents):
+        if node.get(key) is None:  # a section left empty in YAML (`lora:`) reads as None
+            node[key] = {}
+        node = node[key]
+        if not isinstance(node, dict):
+            where = ".".join(parents[: depth + 1])
+            raise TunelabError(f"--set {dotted}: '{where}' is not a section", fix=f"set a key that exists, e.g. train.epochs")
     node[leaf] = value

@@ -12,6 +12,7 @@ knows where a row came from except `source` ("file:line"), kept for error messag
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,7 +71,8 @@ def read_csv(path: Path, input_column: str, output_column: str, system_prompt: s
     """CSV/TSV with a header; one row -> (system?, user=input, assistant=output)."""
     text = _read_utf8(path)
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    reader = csv.DictReader(text.splitlines(), delimiter=delimiter)
+    # newline="": the csv module handles line ends itself (quoted cells may hold newlines; U+2028 is text).
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
     header = reader.fieldnames or []
     for column, key in ((input_column, "input_column"), (output_column, "output_column")):
         if column not in header:
@@ -101,7 +103,8 @@ def read_chat_jsonl(path: Path, system_prompt: str | None = None) -> list[Conver
     stage) reports every problem of a file at once.
     """
     out: list[Conversation] = []
-    for line_no, line in enumerate(_read_utf8(path).splitlines(), start=1):
+    # split("\n"), not splitlines(): U+2028 and friends are legal inside JSON strings.
+    for line_no, line in enumerate(_read_utf8(path).split("\n"), start=1):
         if not line.strip():
             continue
         where = f"{path}:{line_no}"

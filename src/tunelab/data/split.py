@@ -75,8 +75,8 @@ def split_conversations(
     bounds = (fractions[0], fractions[0] + fractions[1])
     parts: dict[str, list[tuple[float, Conversation]]] = {name: [] for name in SPLIT_NAMES}
     for conv in convs:
-        # The label goes into the hash stream for classification, so each label is split by its own draws.
-        u = unit_interval(row_key(conv), salt=conv.answer if stratified else "")
+        # No salt depending on `stratified`: that flag can flip as data grows, and must not move old rows.
+        u = unit_interval(row_key(conv))
         name = "train" if u < bounds[0] else "validation" if u < bounds[1] else "test"
         parts[name].append((u, conv))
     # Order inside a split is by hash, not by file position: files are often sorted by label

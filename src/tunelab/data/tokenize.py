@@ -108,6 +108,8 @@ def tokenize_conversations(
     tokenizer: PreTrainedTokenizerBase, convs: list[Conversation], max_length: int
 ) -> tuple[list[TokenizedExample], list[str]]:
     """Tokenize many conversations at once. Returns (kept examples, sources of those dropped as too long)."""
+    if not convs:
+        return [], []
     rendered = [assistant_char_spans(tokenizer, c) for c in convs]
     # One batched call: the Rust tokenizer parallelises and gives offsets for every token.
     enc = tokenizer([text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)

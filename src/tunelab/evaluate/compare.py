@@ -51,7 +51,7 @@ def evaluate_classification(
     rows = test_rows[: cfg.max_rows] if cfg.max_rows else test_rows
     references = [r.answer for r in rows]
     longest = max(len(tokenizer(label, add_special_tokens=False)["input_ids"]) for label in labels)
-    max_new = cfg.max_new_tokens or longest + 4
+    max_new = cfg.max_new_tokens or longest + 2
     contenders: dict[str, tuple[list[list[int]], contextlib.AbstractContextManager]] = {
         "finetune": ([render_prompt(tokenizer, r.prompt_messages) for r in rows], contextlib.nullcontext()),
     }
@@ -73,6 +73,8 @@ def evaluate_classification(
                 run = generate(
                     model, tokenizer, prompts, max_new_tokens=max_new, batch_size=cfg.batch_size,
                     precision=precision, stop_token_ids=[tokenizer.eos_token_id],
+                    # A label is one line: both contenders stop at a newline (and are scored on the first line).
+                    stop_strings=["\n"],
                     on_batch=lambda n: progress.advance(task, n),
                 )
         predictions = [g.text for g in run.generations]

@@ -68,13 +68,19 @@ def generate(
     batch_size: int,
     precision: Precision,
     stop_token_ids: list[int] | None = None,
+    stop_strings: list[str] | None = None,
     share_prefix: bool = True,
     on_batch: Callable[[int], None] | None = None,
 ) -> GenerationRun:
-    """Greedy-decode every prompt (lists of token ids); returns generations in input order."""
+    """Greedy-decode every prompt (lists of token ids); returns generations in input order.
+
+    Generation of a row ends at a stop token (default: eos, the end-of-turn; not part of
+    the text) or once its text contains a stop string (the text is cut before it).
+    """
     if not prompts:
         return GenerationRun([], 0.0, 0, 0)
     stop = set(stop_token_ids if stop_token_ids is not None else [tokenizer.eos_token_id])
+    ending = ids_containing(tokenizer, stop_strings or [])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     started = time.perf_counter()
 
@@ -96,11 +102,14 @@ def generate(
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         outs = _generate_batch(
-            body, head, model.config, [prompts[i][prefix_len:] for i in idx], prefix_len, prefix_cache, max_new_tokens, stop, pad_id,
-            precision,
+            body, head, model.config, [prompts[i][prefix_len:] for i in idx], prefix_len, prefix_cache, max_new_tokens, stop, ending,
+            pad_id, precision,
         )
         for i, (ids, stopped) in zip(idx, outs):
-            results[i] = Generation(tokenizer.decode(ids, skip_special_tokens=True), ids, len(prompts[i]), stopped)
+            text = tokenizer.decode(ids, skip_special_tokens=True)
+            for s in stop_strings or []:
+                text = text.split(s, 1)[0]
+            results[i] = Generation(text, ids, len(prompts[i]), stopped)
         batches += 1
         if on_batch:
             on_batch(len(idx))
@@ -115,7 +124,8 @@ def _generate_batch(
     prefix_len: int,
     prefix_cache: DynamicCache | None,
     max_new_tokens: int,
-    stop: set[int],
+    stop_ids: set[int],
+    ending_ids: set[int],
     pad_id: int,
     precision: Precision,
 ) -> list[tuple[list[int], bool]]:
@@ -134,31 +144,41 @@ def _generate_batch(
         cache = DynamicCache(config=config)
 
     new_tokens: list[list[int]] = [[] for _ in range(b)]
-    done = torch.zeros(b, dtype=torch.bool)
     stopped = [False] * b
-    stop_tensor = torch.tensor(sorted(stop))
+    active = torch.arange(b)  # which original rows are still generating, in cache order
+    stop_tensor = torch.tensor(sorted(stop_ids))
+    ends_tensor = torch.tensor(sorted(ending_ids))
     for _ in range(max_new_tokens):
         with precision.autocast():
             hidden = body(
                 input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
-            ).last_hidden_state  # (B, T, H)
-            # The head on a contiguous (B, H) matrix: only the last position, one plain matmul.
+            ).last_hidden_state  # (A, T, H), A = active rows
+            # The head on a contiguous (A, H) matrix: only the last position, one plain matmul.
             # (Through a PEFT wrapper, transformers' `logits_to_keep` slice became a batched matmul that
             # copied the whole 49,152 x 576 head weight per row: 4x slower generation.)
-            logits = head(hidden[:, -1].contiguous())  # (B, vocab)
-        next_ids = logits.argmax(dim=-1)  # (B,)
-        is_stop = torch.isin(next_ids, stop_tensor)
-        for row in range(b):
-            if done[row]:
-                continue
-            if is_stop[row]:
-                stopped[row] = True
-            else:
-                new_tokens[row].append(int(next_ids[row]))
-        done |= is_stop
-        if bool(done.all()):
+            logits = head(hidden[:, -1].contiguous())  # (A, vocab)
+        next_ids = logits.argmax(dim=-1)  # (A,)
+        is_stop = torch.isin(next_ids, stop_tensor)  # end-of-turn: not part of the answer
+        is_end = torch.isin(next_ids, ends_tensor) & ~is_stop  # holds a stop string: kept, text cut later
+        for j, row in enumerate(active.tolist()):
+            if not is_stop[j]:
+                new_tokens[row].append(int(next_ids[j]))
+            stopped[row] = bool(is_stop[j] or is_end[j])
+        keep = (~(is_stop | is_end)).nonzero().squeeze(1)  # (A',)
+        if keep.numel() == 0:
             break
-        ids = next_ids.masked_fill(done, pad_id)[:, None]  # (B, 1)
-        mask = torch.cat([mask, torch.ones((b, 1), dtype=torch.long)], dim=1)
+        if keep.numel() < active.numel():  # finished rows leave the batch: no compute spent on them
+            cache.batch_select_indices(keep)
+            active, next_ids, mask, positions = active[keep], next_ids[keep], mask[keep], positions[keep]
+        ids = next_ids[:, None]  # (A, 1)
+        mask = torch.cat([mask, torch.ones((mask.shape[0], 1), dtype=torch.long)], dim=1)
         positions = positions[:, -1:] + 1
     return list(zip(new_tokens, stopped))
+
+
+def ids_containing(tokenizer: PreTrainedTokenizerBase, strings: list[str]) -> set[int]:
+    """Every token id whose text contains one of `strings` (e.g. a newline ends a one-line answer)."""
+    if not strings:
+        return set()
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    return {i for i, text in enumerate(texts) if any(s in text for s in strings)}

@@ -1,7 +1,7 @@
 """A run directory that describes itself, and loading it back.
 
     runs/banking77-20261122-101500/
-      adapter/            adapter_config.json + adapter_model.safetensors (PEFT format)
+      adapter/            adapter_config.json + adapter_model.safetensors (PEFT format) + README.md (PEFT's model card)
       tokenizer/          tokenizer.json, tokenizer_config.json, chat_template.jinja
       config.json         the resolved RunConfig (absolute paths, every default filled in)
       data.json           rows per split, data hash, tokens, trained tokens per example

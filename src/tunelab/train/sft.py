@@ -56,7 +56,7 @@ def backward_on(model: PeftModel, micro_batches: list[Batch], precision: Precisi
         with precision.autocast():
             loss_sum, _ = token_loss_sum(model, batch)
         (loss_sum / step_tokens).backward()
-        total += float(loss_sum)
+        total += float(loss_sum.detach())
     return total / max(step_tokens, 1)
 
 

@@ -1,0 +1,56 @@
+"""Eager attention for grouped-query models without copying the KV cache.
+
+Why write this by hand: transformers' eager attention calls `repeat_kv`, which
+materialises every KV head `num_key_value_groups` times. SmolLM2 has 9 query heads
+on 3 KV heads, so with a 640-token cache and 32 rows each decode step copied 46 MB
+per layer: 70% of the base model's evaluation time on this CPU. SDPA's CPU kernel is
+no better here, and its flash-attention backward is slow for short training rows.
+
+Instead, the query heads that share a KV head are stacked along the query axis,
+so one matmul serves the whole group and K/V are read in place:
+
+    query (B, H, T, D) -> (B, Hkv, G*T, D)   with G = H / Hkv (head h uses KV head h // G)
+    scores = query @ key^T                   (B, Hkv, G*T, L)
+    out    = softmax(scores + mask) @ value  (B, Hkv, G*T, D) -> (B, T, H, D)
+
+It is registered with transformers' AttentionInterface under the name
+"tunelab_gqa" and uses the eager (additive float) mask.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+NAME = "tunelab_gqa"
+
+
+def grouped_query_attention(
+    module: nn.Module,
+    query: torch.Tensor,  # (B, H, T, D)
+    key: torch.Tensor,  # (B, Hkv, L, D)
+    value: torch.Tensor,  # (B, Hkv, L, D)
+    attention_mask: torch.Tensor | None,  # (B or 1, 1, T, L) additive, large negative where masked
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs: object,
+) -> tuple[torch.Tensor, None]:
+    b, h, t, d = query.shape
+    hkv = key.shape[1]
+    g = h // hkv
+    q = query.reshape(b, hkv, g * t, d)  # heads h = kv * G + j are contiguous, so this groups them
+    scores = torch.matmul(q, key.transpose(2, 3)) * scaling  # (B, Hkv, G*T, L)
+    if attention_mask is not None:
+        length = scores.shape[-1]
+        mask = attention_mask[:, :, :, :length]  # (B, 1, T, L)
+        scores = (scores.view(b, hkv, g, t, length) + mask[:, :, None]).view(b, hkv, g * t, length)
+    probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = nn.functional.dropout(probs, p=dropout, training=module.training)
+    out = torch.matmul(probs, value)  # (B, Hkv, G*T, D)
+    return out.view(b, h, t, d).transpose(1, 2).contiguous(), None  # (B, T, H, D)
+
+
+AttentionInterface.register(NAME, grouped_query_attention)
+AttentionMaskInterface.register(NAME, eager_mask)

@@ -1,0 +1,131 @@
+"""tunelab.evaluate.generate: batched greedy decoding with a shared-prefix KV cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tunelab.data.records import Message
+from tunelab.data.tokenize import render_prompt
+from tunelab.evaluate.generate import MIN_SHARED_PREFIX, common_prefix_length, generate
+from tunelab.train.loop import choose_precision
+
+FP32 = choose_precision("fp32")
+USERS = [
+    "where is my card",
+    "the quick brown fox jumps over the lazy dog and what is two plus two",
+    "yes",
+    "good morning, my phone is lost and I need help with it",
+    "refund",
+]
+
+
+def prompts(tokenizer, system: str = "Classify the intent.") -> list[list[int]]:
+    return [render_prompt(tokenizer, [Message("system", system), Message("user", u)]) for u in USERS]
+
+
+@torch.no_grad()
+def reference_greedy(model, prompt: list[int], max_new_tokens: int, stop: set[int]) -> tuple[list[int], bool]:
+    """The plain algorithm: the whole sequence through the model at every step, no cache, no padding."""
+    ids = list(prompt)
+    out: list[int] = []
+    for _ in range(max_new_tokens):
+        nxt = int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
+        if nxt in stop:
+            return out, True
+        out.append(nxt)
+        ids.append(nxt)
+    return out, False
+
+
+@pytest.fixture(scope="module", params=["base", "finetune"])
+def model_and_tokenizer(request, tiny_loaded, trained_run):
+    if request.param == "base":
+        return tiny_loaded
+    return trained_run.result.model, trained_run.result.tokenizer
+
+
+def test_common_prefix_length():
+    assert common_prefix_length([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
+    assert common_prefix_length([[1, 2], [1, 2]]) == 2
+    assert common_prefix_length([[7, 1], [8, 1]]) == 0
+
+
+def test_batched_shared_prefix_equals_one_at_a_time(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    ps = prompts(tokenizer)
+    assert len({len(p) for p in ps}) == len(ps)  # different lengths: left padding is exercised
+    run = generate(model, tokenizer, ps, max_new_tokens=8, batch_size=len(ps), precision=FP32)
+    assert run.shared_prefix_tokens >= MIN_SHARED_PREFIX
+    assert run.shared_prefix_tokens == common_prefix_length(ps)
+    assert run.batches == 1
+    assert len(run.generations) == len(ps)
+    for p, g in zip(ps, run.generations):
+        alone = generate(model, tokenizer, [p], max_new_tokens=8, batch_size=1, precision=FP32, share_prefix=False)
+        (a,) = alone.generations
+        assert alone.shared_prefix_tokens == 0
+        assert g.token_ids == a.token_ids
+        assert g.stopped == a.stopped
+        assert g.prompt_tokens == len(p)
+        assert g.text == tokenizer.decode(g.token_ids, skip_special_tokens=True)
+
+
+def test_matches_uncached_reference_and_keeps_input_order(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    ps = prompts(tokenizer)
+    order = [3, 0, 4, 1, 2]  # not sorted by length
+    shuffled = [ps[i] for i in order]
+    run = generate(model, tokenizer, shuffled, max_new_tokens=6, batch_size=2, precision=FP32)
+    assert run.batches == 3
+    stop = {tokenizer.eos_token_id}
+    for p, g in zip(shuffled, run.generations):
+        ids, stopped = reference_greedy(model, p, 6, stop)
+        assert (g.token_ids, g.stopped) == (ids, stopped)
+        assert g.prompt_tokens == len(p)
+
+
+def test_stop_token_ends_generation(tiny_loaded):
+    model, tokenizer = tiny_loaded
+    p = prompts(tokenizer)[0]
+    free = generate(model, tokenizer, [p], max_new_tokens=5, batch_size=1, precision=FP32, stop_token_ids=[])
+    (g,) = free.generations
+    assert len(g.token_ids) == 5 and not g.stopped
+    first, second = g.token_ids[0], g.token_ids[1]
+
+    (g,) = generate(model, tokenizer, [p], max_new_tokens=5, batch_size=1, precision=FP32,
+                    stop_token_ids=[first]).generations
+    assert g.stopped and g.token_ids == [] and g.text == ""
+
+    if second != first:
+        (g,) = generate(model, tokenizer, [p], max_new_tokens=5, batch_size=1, precision=FP32,
+                        stop_token_ids=[second]).generations
+        assert g.stopped and g.token_ids == [first]
+
+
+def test_stop_in_one_row_does_not_end_the_others(tiny_loaded):
+    model, tokenizer = tiny_loaded
+    ps = prompts(tokenizer)
+    free = generate(model, tokenizer, ps, max_new_tokens=4, batch_size=len(ps), precision=FP32, stop_token_ids=[])
+    first_tokens = [g.token_ids[0] for g in free.generations]
+    stop_on = first_tokens[0]
+    run = generate(model, tokenizer, ps, max_new_tokens=4, batch_size=len(ps), precision=FP32, stop_token_ids=[stop_on])
+    for g_free, g in zip(free.generations, run.generations):
+        if stop_on in g_free.token_ids:
+            cut = g_free.token_ids.index(stop_on)
+            assert g.stopped and g.token_ids == g_free.token_ids[:cut]
+        else:
+            assert not g.stopped and g.token_ids == g_free.token_ids
+
+
+@pytest.mark.parametrize("max_new_tokens", [1, 3, 9])
+def test_max_new_tokens_respected(tiny_loaded, max_new_tokens):
+    model, tokenizer = tiny_loaded
+    run = generate(model, tokenizer, prompts(tokenizer), max_new_tokens=max_new_tokens, batch_size=2,
+                   precision=FP32, stop_token_ids=[])
+    assert [len(g.token_ids) for g in run.generations] == [max_new_tokens] * len(USERS)
+    assert not any(g.stopped for g in run.generations)
+
+
+def test_no_prompts():
+    run = generate(None, None, [], max_new_tokens=4, batch_size=2, precision=FP32)
+    assert run.generations == [] and run.batches == 0

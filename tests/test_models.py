@@ -1,0 +1,60 @@
+"""tunelab.models: resolving a model spec, loading, attaching LoRA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tunelab.config import DEFAULT_MODEL, LoraConfig
+from tunelab.errors import TunelabError
+from tunelab.models import attach_lora, load_model, resolve_model, tunelab_home, weights_fingerprint
+
+
+def test_unknown_model_says_what_was_tried(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(TunelabError) as info:
+        resolve_model("no-such-model")
+    what = info.value.what
+    assert "no-such-model" in what
+    assert DEFAULT_MODEL in what and ".gguf" in what and "config.json" in what
+    assert str(tmp_path / "no-such-model") in what
+
+
+def test_folder_without_config_is_not_a_model(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TunelabError, match="unknown model"):
+        resolve_model(str(tmp_path / "empty"))
+
+
+def test_hf_folder_resolves_and_loads(tiny_model_dir):
+    resolved = resolve_model(str(tiny_model_dir))
+    assert resolved.path == tiny_model_dir.resolve()
+    model, tokenizer = load_model(resolved)
+    assert next(model.parameters()).dtype == torch.float32
+    assert tokenizer.pad_token_id is not None
+    assert model.generation_config.pad_token_id == tokenizer.pad_token_id
+    assert tokenizer.chat_template
+    fp = weights_fingerprint(resolved)
+    assert len(fp) == 16 and fp == weights_fingerprint(resolved)
+
+
+def test_tunelab_home_is_isolated_for_tests(tmp_path_factory):
+    # conftest points TUNELAB_HOME at a temp dir: tests never write to ~/.cache.
+    assert str(tunelab_home()).startswith(str(tmp_path_factory.getbasetemp()))
+
+
+def test_attach_lora_freezes_base_and_starts_as_identity(tiny_model_dir):
+    model, tokenizer = load_model(resolve_model(str(tiny_model_dir)))
+    ids = torch.tensor([tokenizer("hello world", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        before = model(ids).logits
+    peft_model = attach_lora(model, LoraConfig(rank=2, alpha=4))
+    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    assert all(p.dtype == torch.float32 for n, p in peft_model.named_parameters() if p.requires_grad)
+    # every linear layer of the blocks is adapted (q, k, v, o, gate, up, down), not the head
+    adapted = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n in trainable if ".lora_A" in n}
+    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    with torch.no_grad():
+        after = peft_model(ids).logits
+    torch.testing.assert_close(after, before)  # LoRA B starts at zero

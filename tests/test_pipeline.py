@@ -1,0 +1,51 @@
+"""tunelab.pipeline: one whole run, its summary, and the free-text path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tunelab.pipeline import run_pipeline
+
+
+def test_summary_of_a_classification_run(trained_run):
+    s = trained_run.summary
+    assert s["task"] == "classification"
+    assert Path(s["run_dir"]) == trained_run.path.resolve()
+    from tunelab.data.records import read_conversations
+    from tunelab.data.split import split_conversations
+
+    cfg = trained_run.cfg
+    test_split = split_conversations(read_conversations(cfg.data), cfg.data.split).test
+    assert s["test_rows"] == min(cfg.eval.max_rows, len(test_split)) > 0
+    assert s["train_rows"] == len(trained_run.result.data.train)
+    assert s["precision"] == "fp32 (set in config)"
+    assert s["model"] == trained_run.cfg.model
+    for key in ("accuracy", "base_accuracy"):
+        assert 0.0 <= s[key] <= 1.0
+        low, high = s[key + "_ci"]
+        assert low <= s[key] <= high
+    assert s["base_prompt_tokens"] > s["prompt_tokens"] > 0
+    assert s["train_seconds"] > 0 and s["tokens_per_second"] > 0
+    assert s["trained_tokens_per_second"] < s["tokens_per_second"]
+    report = json.loads((trained_run.path / "eval.json").read_text())
+    assert report["finetune"]["accuracy"] == s["accuracy"]
+    assert report["base_prompted"]["accuracy"] == s["base_accuracy"]
+
+
+def test_free_text_run_records_loss_but_no_accuracy(tmp_path, make_config):
+    rows = [{"messages": [{"role": "user", "content": f"say something number {i}"},
+                          {"role": "assistant", "content": f"a free text answer {i} about the quick brown fox"}]}
+            for i in range(24)]
+    data = tmp_path / "free.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    cfg = make_config(data, data={"format": "chat_jsonl", "max_length": 160}, train={"epochs": 1, "batch_size": 8})
+    summary = run_pipeline(cfg)
+    assert summary["task"] == "generation"
+    assert summary["accuracy"] is None and summary["base_accuracy"] is None
+    run = Path(summary["run_dir"])
+    report = json.loads((run / "eval.json").read_text())
+    assert report["task"] == "generation" and report["test_rows"] == summary["test_rows"]
+    assert (run / "manifest.json").is_file() and (run / "adapter" / "adapter_model.safetensors").is_file()
+    data_report = json.loads((run / "data.json").read_text())
+    assert data_report["stratified"] is False and data_report["labels"] is None

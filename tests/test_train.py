@@ -1,0 +1,113 @@
+"""tunelab.train.sft: the loop learns, accumulation is exact, the micro-batch stream has the right length."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from tunelab.config import LoraConfig
+from tunelab.data.batches import collate
+from tunelab.data.records import Conversation, Message
+from tunelab.data.tokenize import TokenizedExample, tokenize_conversations
+from tunelab.models import attach_lora, load_model, resolve_model
+from tunelab.train.loop import choose_precision
+from tunelab.train.sft import backward_on, epoch_stream
+
+
+def metrics(run_path):
+    return [json.loads(line) for line in (run_path / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_loss_falls_on_a_memorizable_set(trained_run):
+    records = metrics(trained_run.path)
+    steps = [r for r in records if "loss" in r]
+    data = json.loads((trained_run.path / "data.json").read_text())
+    t = trained_run.cfg.train
+    expected_steps = math.ceil(data["train_rows_used"] / t.batch_size) * int(t.epochs)
+    assert [r["step"] for r in steps] == list(range(1, expected_steps + 1))
+    first, last = steps[0]["loss"], steps[-1]["loss"]
+    assert first == pytest.approx(math.log(400), abs=1.5)  # untrained: about uniform over the vocab
+    assert last < first - 1.0, (first, last)
+    # the mean over the last epoch is far below the first epoch's
+    per_epoch = expected_steps // int(t.epochs)
+    mean = lambda rs: sum(r["loss"] for r in rs) / len(rs)  # noqa: E731
+    assert mean(steps[-per_epoch:]) < mean(steps[:per_epoch]) - 0.8
+    # schedule: warmup then cosine decay to 0; clipping reported
+    assert steps[-1]["lr"] == pytest.approx(0.0, abs=1e-12)
+    assert max(r["lr"] for r in steps) == pytest.approx(t.learning_rate, rel=0.05)
+    assert all(r["grad_norm"] is not None and r["tokens"] > 0 for r in steps)
+    # final validation loss recorded last and returned in the summary
+    assert "val_loss" in records[-1] and records[-1]["step"] == expected_steps
+    assert trained_run.summary["validation_loss"] == pytest.approx(records[-1]["val_loss"])
+    assert records[-1]["val_loss"] < first
+
+
+def _examples(tokenizer) -> list[TokenizedExample]:
+    pairs = [
+        ("yes", "no"),
+        ("the quick brown fox jumps over the lazy dog", "good night"),
+        ("hello world", "You are a helpful assistant."),
+        ("what is two plus two and why", "four"),
+    ]
+    convs = [Conversation((Message("user", u), Message("assistant", a)), f"t:{i}") for i, (u, a) in enumerate(pairs)]
+    exs, _ = tokenize_conversations(tokenizer, convs, max_length=256)
+    assert len({len(e.input_ids) for e in exs}) == 4, "examples must differ in length"
+    assert len({e.trained_tokens for e in exs}) >= 3, "examples must differ in trained tokens"
+    return exs
+
+
+def _lora_grads(model) -> dict[str, torch.Tensor]:
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+def test_accumulation_1x4_equals_4x1(tiny_model_dir):
+    model, tokenizer = load_model(resolve_model(str(tiny_model_dir)))
+    model = attach_lora(model, LoraConfig(rank=4, alpha=8))
+    # LoRA B starts at 0, which would make every lora_A gradient 0: give all adapter weights values.
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    model.train()
+    precision = choose_precision("fp32")
+    exs = _examples(tokenizer)
+    pad = tokenizer.pad_token_id
+
+    loss_big = backward_on(model, [collate(exs, pad)], precision)
+    big = _lora_grads(model)
+    loss_acc = backward_on(model, [collate([e], pad) for e in exs], precision)
+    acc = _lora_grads(model)
+
+    assert loss_acc == pytest.approx(loss_big, rel=1e-5)
+    assert big.keys() == acc.keys() and len(big) == 2 * 7 * 2  # A and B, 7 linear layers, 2 blocks
+    for name in big:
+        assert big[name].abs().max() > 0, name
+        torch.testing.assert_close(acc[name], big[name], rtol=1e-4, atol=1e-7, msg=name)
+
+    # The normalisation matters with these examples: averaging per-micro-batch means would differ.
+    naive = 0.0
+    for e in exs:
+        naive += backward_on(model, [collate([e], pad)], precision) / len(exs)
+    model.zero_grad(set_to_none=True)
+    assert abs(naive - loss_big) > 1e-3
+
+
+@pytest.mark.parametrize(("n", "batch_size", "epochs", "expected"), [
+    (59, 8, 6, 48), (59, 8, 1, 8), (32, 8, 0.5, 2), (10, 4, 2.5, 8), (3, 8, 0.01, 1),
+])
+def test_epoch_stream_length(n, batch_size, epochs, expected):
+    exs = [TokenizedExample([1] * (i % 7 + 2), [-100] * (i % 7 + 2), str(i)) for i in range(n)]
+    stream = epoch_stream(exs, batch_size, epochs, seed=0)
+    assert len(stream) == expected
+    assert all(1 <= len(b) <= batch_size for b in stream)
+    if epochs >= 1:  # each full epoch sees every example exactly once
+        per_epoch = math.ceil(n / batch_size)
+        first_epoch = [e.source for b in stream[:per_epoch] for e in b]
+        assert sorted(first_epoch) == sorted(e.source for e in exs)
+    assert epoch_stream(exs, batch_size, epochs, seed=0) == stream
