@@ -129,3 +129,24 @@ def test_max_new_tokens_respected(tiny_loaded, max_new_tokens):
 def test_no_prompts():
     run = generate(None, None, [], max_new_tokens=4, batch_size=2, precision=FP32)
     assert run.generations == [] and run.batches == 0
+
+
+def test_stop_string_cuts_text_and_ends_the_row(tiny_loaded):
+    model, tokenizer = tiny_loaded
+    ps = prompts(tokenizer)
+    free = generate(model, tokenizer, ps, max_new_tokens=6, batch_size=len(ps), precision=FP32, stop_token_ids=[])
+    # Pick an ASCII letter that some row generates, and use it as the stop string. (Random weights also
+    # produce partial UTF-8 bytes, which decode to U+FFFD alone and differently in context.)
+    stop = next(ch for g in free.generations for ch in g.text if ch.isascii() and ch.isalpha())
+    run = generate(model, tokenizer, ps, max_new_tokens=6, batch_size=len(ps), precision=FP32, stop_token_ids=[],
+                   stop_strings=[stop])
+    hit = 0
+    for g_free, g in zip(free.generations, run.generations):
+        assert stop not in g.text
+        assert g_free.text.startswith(g.text)
+        if stop in g_free.text:
+            hit += 1
+            assert g.stopped and g.text == g_free.text.split(stop, 1)[0]
+        else:
+            assert g.token_ids == g_free.token_ids
+    assert hit >= 1

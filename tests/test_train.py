@@ -111,3 +111,43 @@ def test_epoch_stream_length(n, batch_size, epochs, expected):
         first_epoch = [e.source for b in stream[:per_epoch] for e in b]
         assert sorted(first_epoch) == sorted(e.source for e in exs)
     assert epoch_stream(exs, batch_size, epochs, seed=0) == stream
+
+
+def test_shared_prefix_gives_the_same_loss_and_gradients(tiny_model_dir):
+    """Computing the common prefix once per batch is an optimisation, not a change of the loss."""
+    model, tokenizer = load_model(resolve_model(str(tiny_model_dir)))
+    model = attach_lora(model, LoraConfig(rank=4, alpha=8))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    model.train()
+    precision = choose_precision("fp32")
+    exs = _examples(tokenizer)  # all start with the template's default system prompt
+    pad = tokenizer.pad_token_id
+
+    shared = collate(exs, pad)
+    plain = collate(exs, pad, share_prefix=False)
+    assert shared.shared_prefix >= 4 and plain.shared_prefix == 0
+    # the prefix stops before any position that predicts a trained token
+    assert (shared.labels[:, : shared.shared_prefix + 1] == -100).all()
+
+    loss_shared = backward_on(model, [shared], precision)
+    g_shared = _lora_grads(model)
+    loss_plain = backward_on(model, [plain], precision)
+    g_plain = _lora_grads(model)
+    assert loss_shared == pytest.approx(loss_plain, rel=1e-5)
+    for name in g_plain:
+        torch.testing.assert_close(g_shared[name], g_plain[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_no_shared_prefix_when_rows_differ_from_the_start(tiny_tokenizer):
+    from tunelab.data.batches import shared_prefix_length
+
+    a = TokenizedExample([1, 2, 3, 4, 5, 6, 7], [-100] * 5 + [6, 7], "a")
+    b = TokenizedExample([1, 2, 3, 4, 5, 9, 9, 7], [-100] * 6 + [9, 7], "b")
+    assert shared_prefix_length([a, b]) == 4  # 5 tokens in common, but position 4 predicts a's first trained token
+    c = TokenizedExample([8, 2, 3, 4, 5, 6, 7], [-100] * 5 + [6, 7], "c")
+    assert shared_prefix_length([a, c]) == 0
+    assert shared_prefix_length([a]) == 0

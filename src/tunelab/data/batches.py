@@ -29,6 +29,7 @@ class Batch:
     input_ids: torch.Tensor  # (B, T) int64
     attention_mask: torch.Tensor  # (B, T) int64, 0 at pads
     labels: torch.Tensor  # (B, T) int64, IGNORE_INDEX where not trained
+    shared_prefix: int = 0  # leading tokens identical in every row and never trained nor predicting a trained token
 
     @property
     def real_tokens(self) -> int:
@@ -54,7 +55,32 @@ def length_grouped_order(
     return [batches[i] for i in order]
 
 
-def collate(examples: list[TokenizedExample], pad_id: int) -> Batch:
+MIN_SHARED_PREFIX = 4  # tokens; a shorter common prefix is not worth a separate pass
+
+
+def shared_prefix_length(examples: list[TokenizedExample]) -> int:
+    """Leading tokens that every row has in common and that carry no loss.
+
+    Two rows  [S S S S u1 u2 a1 E]  and  [S S S S v1 a1 E]  share 4 tokens (system
+    prompt and template header). The prefix must stop before the position that
+    predicts the first trained token, so its own hidden states never need logits.
+    """
+    if len(examples) < 2:
+        return 0
+    first = examples[0].input_ids
+    n = min(len(e.input_ids) for e in examples)
+    for e in examples:
+        trained_at = next((i for i, x in enumerate(e.labels) if x != IGNORE_INDEX), len(e.labels))
+        n = min(n, trained_at - 1)  # position trained_at - 1 predicts the first trained token
+        i = 0
+        while i < n and e.input_ids[i] == first[i]:
+            i += 1
+        n = i
+    return n if n >= MIN_SHARED_PREFIX else 0
+
+
+def collate(examples: list[TokenizedExample], pad_id: int, share_prefix: bool = True) -> Batch:
+    """Right-pad examples into one batch; note the prefix all rows share (computed once in training)."""
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
@@ -64,4 +90,4 @@ def collate(examples: list[TokenizedExample], pad_id: int) -> Batch:
         ids[row, :n] = torch.tensor(e.input_ids)
         mask[row, :n] = 1
         labels[row, :n] = torch.tensor(e.labels)
-    return Batch(ids, mask, labels)
+    return Batch(ids, mask, labels, shared_prefix_length(examples) if share_prefix else 0)

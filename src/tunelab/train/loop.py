@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from peft import PeftModel
-from transformers import PreTrainedModel, get_cosine_schedule_with_warmup
+from transformers import DynamicCache, PreTrainedModel, get_cosine_schedule_with_warmup
 
 from tunelab.data.batches import Batch
 from tunelab.data.tokenize import IGNORE_INDEX
@@ -65,11 +65,35 @@ def token_loss_sum(model: PreTrainedModel | PeftModel, batch: Batch) -> tuple[to
     whole accumulated batch, so 1 x 4 accumulation equals a batch of 4 exactly.
     """
     body, head = body_and_head(model)
-    hidden = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state  # (B, T, H)
-    targets = batch.labels[:, 1:]  # (B, T-1): position t predicts token t+1
+    p = batch.shared_prefix
+    if p:
+        hidden = _body_with_shared_prefix(body, batch)  # (B, T-P, H): hidden states of positions P..T-1
+    else:
+        hidden = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state  # (B, T, H)
+    targets = batch.labels[:, p + 1 :]  # (B, T-P-1): position t predicts token t+1
     keep = targets != IGNORE_INDEX  # (B, T-1)
     logits = head(hidden[:, :-1][keep]).float()  # (N, vocab), N = trained tokens only
     return F.cross_entropy(logits, targets[keep], reduction="sum"), int(keep.sum())
+
+
+def _body_with_shared_prefix(body: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """Run the shared prefix once (batch 1), then every row's remainder against its KV cache.
+
+    The same function of the weights as the plain forward (same positions, same
+    attention), so the loss and gradients match; the prefix's gradient is summed
+    over rows by autograd through the repeat. For chat data with a fixed system
+    prompt this skips about a third of the tokens (Banking77: 12 of 36).
+    """
+    p = batch.shared_prefix
+    b, t = batch.input_ids.shape
+    cache = DynamicCache(config=body.config)
+    body(input_ids=batch.input_ids[:1, :p], past_key_values=cache, use_cache=True)
+    cache.batch_repeat_interleave(b)  # (1, ...) -> (B, ...), differentiable
+    positions = torch.arange(p, t).expand(b, -1)  # (B, T-P)
+    return body(
+        input_ids=batch.input_ids[:, p:], attention_mask=batch.attention_mask, position_ids=positions,
+        past_key_values=cache, use_cache=True,
+    ).last_hidden_state
 
 
 @torch.no_grad()

@@ -1,0 +1,69 @@
+"""tunelab.attention: grouped-query eager attention equals transformers' eager attention."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from tunelab import attention
+
+
+@pytest.fixture(scope="module")
+def gqa_model() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=97, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=6, num_key_value_heads=2, initializer_range=0.2,  # 3 query heads per KV head
+    )
+    return LlamaForCausalLM(cfg)
+
+
+def _logits_and_grad(model: LlamaForCausalLM, impl: str, ids, mask) -> tuple[torch.Tensor, torch.Tensor]:
+    model.set_attn_implementation(impl)
+    model.zero_grad()
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    logits.float().pow(2).mean().backward()
+    return logits.detach(), model.model.layers[0].self_attn.q_proj.weight.grad.clone()
+
+
+def test_forward_and_backward_equal_eager(gqa_model):
+    ids = torch.randint(0, 97, (3, 11))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding in one row
+    mask[2, 8:] = 0  # right padding in another
+    ref_logits, ref_grad = _logits_and_grad(gqa_model, "eager", ids, mask)
+    logits, grad = _logits_and_grad(gqa_model, attention.NAME, ids, mask)
+    real = mask.bool()
+    assert torch.allclose(logits[real], ref_logits[real], atol=1e-5)
+    assert torch.allclose(grad, ref_grad, atol=1e-5 * ref_grad.abs().max())
+
+
+def test_is_really_used(gqa_model, monkeypatch):
+    """Guards against a silent fallback: the registered function is what the model calls."""
+    from transformers import AttentionInterface
+
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return attention.grouped_query_attention(*args, **kwargs)
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, attention.NAME, spy)
+    gqa_model.set_attn_implementation(attention.NAME)
+    with torch.no_grad():
+        gqa_model(input_ids=torch.randint(0, 97, (1, 5)))
+    assert len(calls) == gqa_model.config.num_hidden_layers
+
+
+def test_kv_cache_decoding_equals_full_forward(gqa_model):
+    from transformers import DynamicCache
+
+    gqa_model.set_attn_implementation(attention.NAME)
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        full = gqa_model(input_ids=ids).logits[:, -1]
+        cache = DynamicCache(config=gqa_model.config)
+        gqa_model(input_ids=ids[:, :-1], past_key_values=cache, use_cache=True)
+        step = gqa_model(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True).logits[:, -1]
+    assert torch.allclose(full, step, atol=1e-5)
