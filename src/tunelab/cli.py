@@ -131,6 +131,10 @@ def chat(
 
 def main() -> None:
     import logging
+    import warnings
+
+    # transformers deprecation notices raised from inside PEFT: nothing a user can act on.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
 
     import transformers
 
