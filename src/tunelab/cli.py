@@ -3,6 +3,8 @@
     tunelab demo [--json]                 Banking77 -> LoRA fine-tune of SmolLM2 -> compare with the base
     tunelab train CONFIG.yaml [--set k=v]  train + evaluate with a config of your own
     tunelab chat RUN_DIR "message"        answer one message with a fine-tune
+    tunelab data validate FILE [--json]   every problem of a data file, one line each (exit 1 on errors)
+    tunelab data convert FILE -o OUT      any accepted data format -> OpenAI chat JSONL
 
 A mistake a user can make (missing file, bad column, unknown model) prints one
 line saying where, what and how to fix it, and exits with code 2.
@@ -14,7 +16,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, get_args
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded at run time
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -23,10 +25,13 @@ import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from tunelab.config import DataConfig, DataFormat  # noqa: E402
 from tunelab.errors import TunelabError  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Fine-tune an open model on your task, and prove it.")
 err = Console(stderr=True)
+data_app = typer.Typer(no_args_is_help=True, help="Check and convert data files.")
+app.add_typer(data_app, name="data")
 
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "examples" / "banking77" / "demo.yaml"
 
@@ -127,6 +132,54 @@ def chat(
     prompt = render_prompt(tokenizer, messages)
     run = generate(model, tokenizer, [prompt], max_new_tokens=max_new_tokens, batch_size=1, precision=precision)
     print(run.generations[0].text)
+
+
+FormatOption = Annotated[str, typer.Option("--format", help=f"One of {', '.join(get_args(DataFormat))}.")]
+InputColumn = Annotated[str | None, typer.Option(
+    help=f"CSV: column holding the user message (default: {DataConfig.model_fields['input_column'].default}).")]
+OutputColumn = Annotated[str | None, typer.Option(
+    help=f"CSV: column holding the answer (default: {DataConfig.model_fields['output_column'].default}).")]
+
+
+@data_app.command("validate")
+def data_validate(
+    file: Annotated[Path, typer.Argument(help="The data file.")],
+    fmt: FormatOption = "auto",
+    model: Annotated[str | None, typer.Option(help="Check lengths under this model's chat template (tokenizer only).")] = None,
+    max_length: Annotated[int | None, typer.Option(help="Longest example in tokens (default: data.max_length).")] = None,
+    input_column: InputColumn = None,
+    output_column: OutputColumn = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the findings as one JSON object.")] = False,
+) -> None:
+    """Report every problem of a data file, one line each; exit code 1 if any is an error."""
+    from tunelab.data.validate import load_tokenizer, print_report, validate_file
+
+    report = validate_file(file, fmt, input_column=input_column, output_column=output_column,
+                           tokenizer=load_tokenizer(model) if model else None, max_length=max_length)
+    if as_json:
+        print(json.dumps(report.to_json()))
+    else:
+        print_report(report, Console(soft_wrap=True))
+    if report.errors:
+        raise typer.Exit(1)
+
+
+@data_app.command("convert")
+def data_convert(
+    file: Annotated[Path, typer.Argument(help="The data file.")],
+    out: Annotated[Path, typer.Option("-o", "--output", help="Where to write the OpenAI chat JSONL.")],
+    fmt: FormatOption = "auto",
+    input_column: InputColumn = None,
+    output_column: OutputColumn = None,
+) -> None:
+    """Convert a data file to OpenAI chat JSONL (preference pairs: OpenAI DPO JSONL)."""
+    from tunelab.data.convert import convert_file
+
+    report = convert_file(file, out, fmt, input_column=input_column, output_column=output_column)
+    kind = "preference pairs" if report.pairs else "conversations"
+    Console().print(f"{report.headline()}; wrote {report.examples:,} {kind} to {out}", markup=False, highlight=False)
+    if report.warnings:
+        err.print(f"{len(report.warnings)} warnings: `tunelab data validate {file}` lists them", markup=False)
 
 
 def main() -> None:

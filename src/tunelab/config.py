@@ -31,12 +31,25 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+# Accepted data formats (tunelab/data/formats.py reads each one; `tunelab data validate` checks them):
+#   chat_jsonl         OpenAI chat: {"messages": [{"role", "content", "weight"?}, ...]}
+#   prompt_completion  {"prompt": ..., "completion": ...}: strings, or lists of messages
+#   alpaca             {"instruction", "input"?, "output"}: a JSON array file or JSONL
+#   sharegpt           {"conversations": [{"from": "human"|"gpt"|..., "value": ...}]}
+#   csv                CSV/TSV with an input and an output column
+#   dpo                OpenAI preference pairs: {"input": {"messages"}, "preferred_output", "non_preferred_output"}
+#   chosen_rejected    preference pairs: {"prompt", "chosen", "rejected"}: strings, or lists of messages
+#   auto               decided from the file suffix (.csv/.tsv) or the keys of the first rows
+DataFormat = Literal["auto", "chat_jsonl", "prompt_completion", "alpaca", "sharegpt", "csv", "dpo", "chosen_rejected"]
+
+
 class DataConfig(_Strict):
     """Where the examples come from and how they become conversations."""
 
-    path: Path = Field(description="Data file: a CSV/TSV (with column mapping) or chat JSONL.")
-    format: Literal["csv", "chat_jsonl"] = Field(
-        "chat_jsonl", description="csv: one input and one output column; chat_jsonl: OpenAI {'messages': [...]}."
+    path: Path = Field(description="Data file: chat JSONL, prompt/completion, Alpaca, ShareGPT, or CSV/TSV.")
+    format: DataFormat = Field(
+        "chat_jsonl",
+        description="How rows are read (see DataFormat above); 'auto' decides from the suffix or the keys of the rows.",
     )
     input_column: str = Field("text", description="CSV: column holding the user message.")
     output_column: str = Field("label", description="CSV: column holding the assistant answer.")
