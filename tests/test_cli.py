@@ -115,7 +115,7 @@ def test_summary_table(trained_run, capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")  # no wrapping inside table cells
     _print_summary(trained_run.summary)
     out = capsys.readouterr().out
-    assert f"Held-out test rows: {trained_run.summary['test_rows']}" in out
-    assert "base, prompted with all labels" in out and "fine-tuned (LoRA)" in out
+    assert f"{trained_run.summary['test_rows']} held-out test rows" in out
+    assert "base, all labels in prompt" in out and "fine-tuned (LoRA)" in out
     assert f"{100 * trained_run.summary['accuracy']:.1f}%" in out
     assert str(trained_run.summary["run_dir"])[:20] in out
