@@ -65,16 +65,24 @@ def _lora_grads(model) -> dict[str, torch.Tensor]:
     return grads
 
 
-def test_accumulation_1x4_equals_4x1(tiny_model_dir):
+def _lora_with_random_adapter(tiny_model_dir, seed: int):
+    """Tiny model + LoRA whose adapter weights are all non-zero.
+
+    LoRA B starts at 0, which would make every lora_A gradient 0 and hide mistakes.
+    """
     model, tokenizer = load_model(resolve_model(str(tiny_model_dir)))
     model = attach_lora(model, LoraConfig(rank=4, alpha=8))
-    # LoRA B starts at 0, which would make every lora_A gradient 0: give all adapter weights values.
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for _, p in model.named_parameters():
             if p.requires_grad:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
     model.train()
+    return model, tokenizer
+
+
+def test_accumulation_1x4_equals_4x1(tiny_model_dir):
+    model, tokenizer = _lora_with_random_adapter(tiny_model_dir, seed=0)
     precision = choose_precision("fp32")
     exs = _examples(tokenizer)
     pad = tokenizer.pad_token_id
@@ -115,14 +123,7 @@ def test_epoch_stream_length(n, batch_size, epochs, expected):
 
 def test_shared_prefix_gives_the_same_loss_and_gradients(tiny_model_dir):
     """Computing the common prefix once per batch is an optimisation, not a change of the loss."""
-    model, tokenizer = load_model(resolve_model(str(tiny_model_dir)))
-    model = attach_lora(model, LoraConfig(rank=4, alpha=8))
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for _, p in model.named_parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-    model.train()
+    model, tokenizer = _lora_with_random_adapter(tiny_model_dir, seed=1)
     precision = choose_precision("fp32")
     exs = _examples(tokenizer)  # all start with the template's default system prompt
     pad = tokenizer.pad_token_id
