@@ -3,6 +3,7 @@
     tunelab demo [--json]                 Banking77 -> LoRA fine-tune of SmolLM2 -> compare with the base
     tunelab train CONFIG.yaml [--set k=v]  train + evaluate with a config of your own
     tunelab chat RUN_DIR "message"        answer one message with a fine-tune
+    tunelab data validate|lint|clean|split|convert FILE   check and prepare data before training
     tunelab data validate FILE [--json]   every problem of a data file, one line each (exit 1 on errors)
     tunelab data convert FILE -o OUT      any accepted data format -> OpenAI chat JSONL
 
@@ -31,7 +32,7 @@ from tunelab.errors import TunelabError  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Fine-tune an open model on your task, and prove it.")
 err = Console(stderr=True)
-data_app = typer.Typer(no_args_is_help=True, help="Check and convert data files.")
+data_app = typer.Typer(no_args_is_help=True, help="Check, lint, clean, convert and split data files.")
 app.add_typer(data_app, name="data")
 
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "examples" / "banking77" / "demo.yaml"
@@ -185,6 +186,72 @@ def data_convert(
     Console().print(f"{report.headline()}; wrote {report.examples:,} {kind} to {out}", markup=False, highlight=False)
     if report.warnings:
         err.print(f"{len(report.warnings)} warnings: `tunelab data validate {file}` lists them", markup=False)
+
+
+Threshold = Annotated[float, typer.Option(help="Near-duplicate similarity: Jaccard of the rows' words and word pairs, in (0, 1].")]
+
+
+@data_app.command("lint")
+def data_lint(
+    file: Annotated[Path, typer.Argument(help="The data file (e.g. the training set).")],
+    against: Annotated[Path | None, typer.Option(help="Report rows of this file (e.g. the test set) found in FILE.")] = None,
+    fmt: FormatOption = "auto",
+    model: Annotated[str | None, typer.Option(help="Check answers survive this model's chat template; token lengths.")] = None,
+    threshold: Threshold = 0.8,
+    input_column: InputColumn = None,
+    output_column: OutputColumn = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the findings as one JSON object.")] = False,
+) -> None:
+    """Quality: duplicates, near duplicates, conflicting answers, leakage, PII (masked), labels; exit 1 on errors."""
+    from tunelab.data.lint import lint_file, print_lint
+    from tunelab.data.validate import load_tokenizer
+
+    report = lint_file(file, fmt, against=against, input_column=input_column, output_column=output_column,
+                       tokenizer=load_tokenizer(model) if model else None, threshold=threshold)
+    if as_json:
+        print(json.dumps(report.to_json()))
+    else:
+        print_lint(report, Console(soft_wrap=True))
+    if report.errors:
+        raise typer.Exit(1)
+
+
+@data_app.command("clean")
+def data_clean(
+    file: Annotated[Path, typer.Argument(help="The data file; it is never modified.")],
+    out: Annotated[Path, typer.Option("-o", "--output", help="Where to write the cleaned OpenAI chat JSONL.")],
+    mask_pii: Annotated[bool, typer.Option("--mask-pii", help="Mask e-mails, phones, cards, IBANs, SSNs, IPs.")] = False,
+    fmt: FormatOption = "auto",
+    input_column: InputColumn = None,
+    output_column: OutputColumn = None,
+) -> None:
+    """Write a copy without invalid rows and exact duplicates (PII masked on request), and a log of every change."""
+    from tunelab.data.clean import clean_file, print_clean
+
+    result = clean_file(file, out, fmt, mask=mask_pii, input_column=input_column, output_column=output_column)
+    print_clean(result, Console(soft_wrap=True))
+
+
+@data_app.command("split")
+def data_split(
+    file: Annotated[Path, typer.Argument(help="The data file.")],
+    outdir: Annotated[Path, typer.Option("-o", "--output", help="Folder for train/validation/test.jsonl and the report.")],
+    fractions: Annotated[str, typer.Option(help="Train,validation,test fractions summing to 1.")] = "0.8,0.1,0.1",
+    fmt: FormatOption = "auto",
+    threshold: Threshold = 0.8,
+    input_column: InputColumn = None,
+    output_column: OutputColumn = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the split report as one JSON object.")] = False,
+) -> None:
+    """Split deterministically by row hash (stratified by label), write the files, and check leakage between them."""
+    from tunelab.data.split_files import parse_fractions, print_split, split_file
+
+    result = split_file(file, outdir, parse_fractions(fractions), fmt, input_column=input_column,
+                        output_column=output_column, threshold=threshold)
+    if as_json:
+        print(json.dumps(result.report))
+    else:
+        print_split(result, Console(soft_wrap=True))
 
 
 def main() -> None:

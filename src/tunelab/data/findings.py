@@ -5,7 +5,8 @@ A finding says where (line, field), what (message) and how to fix it, and prints
     train.jsonl:3: messages[1].role: unknown role 'bot' (fix: use one of ['system', 'user', 'assistant', 'tool'])
 
 `kind` is a stable identifier (`--json` users and tests match on it, never on the
-message text); its severity is fixed here, once, in `KINDS`.
+message text); its severity is fixed here, once: in `KINDS` for what `tunelab data
+validate` finds, in `LINT_KINDS` for what `tunelab data lint` finds.
 """
 
 from __future__ import annotations
@@ -56,6 +57,28 @@ KINDS: dict[str, Kind] = {
     "too_long": Kind("warning", "longer than --max-length tokens once rendered: training drops it"),
 }
 
+LINT_KINDS: dict[str, Kind] = {
+    # Rows that repeat (tunelab/data/overlap.py).
+    "exact_duplicate": Kind("warning", "the same conversation as an earlier row, ignoring case and spacing"),
+    "near_duplicate": Kind("warning", "nearly the same text as an earlier row (Jaccard of words and word pairs >= threshold)"),
+    "conflicting_answers": Kind("error", "the same prompt as an earlier row with a different answer"),
+    "leakage_exact": Kind("error", "a row of the evaluation file (--against) whose prompt is also in the training file"),
+    "leakage_near": Kind("error", "a row of the evaluation file (--against) whose prompt is nearly one in the training file"),
+    # Personal data (tunelab/data/pii.py), reported masked.
+    "pii_email": Kind("warning", "an e-mail address"),
+    "pii_phone": Kind("warning", "a phone number"),
+    "pii_card_number": Kind("warning", "a payment card number (13-19 digits passing the Luhn check)"),
+    "pii_iban": Kind("warning", "an IBAN (mod-97 checked)"),
+    "pii_ssn": Kind("warning", "a US social security number (valid area, group and serial)"),
+    "pii_ip_address": Kind("warning", "a globally routable IPv4 or IPv6 address"),
+    # Labels of classification-like data.
+    "rare_label": Kind("warning", "a label with fewer than 5 rows"),
+    "label_imbalance": Kind("warning", "the most common label has over 10 times the rows of the rarest"),
+    # Under a model's chat template (only with --model); template_error above applies too.
+    "template_roundtrip": Kind("error", "the trained tokens do not decode to the assistant text and the end-of-turn token"),
+}
+ALL_KINDS: dict[str, Kind] = KINDS | LINT_KINDS
+
 
 # Every character str.splitlines() breaks on -> its escape.
 _ESCAPE_LINE_BREAKS = {ord(c): repr(c)[1:-1] for c in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"}
@@ -70,11 +93,11 @@ class Finding:
     fix: str
 
     def __post_init__(self) -> None:
-        assert self.kind in KINDS, f"unregistered finding kind {self.kind!r}"
+        assert self.kind in ALL_KINDS, f"unregistered finding kind {self.kind!r}"
 
     @property
     def severity(self) -> Severity:
-        return KINDS[self.kind].severity
+        return ALL_KINDS[self.kind].severity
 
     def where(self, path: Path | str) -> str:
         """`file:line: field`, the parts that are known."""

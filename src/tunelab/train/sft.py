@@ -73,11 +73,25 @@ def epoch_stream(
     return stream[: max(1, round(per_epoch * epochs))]
 
 
-def train(cfg: RunConfig, console: Console | None = None) -> TrainResult:
-    console = console or Console(stderr=True)
-    t = cfg.train
+@dataclass
+class Setup:
+    """Everything a run needs before its first step; shared by `train` and `tunelab plan`."""
 
-    # ---------------------------------------------------------------- setup
+    model: PeftModel
+    tokenizer: PreTrainedTokenizerBase
+    data: PreparedData
+    precision: Precision
+    resolved: ResolvedModel
+    stream: list[list[TokenizedExample]]  # every micro-batch of the run, in order
+    steps: int
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    val_batches: list[Batch]
+
+
+def setup(cfg: RunConfig, console: Console) -> Setup:
+    """Model, data, adapter, schedule: each choice said in the run log."""
+    t = cfg.train
     torch.manual_seed(t.seed)
     if t.threads:
         torch.set_num_threads(t.threads)
@@ -108,15 +122,26 @@ def train(cfg: RunConfig, console: Console | None = None) -> TrainResult:
     steps = math.ceil(len(stream) / t.grad_accumulation)
     warmup = round(t.warmup_ratio * steps)
     optimizer, scheduler = make_optimizer(model, t.learning_rate, t.weight_decay, steps, warmup)
-    pad_id = tokenizer.pad_token_id
     val_batches = [
-        collate(data.validation[i : i + t.batch_size], pad_id)
+        collate(data.validation[i : i + t.batch_size], tokenizer.pad_token_id)
         for i in range(0, len(data.validation), t.batch_size)
     ]
     console.print(
         f"[bold]schedule[/]: {steps} steps x {t.batch_size} examples x {t.grad_accumulation} accumulation, "
         f"lr {t.learning_rate:g} (warmup {warmup}, cosine), {t.epochs:g} epoch(s)"
     )
+    return Setup(model, tokenizer, data, precision, resolved, stream, steps, optimizer, scheduler, val_batches)
+
+
+def train(cfg: RunConfig, console: Console | None = None) -> TrainResult:
+    console = console or Console(stderr=True)
+    t = cfg.train
+
+    # ---------------------------------------------------------------- setup
+    s = setup(cfg, console)
+    model, tokenizer, data, precision, stream, steps = s.model, s.tokenizer, s.data, s.precision, s.stream, s.steps
+    optimizer, scheduler, val_batches, pad_id = s.optimizer, s.scheduler, s.val_batches, tokenizer.pad_token_id
+    resolved, rep = s.resolved, data.report
 
     run = RunDir.create(cfg.output_dir, cfg.name)
     run.write_json("config.json", cfg.model_dump(mode="json"))
