@@ -2,6 +2,7 @@
 
     tunelab demo [--json]                 Banking77 -> LoRA fine-tune of SmolLM2 -> compare with the base
     tunelab train CONFIG.yaml [--set k=v]  train + evaluate with a config of your own
+    tunelab plan CONFIG.yaml              tokens, steps, time, cost and memory, before training
     tunelab chat RUN_DIR "message"        answer one message with a fine-tune
     tunelab data validate|lint|clean|split|convert FILE   check and prepare data before training
     tunelab data validate FILE [--json]   every problem of a data file, one line each (exit 1 on errors)
@@ -112,9 +113,53 @@ def train_cmd(
     config: Annotated[Path, typer.Argument(help="YAML run config (see examples/banking77/demo.yaml).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")] = False,
     sets: Annotated[list[str] | None, typer.Option("--set", help="Override a config key, e.g. lora.rank=32")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only estimate tokens, time, cost and memory.")] = False,
 ) -> None:
     """Train a LoRA adapter, evaluate it against the base model, and write a run directory."""
-    _run(config, sets, as_json)
+    if dry_run:
+        plan(config, as_json=as_json, sets=sets)
+    else:
+        _run(config, sets, as_json)
+
+
+@app.command()
+def plan(
+    config: Annotated[Path, typer.Argument(help="YAML run config.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as one JSON object.")] = False,
+    sets: Annotated[list[str] | None, typer.Option("--set", help="Override a config key, e.g. lora.rank=32")] = None,
+    price_per_hour: Annotated[float, typer.Option(help="Machine price in USD per hour, for the cost estimate.")] = 0.10,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Also write the plan as JSON here.")] = None,
+) -> None:
+    """Estimate a run before spending compute: tokens, steps, time (from a measured probe), cost, memory."""
+    from tunelab.config import load_config
+    from tunelab.plan import make_plan
+    from tunelab.train.checkpoint import write_json_atomic
+
+    result = make_plan(load_config(config, _parse_sets(sets)), err, price_per_hour=price_per_hour)
+    if output:
+        write_json_atomic(output, result)
+    if as_json:
+        print(json.dumps(result))
+        return
+    est, tok = result["estimate_seconds"], result["tokens"]
+    table = Table(title=f"plan for {config}", box=box.SIMPLE_HEAD)
+    table.add_column("item", no_wrap=True)
+    table.add_column("value", justify="right", no_wrap=True)
+    table.add_column("how")
+    table.add_row("rows", f"{sum(result['rows'].values()):,}", " / ".join(f"{k} {v:,}" for k, v in result["rows"].items()))
+    table.add_row("tokens", f"{tok['total']:,}", f"{tok['trained']:,} trained ({tok['trained_per_example']:.1f}/example)")
+    for name, hp in result["hyperparameters"].items():
+        table.add_row(name.replace("_", " "), f"{hp['value']:g}", hp["why"])
+    table.add_row("steps", f"{result['steps']:,}", "")
+    probe = result["probe"]
+    table.add_row("train", f"{est['train']:.0f} s", f"{probe['tokens_per_second']:.0f} tokens/s, {probe['steps']} steps probed")
+    table.add_row("validation", f"{est['validation']:.0f} s", "one pass timed")
+    table.add_row("evaluation", f"{est['evaluation']:.0f} s", f"{result['evaluation_rows']} rows, one batch timed")
+    table.add_row("setup", f"{est['setup']:.0f} s", "measured")
+    table.add_row("total", f"{est['total'] / 60:.1f} min", "")
+    table.add_row("cost", f"${result['cost']['total']:.3f}", f"at ${result['cost']['price_per_hour']:g}/hour")
+    table.add_row("peak memory", f"{result['peak_memory_mb']:,.0f} MB", "measured during the probe")
+    Console().print(table)
 
 
 @app.command()

@@ -1,0 +1,104 @@
+"""`tunelab plan CONFIG` (= `tunelab train CONFIG --dry-run`): what a run will cost, before it runs.
+
+The estimate comes from measuring this machine, not from constants:
+
+1. the run's own setup (model load, data read, split, tokenize) is timed for real;
+2. a probe runs `probe_steps` real optimizer steps (after one untimed warm-up step) on
+   the run's own first micro-batches, and gives seconds per real input token; the
+   run's total real tokens (known after tokenizing) times that is the training time;
+3. one validation pass is timed and multiplied by the number of validations;
+4. evaluation is probed on one batch of test prompts per contender and scaled to the
+   rows the run will evaluate.
+
+Nothing is written: no run directory, no adapter. The probe's optimizer steps change
+only the in-memory copy that is thrown away afterwards.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from typing import Any
+
+from rich.console import Console
+
+from tunelab.config import RunConfig
+from tunelab.data.batches import collate
+from tunelab.evaluate.compare import evaluate_classification
+from tunelab.train.loop import validation_loss
+from tunelab.train.sft import backward_on, setup
+
+DEFAULT_PRICE_PER_HOUR = 0.10  # USD; about a 2-vCPU cloud VM. Pass your own with --price-per-hour.
+
+
+def make_plan(
+    cfg: RunConfig, console: Console, probe_steps: int = 3, price_per_hour: float = DEFAULT_PRICE_PER_HOUR
+) -> dict[str, Any]:
+    t = cfg.train
+    started = time.perf_counter()
+    s = setup(cfg, console)
+    setup_seconds = time.perf_counter() - started
+    pad = s.tokenizer.pad_token_id
+
+    # Training: seconds per real token over a few real steps of this run.
+    groups = [s.stream[i * t.grad_accumulation : (i + 1) * t.grad_accumulation] for i in range(s.steps)]
+    probe = groups[: probe_steps + 1]
+    probe_seconds, probe_tokens = 0.0, 0
+    s.model.train()
+    for i, group in enumerate(probe):
+        step_started = time.perf_counter()
+        batches = [collate(mb, pad) for mb in group]
+        backward_on(s.model, batches, s.precision)
+        s.optimizer.step()
+        s.optimizer.zero_grad(set_to_none=True)
+        if i > 0 or len(probe) == 1:  # the first step warms caches and allocators: not timed
+            probe_seconds += time.perf_counter() - step_started
+            probe_tokens += sum(b.real_tokens for b in batches)
+    seconds_per_token = probe_seconds / max(probe_tokens, 1)
+    total_tokens = sum(len(e.input_ids) for mb in s.stream for e in mb)
+    trained_tokens = sum(e.trained_tokens for mb in s.stream for e in mb)
+    train_seconds = total_tokens * seconds_per_token
+
+    # Validation: one timed pass, times the number of passes the run makes.
+    validations = (s.steps - 1) // t.eval_every + 1 if t.eval_every else 1
+    val_started = time.perf_counter()
+    if s.val_batches:
+        validation_loss(s.model, s.val_batches, s.precision)
+    validation_seconds = (time.perf_counter() - val_started) * validations if s.val_batches else 0.0
+
+    # Evaluation: one batch per contender, scaled to the rows evaluated.
+    eval_seconds, eval_rows = 0.0, 0
+    split = s.data.split
+    if split.stratified and split.test:
+        eval_rows = min(cfg.eval.max_rows or len(split.test), len(split.test))
+        sample = min(cfg.eval.batch_size, eval_rows)
+        labels = sorted({c.answer for c in split.train + split.validation + split.test})
+        probe_cfg = cfg.eval.model_copy(update={"max_rows": sample})
+        result = evaluate_classification(s.model, s.tokenizer, split.test, labels, probe_cfg, s.precision, console)
+        per_row = sum(result[name]["seconds"] for name in ("finetune", "base_prompted") if name in result) / sample
+        eval_seconds = per_row * eval_rows
+
+    total = setup_seconds + train_seconds + validation_seconds + eval_seconds
+    rep = s.data.report
+    return {
+        "rows": rep["splits"],
+        "train_rows_used": rep["train_rows_used"],
+        "tokens": {"total": total_tokens, "trained": trained_tokens,
+                   "per_example": rep["tokens_per_example"]["mean"],
+                   "trained_per_example": rep["trained_tokens_per_example"]["mean"]},
+        "hyperparameters": {
+            "epochs": {"value": t.epochs, "why": "set in the config"},
+            "batch_size": {"value": t.batch_size, "why": "set in the config"},
+            "grad_accumulation": {"value": t.grad_accumulation, "why": "set in the config"},
+            "learning_rate": {"value": t.learning_rate, "why": "set in the config"},
+        },
+        "steps": s.steps,
+        "probe": {"steps": max(len(probe) - 1, 1), "tokens": probe_tokens, "seconds": probe_seconds,
+                  "tokens_per_second": 1 / seconds_per_token if seconds_per_token else None},
+        "estimate_seconds": {"setup": setup_seconds, "train": train_seconds, "validation": validation_seconds,
+                             "evaluation": eval_seconds, "total": total},
+        "evaluation_rows": eval_rows,
+        "cost": {"price_per_hour": price_per_hour, "total": price_per_hour * total / 3600},
+        "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # measured during the probe
+        "precision": s.precision.reason,
+    }
