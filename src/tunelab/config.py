@@ -87,10 +87,16 @@ class LoraConfig(_Strict):
 class TrainConfig(_Strict):
     """The optimisation: AdamW, linear warmup then cosine decay, accumulation."""
 
-    epochs: float = Field(1.0, gt=0, description="Passes over the training rows (fractions allowed).")
-    batch_size: int = Field(16, ge=1, description="Examples per forward pass (micro-batch).")
+    epochs: float | Literal["auto"] = Field(
+        1.0, description="Passes over the training rows (fractions allowed); 'auto' scales with the row count."
+    )
+    batch_size: int | Literal["auto"] = Field(
+        16, description="Examples per forward pass (micro-batch); 'auto' aims at ~1,024 tokens per micro-batch."
+    )
     grad_accumulation: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    learning_rate: float = Field(1e-3, gt=0, description="Peak learning rate (LoRA wants ~10x a full fine-tune's).")
+    learning_rate: float | Literal["auto"] = Field(
+        1e-3, description="Peak learning rate (LoRA wants ~10x a full fine-tune's); 'auto' scales with the batch."
+    )
     weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay.")
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Fraction of steps spent warming up linearly.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this; None = no clipping.")
@@ -101,6 +107,15 @@ class TrainConfig(_Strict):
         "auto", description="auto: bf16 autocast where the hardware runs it fast (AMX CPU, CUDA), else fp32."
     )
     threads: int | None = Field(None, ge=1, description="CPU threads for torch; None = torch's default.")
+
+
+    @model_validator(mode="after")
+    def _positive(self) -> "TrainConfig":
+        for name in ("epochs", "batch_size", "learning_rate"):
+            value = getattr(self, name)
+            if value != "auto" and value <= 0:
+                raise ValueError(f"{name} must be > 0 or 'auto', got {value}")
+        return self
 
 
 class EvalConfig(_Strict):

@@ -34,9 +34,9 @@ DEFAULT_PRICE_PER_HOUR = 0.10  # USD; about a 2-vCPU cloud VM. Pass your own wit
 def make_plan(
     cfg: RunConfig, console: Console, probe_steps: int = 3, price_per_hour: float = DEFAULT_PRICE_PER_HOUR
 ) -> dict[str, Any]:
-    t = cfg.train
     started = time.perf_counter()
     s = setup(cfg, console)
+    cfg, t = s.cfg, s.cfg.train  # 'auto' values resolved
     setup_seconds = time.perf_counter() - started
     pad = s.tokenizer.pad_token_id
 
@@ -87,10 +87,8 @@ def make_plan(
                    "per_example": rep["tokens_per_example"]["mean"],
                    "trained_per_example": rep["trained_tokens_per_example"]["mean"]},
         "hyperparameters": {
-            "epochs": {"value": t.epochs, "why": "set in the config"},
-            "batch_size": {"value": t.batch_size, "why": "set in the config"},
+            **{name: {"value": c.value, "why": c.why} for name, c in s.choices.items()},
             "grad_accumulation": {"value": t.grad_accumulation, "why": "set in the config"},
-            "learning_rate": {"value": t.learning_rate, "why": "set in the config"},
         },
         "steps": s.steps,
         "probe": {"steps": max(len(probe) - 1, 1), "tokens": probe_tokens, "seconds": probe_seconds,

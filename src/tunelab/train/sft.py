@@ -26,6 +26,8 @@ from tunelab.data.batches import Batch, collate, length_grouped_order
 from tunelab.data.prepare import PreparedData, prepare_data
 from tunelab.data.tokenize import TokenizedExample
 from tunelab.models import ResolvedModel, attach_lora, load_model, resolve_model, weights_fingerprint
+from tunelab.train import auto
+from tunelab.train.auto import Choice
 from tunelab.train.checkpoint import RunDir
 from tunelab.train.loop import Precision, choose_precision, make_optimizer, token_loss_sum, validation_loss
 
@@ -87,6 +89,8 @@ class Setup:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     val_batches: list[Batch]
+    cfg: RunConfig  # with every 'auto' resolved
+    choices: dict[str, Choice]  # why each hyperparameter has its value
 
 
 def setup(cfg: RunConfig, console: Console) -> Setup:
@@ -103,6 +107,11 @@ def setup(cfg: RunConfig, console: Console) -> Setup:
 
     data = prepare_data(cfg.data, tokenizer, val_rows=t.val_rows)
     rep = data.report
+    t, choices = auto.resolve(t, len(data.train), rep["tokens_per_example"]["mean"])
+    cfg = cfg.model_copy(update={"train": t})
+    for name, choice in choices.items():
+        if choice.why != "set in the config":
+            console.print(f"[bold]auto {name}[/]: {choice.value:g} ({choice.why})")
     console.print(
         f"[bold]data[/]: {rep['rows']:,} rows -> split {rep['splits']} "
         f"({'stratified by label' if rep['stratified'] else 'not stratified'}); training on {rep['train_rows_used']:,} "
@@ -130,24 +139,26 @@ def setup(cfg: RunConfig, console: Console) -> Setup:
         f"[bold]schedule[/]: {steps} steps x {t.batch_size} examples x {t.grad_accumulation} accumulation, "
         f"lr {t.learning_rate:g} (warmup {warmup}, cosine), {t.epochs:g} epoch(s)"
     )
-    return Setup(model, tokenizer, data, precision, resolved, stream, steps, optimizer, scheduler, val_batches)
+    return Setup(model, tokenizer, data, precision, resolved, stream, steps, optimizer, scheduler, val_batches,
+                 cfg, choices)
 
 
 def train(cfg: RunConfig, console: Console | None = None) -> TrainResult:
     console = console or Console(stderr=True)
-    t = cfg.train
 
     # ---------------------------------------------------------------- setup
     s = setup(cfg, console)
+    cfg, t = s.cfg, s.cfg.train  # 'auto' values resolved
     model, tokenizer, data, precision, stream, steps = s.model, s.tokenizer, s.data, s.precision, s.stream, s.steps
     optimizer, scheduler, val_batches, pad_id = s.optimizer, s.scheduler, s.val_batches, tokenizer.pad_token_id
     resolved, rep = s.resolved, data.report
 
     run = RunDir.create(cfg.output_dir, cfg.name)
-    run.write_json("config.json", cfg.model_dump(mode="json"))
+    run.write_json("config.json", cfg.model_dump(mode="json"))  # resolved: no 'auto' left
     run.write_json(
         "data.json",
-        {**rep, "base_model": {"spec": cfg.model, "path": str(resolved.path), "weights": weights_fingerprint(resolved)}},
+        {**rep, "base_model": {"spec": cfg.model, "path": str(resolved.path), "weights": weights_fingerprint(resolved)},
+         "hyperparameters": {name: {"value": c.value, "why": c.why} for name, c in s.choices.items()}},
     )
 
     # ---------------------------------------------------------------- loop
