@@ -82,6 +82,8 @@ class LoraConfig(_Strict):
     target_modules: str | list[str] = Field(
         "all-linear", description="Module names to adapt, or 'all-linear' (every linear layer but the LM head)."
     )
+    use_dora: bool = Field(False, description="DoRA: learn a magnitude per output and a LoRA direction (PEFT).")
+    use_rslora: bool = Field(False, description="rsLoRA: scale by alpha / sqrt(rank) instead of alpha / rank (PEFT).")
 
 
 class TrainConfig(_Strict):

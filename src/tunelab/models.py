@@ -163,6 +163,8 @@ def attach_lora(model: PreTrainedModel, lora: LoraConfig) -> PeftModel:
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=lora.target_modules,
+        use_dora=lora.use_dora,
+        use_rslora=lora.use_rslora,
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, peft_config, autocast_adapter_dtype=True)

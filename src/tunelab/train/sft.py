@@ -123,7 +123,9 @@ def setup(cfg: RunConfig, console: Console) -> Setup:
     model = attach_lora(model, cfg.lora)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     console.print(
-        f"[bold]model[/]: {cfg.model} + LoRA r={cfg.lora.rank} alpha={cfg.lora.alpha:g} on {cfg.lora.target_modules} "
+        f"[bold]model[/]: {cfg.model} + {'DoRA' if cfg.lora.use_dora else 'LoRA'}"
+        f"{' (rsLoRA scaling)' if cfg.lora.use_rslora else ''} r={cfg.lora.rank} alpha={cfg.lora.alpha:g} "
+        f"on {cfg.lora.target_modules} "
         f"({trainable / 1e6:.2f}M trainable parameters)"
     )
 
