@@ -49,6 +49,16 @@ EXPECTED_FILES = {
     "eval.json",
     "manifest.json",
 }
+# The final checkpoint (its step number varies): optimizer state for `tunelab train --resume`.
+CHECKPOINT_FILES = {"checkpoint.json", "trainable.safetensors", "optimizer.safetensors", "state.json"}
+
+
+def expected_files(run: Path) -> set[str]:
+    """EXPECTED_FILES plus the checkpoint of the run's last step."""
+    import json
+
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    return EXPECTED_FILES | {f"checkpoints/step-{max(steps):07d}/{name}" for name in CHECKPOINT_FILES}
 
 
 def files_of(path: Path) -> set[str]:

@@ -15,11 +15,11 @@ from tunelab.config import RunConfig
 from tunelab.errors import TunelabError
 from tunelab.train.checkpoint import MANIFEST, RunDir, load_run, read_run_config
 
-from conftest import EXPECTED_FILES, files_of
+from conftest import expected_files, files_of
 
 
 def test_run_directory_holds_exactly_the_expected_files(trained_run):
-    assert files_of(trained_run.path) == EXPECTED_FILES
+    assert files_of(trained_run.path) == expected_files(trained_run.path)
     assert trained_run.path.parent == trained_run.cfg.output_dir
     assert trained_run.path.name.startswith("tiny-")
 
@@ -28,7 +28,7 @@ def test_manifest_lists_every_other_file_and_is_written_last(trained_run):
     path = trained_run.path
     manifest = json.loads((path / MANIFEST).read_text())
     assert manifest["format"] == "tunelab-run/1"
-    assert set(manifest["files"]) == EXPECTED_FILES - {MANIFEST}
+    assert set(manifest["files"]) == expected_files(path) - {MANIFEST}
     for name, entry in manifest["files"].items():
         data = (path / name).read_bytes()
         assert entry["bytes"] == len(data), name

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import EXPECTED_FILES, REPO, files_of
+from conftest import REPO, expected_files, files_of
 
 DEMO = REPO / "examples" / "banking77" / "demo.yaml"
 
@@ -43,7 +43,7 @@ def test_smollm2_two_steps_on_banking77(tmp_path):
     run = Path(summary["run_dir"])
 
     # the run directory is whole
-    assert files_of(run) == EXPECTED_FILES
+    assert files_of(run) == expected_files(run)
     manifest = json.loads((run / "manifest.json").read_text())
     for name, entry in manifest["files"].items():
         assert entry["sha256"] == hashlib.sha256((run / name).read_bytes()).hexdigest(), name

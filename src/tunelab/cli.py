@@ -29,7 +29,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from tunelab.config import DataConfig, DataFormat  # noqa: E402
-from tunelab.errors import TunelabError  # noqa: E402
+from tunelab.errors import Interrupted, TunelabError  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Fine-tune an open model on your task, and prove it.")
 err = Console(stderr=True)
@@ -85,12 +85,13 @@ def _print_summary(summary: dict[str, Any]) -> None:
     out.print(f"run directory: [bold]{summary['run_dir']}[/]")
 
 
-def _run(config: Path, sets: list[str] | None, as_json: bool) -> None:
+def _run(config: Path | None, sets: list[str] | None, as_json: bool, resume: Path | None = None) -> None:
     from tunelab.config import load_config
     from tunelab.pipeline import run_pipeline
+    from tunelab.train.checkpoint import read_run_config_for_resume
 
-    cfg = load_config(config, _parse_sets(sets))
-    summary = run_pipeline(cfg, err)
+    cfg = read_run_config_for_resume(resume) if resume else load_config(config, _parse_sets(sets))
+    summary = run_pipeline(cfg, err, resume=resume)
     if as_json:
         print(json.dumps(summary))
     else:
@@ -110,16 +111,20 @@ def demo(
 
 @app.command("train")
 def train_cmd(
-    config: Annotated[Path, typer.Argument(help="YAML run config (see examples/banking77/demo.yaml).")],
+    config: Annotated[Path | None, typer.Argument(help="YAML run config (see examples/banking77/demo.yaml).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")] = False,
     sets: Annotated[list[str] | None, typer.Option("--set", help="Override a config key, e.g. lora.rank=32")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only estimate tokens, time, cost and memory.")] = False,
+    resume: Annotated[Path | None, typer.Option(help="Continue this run directory from its newest checkpoint.")] = None,
 ) -> None:
     """Train a LoRA adapter, evaluate it against the base model, and write a run directory."""
+    if (config is None) == (resume is None):
+        raise TunelabError("give either a CONFIG file or --resume RUN_DIR", fix="tunelab train CONFIG.yaml, or "
+                           "tunelab train --resume runs/NAME-...")
     if dry_run:
         plan(config, as_json=as_json, sets=sets)
     else:
-        _run(config, sets, as_json)
+        _run(config, sets, as_json, resume)
 
 
 @app.command()
@@ -313,6 +318,9 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         app()
+    except Interrupted as exc:  # a clean stop on SIGINT/SIGTERM, with a checkpoint to resume from
+        err.print(f"[yellow]stopped:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(130)
     except TunelabError as exc:
         err.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)

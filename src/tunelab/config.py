@@ -104,6 +104,8 @@ class TrainConfig(_Strict):
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this; None = no clipping.")
     eval_every: int = Field(0, ge=0, description="Validation loss every N optimizer steps; 0 = only at the end.")
     val_rows: int = Field(200, ge=0, description="Validation rows used for the validation loss (0 = none).")
+    checkpoint_every: int = Field(0, ge=0, description="Checkpoint every N optimizer steps (and always at the end).")
+    keep_checkpoints: int = Field(2, ge=1, description="How many of the newest checkpoints to keep.")
     seed: int = Field(0, description="Seeds the adapter init, the data order and dropout.")
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="auto: bf16 autocast where the hardware runs it fast (AMX CPU, CUDA), else fp32."

@@ -24,3 +24,7 @@ class TunelabError(Exception):
     def __str__(self) -> str:
         prefix = f"{self.where}: " if self.where else ""
         return f"{prefix}{self.what} (fix: {self.fix})"
+
+
+class Interrupted(TunelabError):
+    """Training stopped on SIGINT/SIGTERM after checkpointing; the CLI exits with 130."""

@@ -6,6 +6,7 @@ Used by `tunelab train CONFIG` and `tunelab demo`; returns the summary they prin
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -15,10 +16,10 @@ from tunelab.evaluate.compare import evaluate_classification
 from tunelab.train.sft import train
 
 
-def run_pipeline(cfg: RunConfig, console: Console | None = None) -> dict[str, Any]:
+def run_pipeline(cfg: RunConfig, console: Console | None = None, resume: Path | None = None) -> dict[str, Any]:
     console = console or Console(stderr=True)
     started = time.perf_counter()
-    result = train(cfg, console)
+    result = train(cfg, console, resume=resume)
 
     eval_started = time.perf_counter()
     split = result.data.split

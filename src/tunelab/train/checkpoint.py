@@ -6,6 +6,7 @@
       config.json         the resolved RunConfig (absolute paths, every default filled in)
       data.json           rows per split, data hash, tokens, trained tokens per example
       metrics.jsonl       one JSON object per optimizer step / validation
+      checkpoints/        step-NNNNNNN/: weights, optimizer, scheduler, RNG (see resume.py); the last K kept
       eval.json           evaluation summary (fine-tune vs base on the same test rows)
       manifest.json       written last: every file with its size and sha256
 
@@ -66,6 +67,19 @@ class RunDir:
         with (self.path / "metrics.jsonl").open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
+    def truncate_metrics(self, after_step: int) -> None:
+        """Drop logged steps past `after_step` (a resumed run redoes them), atomically."""
+        path = self.path / "metrics.jsonl"
+        if not path.is_file():
+            return
+        kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and _is_json(line) and json.loads(line).get("step", 0) <= after_step
+                and not ("val_loss" in json.loads(line) and "loss" not in json.loads(line))]
+        fd, tmp = tempfile.mkstemp(prefix=".metrics.", dir=self.path)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+
     def save_adapter(self, model: PeftModel) -> None:
         self._save_dir("adapter", lambda tmp: model.save_pretrained(tmp, safe_serialization=True))
 
@@ -93,12 +107,28 @@ class RunDir:
         self.write_json(MANIFEST, {"format": "tunelab-run/1", "files": files, **extra})
 
 
+def _is_json(line: str) -> bool:
+    try:
+        json.loads(line)
+        return True
+    except json.JSONDecodeError:  # a partial last line from a crash
+        return False
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def read_run_config_for_resume(run_dir: Path) -> RunConfig:
+    """The resolved config of a run that may be unfinished (resume needs no manifest, only a config)."""
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise TunelabError(f"{run_dir} has no config.json", fix="pass a run directory written by `tunelab train`")
+    return RunConfig.model_validate_json(path.read_text(encoding="utf-8"))
 
 
 def read_run_config(run_dir: Path) -> RunConfig:

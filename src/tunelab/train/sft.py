@@ -11,9 +11,13 @@ AMX); LoRA weights and AdamW state are fp32.
 
 from __future__ import annotations
 
+import hashlib
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from peft import PeftModel
@@ -28,7 +32,9 @@ from tunelab.data.tokenize import TokenizedExample
 from tunelab.models import ResolvedModel, attach_lora, load_model, resolve_model, weights_fingerprint
 from tunelab.train import auto
 from tunelab.train.auto import Choice
-from tunelab.train.checkpoint import RunDir
+from tunelab.errors import Interrupted
+from tunelab.train.checkpoint import MANIFEST, RunDir
+from tunelab.train.resume import complete_checkpoints, load_checkpoint, save_checkpoint
 from tunelab.train.loop import Precision, choose_precision, make_optimizer, token_loss_sum, validation_loss
 
 
@@ -60,6 +66,33 @@ def backward_on(model: PeftModel, micro_batches: list[Batch], precision: Precisi
         (loss_sum / step_tokens).backward()
         total += float(loss_sum.detach())
     return total / max(step_tokens, 1)
+
+
+def examples_fingerprint(stream: list[list[TokenizedExample]], step: int, accumulation: int) -> str:
+    """Which examples a step trained on (their sources, hashed): resume must replay the same order."""
+    sources = [e.source for mb in stream[(step - 1) * accumulation : step * accumulation] for e in mb]
+    return hashlib.sha256("\n".join(sources).encode()).hexdigest()[:16]
+
+
+class StopOnSignal:
+    """Within `with`: SIGINT/SIGTERM set `requested` instead of killing; the loop stops after its step."""
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        self.requested = signal.Signals(signum).name
+
+    def __enter__(self) -> "StopOnSignal":
+        if threading.current_thread() is threading.main_thread():  # signals can only be caught there
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def epoch_stream(
@@ -145,7 +178,8 @@ def setup(cfg: RunConfig, console: Console) -> Setup:
                  cfg, choices)
 
 
-def train(cfg: RunConfig, console: Console | None = None) -> TrainResult:
+def train(cfg: RunConfig, console: Console | None = None, resume: Path | None = None) -> TrainResult:
+    """Train; with `resume`, continue that run directory from its newest whole checkpoint."""
     console = console or Console(stderr=True)
 
     # ---------------------------------------------------------------- setup
@@ -155,13 +189,24 @@ def train(cfg: RunConfig, console: Console | None = None) -> TrainResult:
     optimizer, scheduler, val_batches, pad_id = s.optimizer, s.scheduler, s.val_batches, tokenizer.pad_token_id
     resolved, rep = s.resolved, data.report
 
-    run = RunDir.create(cfg.output_dir, cfg.name)
-    run.write_json("config.json", cfg.model_dump(mode="json"))  # resolved: no 'auto' left
-    run.write_json(
-        "data.json",
-        {**rep, "base_model": {"spec": cfg.model, "path": str(resolved.path), "weights": weights_fingerprint(resolved)},
-         "hyperparameters": {name: {"value": c.value, "why": c.why} for name, c in s.choices.items()}},
-    )
+    start = 0
+    if resume is None:
+        run = RunDir.create(cfg.output_dir, cfg.name)
+        run.write_json("config.json", cfg.model_dump(mode="json"))  # resolved: no 'auto' left
+        run.write_json(
+            "data.json",
+            {**rep, "base_model": {"spec": cfg.model, "path": str(resolved.path),
+                                   "weights": weights_fingerprint(resolved)},
+             "hyperparameters": {name: {"value": c.value, "why": c.why} for name, c in s.choices.items()}},
+        )
+    else:
+        run = RunDir(resume)
+        (run.path / MANIFEST).unlink(missing_ok=True)  # the run changes again: not whole until re-finished
+        checkpoints = complete_checkpoints(run.path)
+        if checkpoints:
+            start = load_checkpoint(checkpoints[-1], model, optimizer, scheduler)
+        run.truncate_metrics(after_step=start)  # steps past the checkpoint are redone, so logged again
+        console.print(f"[bold]resume[/]: {run.path} from step {start} of {steps}")
 
     # ---------------------------------------------------------------- loop
     model.train()
@@ -172,9 +217,10 @@ def train(cfg: RunConfig, console: Console | None = None) -> TrainResult:
         TextColumn("loss {task.fields[loss]:.3f}"), TextColumn("{task.fields[tps]:.0f} tok/s"),
         TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console, transient=False,
     )
-    with progress:
-        task = progress.add_task("train", total=steps, loss=float("nan"), tps=0.0)
-        for step in range(1, steps + 1):
+    stop = StopOnSignal()  # SIGINT/SIGTERM: finish this step, checkpoint, exit
+    with progress, stop:
+        task = progress.add_task("train", total=steps, completed=start, loss=float("nan"), tps=0.0)
+        for step in range(start + 1, steps + 1):
             started = time.perf_counter()
             group = [collate(mb, pad_id) for mb in stream[(step - 1) * t.grad_accumulation : step * t.grad_accumulation]]
             loss = backward_on(model, group, precision)
@@ -194,12 +240,20 @@ def train(cfg: RunConfig, console: Console | None = None) -> TrainResult:
             record = {
                 "step": step, "loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                 "tokens": step_real, "tokens_per_s": step_real / elapsed, "seconds": elapsed,
+                "examples": examples_fingerprint(stream, step, t.grad_accumulation),
             }
             if t.eval_every and step % t.eval_every == 0 and step < steps and val_batches:
                 record["val_loss"] = validation_loss(model, val_batches, precision)
                 console.print(f"step {step}: validation loss {record['val_loss']:.4f}")
             run.append_metrics(record)
             progress.update(task, advance=1, loss=loss, tps=real_tokens / train_seconds)
+            if step == steps or (t.checkpoint_every and step % t.checkpoint_every == 0) or stop.requested:
+                save_checkpoint(run.path, step, model, optimizer, scheduler, t.keep_checkpoints)
+            if stop.requested and step < steps:
+                raise Interrupted(
+                    f"stopped by {stop.requested} after step {step} of {steps}; checkpoint saved",
+                    fix=f"resume with: tunelab train --resume {run.path}", where=str(run.path),
+                )
 
     # ---------------------------------------------------------------- save
     final_val = validation_loss(model, val_batches, precision) if val_batches else None
