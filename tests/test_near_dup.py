@@ -93,5 +93,6 @@ def test_banding_catches_pairs_at_the_threshold():
     for threshold in (0.5, 0.7, 0.8, 0.9):
         bands, rows = bands_for(threshold)
         assert bands * rows == near_dup.NUM_HASHES
-        assert 1 - (1 - threshold**rows) ** bands >= near_dup.RECALL
+        recall_at_threshold = 1 - (1 - threshold**rows) ** bands  # P(a pair at the threshold shares a band)
+        assert recall_at_threshold >= near_dup.RECALL
     assert bands_for(0.8) == (20, 6)
