@@ -105,7 +105,11 @@ class TrainConfig(_Strict):
     eval_every: int = Field(0, ge=0, description="Validation loss every N optimizer steps; 0 = only at the end.")
     val_rows: int = Field(200, ge=0, description="Validation rows used for the validation loss (0 = none).")
     checkpoint_every: int = Field(0, ge=0, description="Checkpoint every N optimizer steps (and always at the end).")
-    keep_checkpoints: int = Field(2, ge=1, description="How many of the newest checkpoints to keep.")
+    keep_checkpoints: int = Field(2, ge=1, description="How many of the newest checkpoints to keep (the best is kept too).")
+    early_stopping_patience: int = Field(
+        0, ge=0, description="Stop after this many validations without improvement (needs eval_every); 0 = off."
+    )
+    early_stopping_min_delta: float = Field(0.0, ge=0, description="Smallest fall in validation loss that counts.")
     seed: int = Field(0, description="Seeds the adapter init, the data order and dropout.")
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="auto: bf16 autocast where the hardware runs it fast (AMX CPU, CUDA), else fp32."

@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 CHECKPOINTS = "checkpoints"
 DONE = "checkpoint.json"
+BEST = "best.json"  # {"step", "val_loss"} of the best checkpoint, when validation runs
 _NAME = re.compile(r"^step-(\d{7})$")
 
 
@@ -52,9 +53,33 @@ def save_checkpoint(run_path: Path, step: int, model: torch.nn.Module, optimizer
         tmp.rename(final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    best = best_checkpoint(run_path)
     for old in complete_checkpoints(run_path)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old != best:  # the best checkpoint outlives pruning
+            shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def mark_best(run_path: Path, step: int, val_loss: float) -> None:
+    """Record which checkpoint has the lowest validation loss (written atomically)."""
+    tmp = run_path / CHECKPOINTS / ".best.json.tmp"
+    tmp.write_text(json.dumps({"step": step, "val_loss": val_loss}))
+    tmp.replace(run_path / CHECKPOINTS / BEST)
+
+
+def best_checkpoint(run_path: Path) -> Path | None:
+    marker = run_path / CHECKPOINTS / BEST
+    if not marker.is_file():
+        return None
+    return run_path / CHECKPOINTS / f"step-{json.loads(marker.read_text())['step']:07d}"
+
+
+def load_weights(path: Path, model: torch.nn.Module) -> None:
+    """Only the trainable weights of a checkpoint (e.g. the best one, before saving the adapter)."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in load_file(path / "trainable.safetensors").items():
+            params[name].copy_(value)
 
 
 def complete_checkpoints(run_path: Path) -> list[Path]:
@@ -67,11 +92,7 @@ def complete_checkpoints(run_path: Path) -> list[Path]:
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler) -> int:
     """Restore everything `save_checkpoint` wrote; returns the step it was taken after."""
-    weights = load_file(path / "trainable.safetensors")
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(value)
+    load_weights(path, model)
     saved = json.loads((path / "state.json").read_text())
     tensors = load_file(path / "optimizer.safetensors")
     torch.set_rng_state(tensors.pop("rng.torch"))

@@ -34,7 +34,10 @@ from tunelab.train import auto
 from tunelab.train.auto import Choice
 from tunelab.errors import Interrupted
 from tunelab.train.checkpoint import MANIFEST, RunDir
-from tunelab.train.resume import complete_checkpoints, load_checkpoint, save_checkpoint
+from tunelab.train.early_stop import EarlyStopping
+from tunelab.train.resume import (
+    best_checkpoint, complete_checkpoints, load_checkpoint, load_weights, mark_best, save_checkpoint,
+)
 from tunelab.train.loop import Precision, choose_precision, make_optimizer, token_loss_sum, validation_loss
 
 
@@ -218,6 +221,9 @@ def train(cfg: RunConfig, console: Console | None = None, resume: Path | None = 
         TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console, transient=False,
     )
     stop = StopOnSignal()  # SIGINT/SIGTERM: finish this step, checkpoint, exit
+    early = EarlyStopping.replay(t.early_stopping_patience, t.early_stopping_min_delta,
+                                 run.path / "metrics.jsonl", up_to_step=start)
+    last_step = start
     with progress, stop:
         task = progress.add_task("train", total=steps, completed=start, loss=float("nan"), tps=0.0)
         for step in range(start + 1, steps + 1):
@@ -242,13 +248,25 @@ def train(cfg: RunConfig, console: Console | None = None, resume: Path | None = 
                 "tokens": step_real, "tokens_per_s": step_real / elapsed, "seconds": elapsed,
                 "examples": examples_fingerprint(stream, step, t.grad_accumulation),
             }
+            improved = False
             if t.eval_every and step % t.eval_every == 0 and step < steps and val_batches:
                 record["val_loss"] = validation_loss(model, val_batches, precision)
-                console.print(f"step {step}: validation loss {record['val_loss']:.4f}")
+                improved = early.update(step, record["val_loss"])
+                console.print(f"step {step}: validation loss {record['val_loss']:.4f}{' (best)' if improved else ''}")
             run.append_metrics(record)
+            last_step = step
             progress.update(task, advance=1, loss=loss, tps=real_tokens / train_seconds)
-            if step == steps or (t.checkpoint_every and step % t.checkpoint_every == 0) or stop.requested:
+            if (step == steps or (t.checkpoint_every and step % t.checkpoint_every == 0) or stop.requested
+                    or improved or early.should_stop):
                 save_checkpoint(run.path, step, model, optimizer, scheduler, t.keep_checkpoints)
+                if improved:
+                    mark_best(run.path, step, record["val_loss"])
+            if early.should_stop:
+                console.print(
+                    f"[bold]early stop[/] after step {step}: {early.bad} validations without improvement; "
+                    f"best was step {early.best_step} (validation loss {early.best:.4f})"
+                )
+                break
             if stop.requested and step < steps:
                 raise Interrupted(
                     f"stopped by {stop.requested} after step {step} of {steps}; checkpoint saved",
@@ -256,9 +274,12 @@ def train(cfg: RunConfig, console: Console | None = None, resume: Path | None = 
                 )
 
     # ---------------------------------------------------------------- save
+    if early.patience and early.best_step is not None:  # early stopping keeps the best weights, not the last
+        load_weights(best_checkpoint(run.path), model)
+        console.print(f"[bold]adapter[/]: the best checkpoint, step {early.best_step}")
     final_val = validation_loss(model, val_batches, precision) if val_batches else None
     if final_val is not None:
-        run.append_metrics({"step": steps, "val_loss": final_val})
+        run.append_metrics({"step": last_step, "val_loss": final_val})
         console.print(f"[bold]validation loss[/]: {final_val:.4f}")
     model.eval()
     run.save_adapter(model)
