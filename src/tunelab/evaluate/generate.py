@@ -19,6 +19,7 @@ would recompute it for every row. Everything else is the plain algorithm:
 from __future__ import annotations
 
 import copy
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -178,7 +179,11 @@ def _generate_batch(
 
 def ids_containing(tokenizer: PreTrainedTokenizerBase, strings: list[str]) -> set[int]:
     """Every token id whose text contains one of `strings` (e.g. a newline ends a one-line answer)."""
-    if not strings:
-        return set()
+    return set(_ids_containing(tokenizer, tuple(strings))) if strings else set()
+
+
+@functools.lru_cache(maxsize=8)
+def _ids_containing(tokenizer: PreTrainedTokenizerBase, strings: tuple[str, ...]) -> frozenset[int]:
+    # Decoding the whole vocabulary takes a moment: once per tokenizer, not once per `generate` call.
     texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
-    return {i for i, text in enumerate(texts) if any(s in text for s in strings)}
+    return frozenset(i for i, text in enumerate(texts) if any(s in text for s in strings))

@@ -72,9 +72,12 @@ class RunDir:
         path = self.path / "metrics.jsonl"
         if not path.is_file():
             return
-        kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and _is_json(line) and json.loads(line).get("step", 0) <= after_step
-                and not ("val_loss" in json.loads(line) and "loss" not in json.loads(line))]
+        kept = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            record = _parse(line)  # None for a partial last line left by a crash
+            final_validation = record is not None and "val_loss" in record and "loss" not in record
+            if record is not None and record.get("step", 0) <= after_step and not final_validation:
+                kept.append(line)
         fd, tmp = tempfile.mkstemp(prefix=".metrics.", dir=self.path)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write("".join(line + "\n" for line in kept))
@@ -107,12 +110,12 @@ class RunDir:
         self.write_json(MANIFEST, {"format": "tunelab-run/1", "files": files, **extra})
 
 
-def _is_json(line: str) -> bool:
+def _parse(line: str) -> dict | None:
     try:
-        json.loads(line)
-        return True
-    except json.JSONDecodeError:  # a partial last line from a crash
-        return False
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def _sha256(path: Path) -> str:
