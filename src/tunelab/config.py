@@ -84,6 +84,11 @@ class LoraConfig(_Strict):
     )
     use_dora: bool = Field(False, description="DoRA: learn a magnitude per output and a LoRA direction (PEFT).")
     use_rslora: bool = Field(False, description="rsLoRA: scale by alpha / sqrt(rank) instead of alpha / rank (PEFT).")
+    quantize_base: Literal["none", "int8", "nf4"] = Field(
+        "none",
+        description="Quantize the frozen base (QLoRA-style): 'nf4' = bitsandbytes 4-bit (CUDA); "
+        "'int8' = int8 weight-only (CPU and CUDA); 'none' = keep the base in the compute dtype.",
+    )
 
 
 class TrainConfig(_Strict):
@@ -115,6 +120,18 @@ class TrainConfig(_Strict):
         "auto", description="auto: bf16 autocast where the hardware runs it fast (AMX CPU, CUDA), else fp32."
     )
     threads: int | None = Field(None, ge=1, description="CPU threads for torch; None = torch's default.")
+    schedule: Literal["cosine", "linear"] = Field("cosine", description="Decay after warmup: cosine or linear, to 0.")
+    packing: bool = Field(
+        False,
+        description="Padding-free packing: several examples per row, positions restart per example, "
+        "attention never crosses an example boundary.",
+    )
+    pack_length: int | None = Field(
+        None, ge=8, description="Tokens per packed row; None = batch_size x the mean example length."
+    )
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=list, description="Also send the per-step metrics there (the package must be installed)."
+    )
 
 
     @model_validator(mode="after")
@@ -126,6 +143,12 @@ class TrainConfig(_Strict):
         return self
 
 
+class DpoConfig(_Strict):
+    """Direct preference optimisation (used when `objective: dpo`)."""
+
+    beta: float = Field(0.1, gt=0, description="Strength of the pull towards the reference model (the base).")
+
+
 class EvalConfig(_Strict):
     """Evaluation on held-out test rows: fine-tune vs the base model, same rows."""
 
@@ -135,6 +158,17 @@ class EvalConfig(_Strict):
         None, ge=1, description="Generation limit; None = longest label + 2 tokens."
     )
     compare_base: bool = Field(True, description="Also run the base model, prompted with the full label list.")
+    few_shot: int = Field(3, ge=0, description="Examples from train shown to the few-shot base contender (0 = skip it).")
+    metric: Literal["auto", "accuracy", "json", "text"] = Field(
+        "auto", description="Task metrics: auto decides from the answers (small label set, JSON objects, free text)."
+    )
+    temperature: float = Field(0.0, ge=0, description="Sampling temperature; 0 = greedy.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling: keep the smallest set of tokens with this mass.")
+    seed: int = Field(0, description="Seeds sampling and the few-shot draw.")
+    forgetting_probe: bool = Field(True, description="Run the shipped general-ability probe on base and fine-tune.")
+    forgetting_threshold: float = Field(
+        0.05, ge=0, description="Flag a regression when the probe score falls by more than this (absolute)."
+    )
 
 
 class RunConfig(_Strict):
@@ -142,7 +176,14 @@ class RunConfig(_Strict):
 
     model: str = Field(DEFAULT_MODEL, description="Base model: 'smollm2-135m-instruct', an HF folder or a .gguf.")
     data: DataConfig
+    tuning: Literal["lora", "full"] = Field(
+        "lora", description="lora: train an adapter (see `lora`) on a frozen base; full: train every weight."
+    )
+    objective: Literal["sft", "dpo"] = Field(
+        "sft", description="sft: loss on assistant tokens; dpo: preference pairs (data format dpo or chosen_rejected)."
+    )
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    dpo: DpoConfig = Field(default_factory=DpoConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output_dir: Path = Field(Path("runs"), description="Run directories are created under this folder (relative to the working directory).")

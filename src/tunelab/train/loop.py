@@ -68,6 +68,8 @@ def token_loss_sum(model: PreTrainedModel | PeftModel, batch: Batch) -> tuple[to
     p = batch.shared_prefix
     if p:
         hidden = _body_with_shared_prefix(body, batch)  # (B, T-P, H): hidden states of positions P..T-1
+    elif batch.position_ids is not None:  # packed: no 2D mask, so transformers derives the per-example blocks
+        hidden = body(input_ids=batch.input_ids, position_ids=batch.position_ids).last_hidden_state  # (B, T, H)
     else:
         hidden = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state  # (B, T, H)
     targets = batch.labels[:, p + 1 :]  # (B, T-P-1): position t predicts token t+1
