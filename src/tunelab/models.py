@@ -156,6 +156,18 @@ def weights_fingerprint(resolved: ResolvedModel) -> str:
     return hashlib.sha256("".join(_file_fingerprint(f) for f in files).encode()).hexdigest()[:16]
 
 
+def unfreeze_all(model: PreTrainedModel) -> PreTrainedModel:
+    """Full fine-tuning: every weight trainable, kept in fp32 (bf16 autocast computes; AdamW state is fp32 too).
+
+    Memory per parameter: 4 bytes weight + 4 gradient + 8 AdamW moments = 16 bytes
+    (SmolLM2-135M: about 2.2 GB), against a LoRA run's 2 bytes per frozen bf16 weight.
+    """
+    assert all(p.dtype == torch.float32 for p in model.parameters()), "load the model in fp32 for full tuning"
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
 def attach_lora(model: PreTrainedModel, lora: LoraConfig) -> PeftModel:
     """Freeze the base and add LoRA adapters (PEFT). Adapter weights are kept in fp32 even over a bf16 base."""
     peft_config = peft.LoraConfig(

@@ -23,7 +23,6 @@ from typing import Any
 from rich.console import Console
 
 from tunelab.config import RunConfig
-from tunelab.data.batches import collate
 from tunelab.evaluate.compare import evaluate_classification
 from tunelab.train.loop import validation_loss
 from tunelab.train.sft import backward_on, setup
@@ -38,7 +37,6 @@ def make_plan(
     s = setup(cfg, console)
     cfg, t = s.cfg, s.cfg.train  # 'auto' values resolved
     setup_seconds = time.perf_counter() - started
-    pad = s.tokenizer.pad_token_id
 
     # Training: seconds per real token over a few real steps of this run.
     groups = [s.stream[i * t.grad_accumulation : (i + 1) * t.grad_accumulation] for i in range(s.steps)]
@@ -47,7 +45,7 @@ def make_plan(
     s.model.train()
     for i, group in enumerate(probe):
         step_started = time.perf_counter()
-        batches = [collate(mb, pad) for mb in group]
+        batches = [s.collate(mb) for mb in group]
         backward_on(s.model, batches, s.precision)
         s.optimizer.step()
         s.optimizer.zero_grad(set_to_none=True)

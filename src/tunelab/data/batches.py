@@ -30,8 +30,9 @@ class Batch:
     attention_mask: torch.Tensor  # (B, T) int64, 0 at pads
     labels: torch.Tensor  # (B, T) int64, IGNORE_INDEX where not trained
     shared_prefix: int = 0  # leading tokens identical in every row and never trained nor predicting a trained token
-    # Packed rows (tunelab.data.pack): positions restart at 0 for each example; attention_mask is then all ones
-    # and the model is given position_ids instead, from which transformers builds a block-diagonal causal mask.
+    # Packed rows (tunelab.data.pack): positions restart at 0 for each example (and for the trailing pads);
+    # attention_mask still marks real tokens (1) and pads (0) for counting, but the model is given position_ids
+    # instead of a mask, from which transformers builds a block-diagonal causal mask.
     position_ids: torch.Tensor | None = None  # (B, T) int64
 
     @property

@@ -2,6 +2,7 @@
 
     runs/banking77-20261122-101500/
       adapter/            adapter_config.json + adapter_model.safetensors (PEFT format) + README.md (PEFT's model card)
+      model/              instead of adapter/ after full fine-tuning: an HF model folder (config + safetensors)
       tokenizer/          tokenizer.json, tokenizer_config.json, chat_template.jinja
       config.json         the resolved RunConfig (absolute paths, every default filled in)
       data.json           rows per split, data hash, tokens, trained tokens per example
@@ -27,11 +28,11 @@ from typing import Any
 
 import torch
 from peft import PeftModel
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from tunelab.config import RunConfig
 from tunelab.errors import TunelabError
-from tunelab.models import load_model, resolve_model
+from tunelab.models import attention_for_device, load_model, resolve_model
 
 MANIFEST = "manifest.json"
 
@@ -85,6 +86,13 @@ class RunDir:
 
     def save_adapter(self, model: PeftModel) -> None:
         self._save_dir("adapter", lambda tmp: model.save_pretrained(tmp, safe_serialization=True))
+
+    def save_trained(self, model: PeftModel | PreTrainedModel) -> None:
+        """The adapter (PEFT format) after LoRA, or the whole model (an HF folder, `model/`) after full tuning."""
+        if isinstance(model, PeftModel):
+            self.save_adapter(model)
+        else:
+            self._save_dir("model", lambda tmp: model.save_pretrained(tmp, safe_serialization=True))
 
     def save_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> None:
         self._save_dir("tokenizer", lambda tmp: tokenizer.save_pretrained(tmp))
@@ -145,13 +153,21 @@ def read_run_config(run_dir: Path) -> RunConfig:
 
 def load_run(
     run_dir: Path, dtype: torch.dtype = torch.float32
-) -> tuple[PeftModel, PreTrainedTokenizerBase, RunConfig]:
-    """Base model + the run's adapter + the run's tokenizer (its chat template travels with the adapter)."""
+) -> tuple[PeftModel | PreTrainedModel, PreTrainedTokenizerBase, RunConfig]:
+    """Base model + the run's adapter (or the fully tuned model) + the run's tokenizer.
+
+    The chat template travels with the run: it is loaded from RUN_DIR/tokenizer.
+    """
     cfg = read_run_config(run_dir)
-    base, _ = load_model(resolve_model(cfg.model), dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokenizer")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = PeftModel.from_pretrained(base, run_dir / "adapter")
+    if (run_dir / "model").is_dir():  # full fine-tuning
+        model = AutoModelForCausalLM.from_pretrained(
+            run_dir / "model", dtype=dtype, attn_implementation=attention_for_device()
+        )
+    else:
+        base, _ = load_model(resolve_model(cfg.model), dtype=dtype)
+        model = PeftModel.from_pretrained(base, run_dir / "adapter")
     model.eval()
     return model, tokenizer, cfg

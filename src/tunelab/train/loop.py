@@ -14,7 +14,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from peft import PeftModel
-from transformers import DynamicCache, PreTrainedModel, get_cosine_schedule_with_warmup
+from transformers import (
+    DynamicCache, PreTrainedModel, get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup,
+)
 
 from tunelab.data.batches import Batch
 from tunelab.data.tokenize import IGNORE_INDEX
@@ -64,18 +66,28 @@ def token_loss_sum(model: PreTrainedModel | PeftModel, batch: Batch) -> tuple[to
     Returning a sum (not a mean) lets the caller divide by the trained tokens of the
     whole accumulated batch, so 1 x 4 accumulation equals a batch of 4 exactly.
     """
+    logits, targets = trained_logits(model, batch)
+    return F.cross_entropy(logits, targets, reduction="sum"), int(targets.numel())
+
+
+def trained_logits(model: PreTrainedModel | PeftModel, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits at the positions that predict a trained token (N, vocab) in fp32, and those tokens (N,)."""
     body, head = body_and_head(model)
     p = batch.shared_prefix
     if p:
         hidden = _body_with_shared_prefix(body, batch)  # (B, T-P, H): hidden states of positions P..T-1
     elif batch.position_ids is not None:  # packed: no 2D mask, so transformers derives the per-example blocks
-        hidden = body(input_ids=batch.input_ids, position_ids=batch.position_ids).last_hidden_state  # (B, T, H)
+        hidden = body(  # use_cache=False: with a cache, transformers skips the packed-sequence detection
+            input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False
+        ).last_hidden_state  # (B, T, H)
     else:
-        hidden = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state  # (B, T, H)
+        hidden = body(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+        ).last_hidden_state  # (B, T, H)
     targets = batch.labels[:, p + 1 :]  # (B, T-P-1): position t predicts token t+1
     keep = targets != IGNORE_INDEX  # (B, T-1)
     logits = head(hidden[:, :-1][keep]).float()  # (N, vocab), N = trained tokens only
-    return F.cross_entropy(logits, targets[keep], reduction="sum"), int(keep.sum())
+    return logits, targets[keep]
 
 
 def _body_with_shared_prefix(body: torch.nn.Module, batch: Batch) -> torch.Tensor:
@@ -99,24 +111,44 @@ def _body_with_shared_prefix(body: torch.nn.Module, batch: Batch) -> torch.Tenso
 
 
 @torch.no_grad()
-def validation_loss(model: PreTrainedModel | PeftModel, batches: list[Batch], precision: Precision) -> float:
-    """Mean loss per trained token over the validation batches."""
+def validation_sums(model: PreTrainedModel | PeftModel, batches: list[Batch], precision: Precision) -> torch.Tensor:
+    """(loss sum, correct next-token predictions, trained tokens) over the batches, as a float64 tensor.
+
+    Sums, so that processes can add theirs (all_reduce) before dividing.
+    """
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    sums = torch.zeros(3, dtype=torch.float64)
     for batch in batches:
         with precision.autocast():
-            loss_sum, n = token_loss_sum(model, batch)
-        total, count = total + float(loss_sum), count + n
+            logits, targets = trained_logits(model, batch)
+        sums += torch.tensor([
+            float(F.cross_entropy(logits, targets, reduction="sum")),
+            float((logits.argmax(-1) == targets).sum()),
+            targets.numel(),
+        ], dtype=torch.float64)
     model.train(was_training)
-    return total / max(count, 1)
+    return sums
+
+
+def validation_metrics(sums: torch.Tensor) -> dict[str, float]:
+    """Mean loss per trained token and token accuracy (greedy next token == reference)."""
+    loss, correct, count = sums.tolist()
+    return {"val_loss": loss / max(count, 1), "val_token_accuracy": correct / max(count, 1)}
+
+
+def validation_loss(model: PreTrainedModel | PeftModel, batches: list[Batch], precision: Precision) -> float:
+    """Mean loss per trained token over the validation batches."""
+    return validation_metrics(validation_sums(model, batches, precision))["val_loss"]
 
 
 def make_optimizer(
-    model: torch.nn.Module, lr: float, weight_decay: float, total_steps: int, warmup_steps: int
+    model: torch.nn.Module, lr: float, weight_decay: float, total_steps: int, warmup_steps: int,
+    schedule: str = "cosine",
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW over trainable parameters (fp32) with linear warmup then cosine decay to 0."""
+    """AdamW over trainable parameters (fp32) with linear warmup, then cosine or linear decay to 0."""
     params = [p for p in model.parameters() if p.requires_grad]
     assert params and all(p.dtype == torch.float32 for p in params), "trainable parameters must be fp32"
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999))
-    return optimizer, get_cosine_schedule_with_warmup(optimizer, warmup_steps, total_steps)
+    decay = {"cosine": get_cosine_schedule_with_warmup, "linear": get_linear_schedule_with_warmup}[schedule]
+    return optimizer, decay(optimizer, warmup_steps, total_steps)

@@ -1,18 +1,23 @@
-"""LoRA supervised fine-tuning, readable top to bottom: setup -> loop -> save.
+"""Supervised fine-tuning, readable top to bottom: setup -> loop -> save.
 
 Run it through the CLI:
 
-    tunelab train examples/banking77/demo.yaml      # train, evaluate, write the run directory
+    tunelab train examples/banking77/demo.yaml                     # LoRA (the default)
+    tunelab train examples/banking77/demo.yaml --set tuning=full   # every weight
+    torchrun --nproc-per-node 2 -m tunelab train demo.yaml         # two processes (see distributed.py)
 
 Loss is on assistant tokens (and their end-of-turn token) only; the LM head is
-computed only at those positions. Base weights are frozen (bf16 when the CPU has
-AMX); LoRA weights and AdamW state are fp32.
+computed only at those positions. Methods are branches of the setup, not copies of
+this loop: LoRA / DoRA over a frozen base (bf16 when the CPU has AMX, or quantized),
+or full fine-tuning (fp32 weights, bf16 autocast). Trainable weights and AdamW
+state are always fp32.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import resource
 import signal
 import threading
 import time
@@ -23,13 +28,13 @@ import torch
 from peft import PeftModel
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tunelab.config import RunConfig
 from tunelab.data.batches import Batch, collate, length_grouped_order
 from tunelab.data.prepare import PreparedData, prepare_data
 from tunelab.data.tokenize import TokenizedExample
-from tunelab.models import ResolvedModel, attach_lora, load_model, resolve_model, weights_fingerprint
+from tunelab.models import ResolvedModel, attach_lora, load_model, resolve_model, unfreeze_all, weights_fingerprint
 from tunelab.train import auto
 from tunelab.train.auto import Choice
 from tunelab.errors import Interrupted
@@ -38,13 +43,16 @@ from tunelab.train.early_stop import EarlyStopping
 from tunelab.train.resume import (
     best_checkpoint, complete_checkpoints, load_checkpoint, load_weights, mark_best, save_checkpoint,
 )
-from tunelab.train.loop import Precision, choose_precision, make_optimizer, token_loss_sum, validation_loss
+from tunelab.train import distributed
+from tunelab.train.distributed import World
+from tunelab.train.loop import Precision, choose_precision, make_optimizer, validation_metrics, validation_sums
+from tunelab.train.report_to import MetricsExport
 
 
 @dataclass
 class TrainResult:
     run: RunDir
-    model: PeftModel
+    model: PeftModel | PreTrainedModel  # PreTrainedModel when tuning=full
     tokenizer: PreTrainedTokenizerBase
     data: PreparedData
     precision: Precision
@@ -53,22 +61,36 @@ class TrainResult:
     tokens_per_second: float  # real (non-pad) input tokens per second of training steps
     trained_tokens_per_second: float  # tokens that carry loss, per second
     final_validation_loss: float | None
+    world: World
+    timings: dict[str, float]  # seconds per stage (load, data, train, ...)
 
 
-def backward_on(model: PeftModel, micro_batches: list[Batch], precision: Precision) -> float:
-    """Accumulate gradients of one optimizer step; returns the step's mean loss per trained token.
+def backward_on(
+    loss_module: torch.nn.Module, micro_batches: list[Batch], precision: Precision, world: World = World(),
+    weights: list[float] | None = None,
+) -> tuple[float, int]:
+    """Accumulate gradients of one optimizer step; returns the step's mean loss per trained token, and its tokens.
 
     Each micro-batch's loss *sum* is divided by the trained tokens of the whole
-    step, so the gradient equals that of one big batch (accumulation is exact).
+    step (all processes), so the gradient equals that of one big batch: accumulation
+    and data parallelism are both exact. `loss_module` is `distributed.wrap(model)`;
+    a plain model is wrapped here. `weights` (0 or 1 per micro-batch) lets a process
+    with no rows of its own join the gradient all-reduce without adding anything.
     """
-    step_tokens = sum(b.trained_tokens for b in micro_batches)
+    if not isinstance(loss_module, (distributed.TokenLoss, torch.nn.parallel.DistributedDataParallel)):
+        loss_module = distributed.wrap(loss_module, World())
+    weights = weights or [1.0] * len(micro_batches)
+    local_tokens = sum(b.trained_tokens * w for b, w in zip(micro_batches, weights))
+    step_tokens = int(distributed.all_reduce_sum(torch.tensor([local_tokens], dtype=torch.float64), world).item())
     total = 0.0
-    for batch in micro_batches:
-        with precision.autocast():
-            loss_sum, _ = token_loss_sum(model, batch)
-        (loss_sum / step_tokens).backward()
-        total += float(loss_sum.detach())
-    return total / max(step_tokens, 1)
+    for i, (batch, weight) in enumerate(zip(micro_batches, weights)):
+        with distributed.sync_gradients(loss_module, last=i == len(micro_batches) - 1):
+            with precision.autocast():
+                loss_sum, _ = loss_module(batch)
+            (loss_sum * (weight * world.size / max(step_tokens, 1))).backward()
+        total += float(loss_sum.detach()) * weight
+    total = float(distributed.all_reduce_sum(torch.tensor([total], dtype=torch.float64), world).item())
+    return total / max(step_tokens, 1), step_tokens
 
 
 def examples_fingerprint(stream: list[list[TokenizedExample]], step: int, accumulation: int) -> str:
@@ -124,24 +146,59 @@ class Setup:
     steps: int
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
-    val_batches: list[Batch]
+    val_batches: list[Batch]  # this process's share of the validation batches
     cfg: RunConfig  # with every 'auto' resolved
     choices: dict[str, Choice]  # why each hyperparameter has its value
+    world: World
+    timings: dict[str, float]
+
+    def collate(self, examples: list[TokenizedExample]) -> Batch:
+        """A micro-batch's tensors: padded rows, or packed rows (train.packing) holding the same examples."""
+        t = self.cfg.train
+        if t.packing:
+            from tunelab.data.pack import collate_packed
+
+            return collate_packed(examples, self.tokenizer.pad_token_id, self.pack_length)
+        return collate(examples, self.tokenizer.pad_token_id)
+
+    @property
+    def pack_length(self) -> int:
+        t = self.cfg.train
+        mean = self.data.report["tokens_per_example"]["mean"]
+        return t.pack_length or max(self.cfg.data.max_length, math.ceil(t.batch_size * mean / 4))
+
+    def local_step(self, step: int) -> tuple[list[Batch], list[float]]:
+        """This process's micro-batches of optimizer step `step` (1-based), and their weights (0 = a stand-in)."""
+        t = self.cfg.train
+        batches, weights = [], []
+        for mb in self.stream[(step - 1) * t.grad_accumulation : step * t.grad_accumulation]:
+            mine = distributed.local_rows(mb, self.world)
+            # A process whose share is empty computes a stand-in row with weight 0, so DDP's all-reduce still meets.
+            batches.append(self.collate(mine or mb[:1]))
+            weights.append(1.0 if mine else 0.0)
+        return batches, weights
 
 
-def setup(cfg: RunConfig, console: Console) -> Setup:
+def setup(cfg: RunConfig, console: Console, world: World = World()) -> Setup:
     """Model, data, adapter, schedule: each choice said in the run log."""
     t = cfg.train
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
     torch.manual_seed(t.seed)
     if t.threads:
         torch.set_num_threads(t.threads)
     precision = choose_precision(t.precision)
     console.print(f"[bold]precision[/]: {precision.reason}")
     resolved = resolve_model(cfg.model)
-    model, tokenizer = load_model(resolved, dtype=precision.weights_dtype)
+    # Full tuning trains the weights themselves, so they are fp32 (autocast computes in bf16);
+    # a frozen base is stored in the compute dtype.
+    model, tokenizer = load_model(resolved, dtype=torch.float32 if cfg.tuning == "full" else precision.weights_dtype)
     model.config.use_cache = False  # no KV cache while training: it would only cost memory
+    timings["load_model"] = time.perf_counter() - started
 
+    started = time.perf_counter()
     data = prepare_data(cfg.data, tokenizer, val_rows=t.val_rows)
+    timings["tokenize"] = time.perf_counter() - started
     rep = data.report
     t, choices = auto.resolve(t, len(data.train), rep["tokens_per_example"]["mean"])
     cfg = cfg.model_copy(update={"train": t})
@@ -156,60 +213,82 @@ def setup(cfg: RunConfig, console: Console) -> Setup:
         + (f"; dropped {rep['dropped_too_long']['count']} longer than {cfg.data.max_length}" if rep["dropped_too_long"]["count"] else "")
     )
 
-    model = attach_lora(model, cfg.lora)
+    if cfg.tuning == "full":
+        model = unfreeze_all(model)
+        method = "full fine-tuning (every weight, fp32 + bf16 autocast)" if precision.bf16 else "full fine-tuning"
+    else:
+        model = attach_lora(model, cfg.lora)
+        method = (
+            f"{'DoRA' if cfg.lora.use_dora else 'LoRA'}{' (rsLoRA scaling)' if cfg.lora.use_rslora else ''} "
+            f"r={cfg.lora.rank} alpha={cfg.lora.alpha:g} on {cfg.lora.target_modules}"
+        )
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    console.print(
-        f"[bold]model[/]: {cfg.model} + {'DoRA' if cfg.lora.use_dora else 'LoRA'}"
-        f"{' (rsLoRA scaling)' if cfg.lora.use_rslora else ''} r={cfg.lora.rank} alpha={cfg.lora.alpha:g} "
-        f"on {cfg.lora.target_modules} "
-        f"({trainable / 1e6:.2f}M trainable parameters)"
-    )
+    console.print(f"[bold]model[/]: {cfg.model} + {method} ({trainable / 1e6:.2f}M trainable parameters)")
 
-    stream = epoch_stream(data.train, t.batch_size, t.epochs, t.seed)
+    # The stream is built for the global micro-batch (all processes), so N processes x batch b
+    # see the same examples per step as one process at batch N*b.
+    stream = epoch_stream(data.train, t.batch_size * world.size, t.epochs, t.seed)
     steps = math.ceil(len(stream) / t.grad_accumulation)
     warmup = round(t.warmup_ratio * steps)
-    optimizer, scheduler = make_optimizer(model, t.learning_rate, t.weight_decay, steps, warmup)
+    optimizer, scheduler = make_optimizer(model, t.learning_rate, t.weight_decay, steps, warmup, t.schedule)
     val_batches = [
         collate(data.validation[i : i + t.batch_size], tokenizer.pad_token_id)
         for i in range(0, len(data.validation), t.batch_size)
-    ]
+    ][world.rank :: world.size]
     console.print(
-        f"[bold]schedule[/]: {steps} steps x {t.batch_size} examples x {t.grad_accumulation} accumulation, "
-        f"lr {t.learning_rate:g} (warmup {warmup}, cosine), {t.epochs:g} epoch(s)"
+        f"[bold]schedule[/]: {steps} steps x {t.batch_size} examples"
+        f"{f' x {world.size} processes' if world.active else ''} x {t.grad_accumulation} accumulation, "
+        f"lr {t.learning_rate:g} (warmup {warmup}, {t.schedule}), {t.epochs:g} epoch(s)"
     )
-    return Setup(model, tokenizer, data, precision, resolved, stream, steps, optimizer, scheduler, val_batches,
-                 cfg, choices)
+    s = Setup(model, tokenizer, data, precision, resolved, stream, steps, optimizer, scheduler, val_batches,
+              cfg, choices, world, timings)
+    if t.packing:
+        console.print(f"[bold]packing[/]: the examples of each micro-batch in rows of at most {s.pack_length} tokens")
+    return s
 
 
 def train(cfg: RunConfig, console: Console | None = None, resume: Path | None = None) -> TrainResult:
-    """Train; with `resume`, continue that run directory from its newest whole checkpoint."""
+    """Train; with `resume`, continue that run directory from its newest whole checkpoint.
+
+    Under torchrun every process runs this function; only rank 0 writes files.
+    """
     console = console or Console(stderr=True)
+    world = distributed.init_from_env()
+    if not world.is_main:
+        console = Console(stderr=True, quiet=True)  # one log, from rank 0
 
     # ---------------------------------------------------------------- setup
-    s = setup(cfg, console)
+    s = setup(cfg, console, world)
     cfg, t = s.cfg, s.cfg.train  # 'auto' values resolved
-    model, tokenizer, data, precision, stream, steps = s.model, s.tokenizer, s.data, s.precision, s.stream, s.steps
-    optimizer, scheduler, val_batches, pad_id = s.optimizer, s.scheduler, s.val_batches, tokenizer.pad_token_id
+    model, tokenizer, data, precision, steps = s.model, s.tokenizer, s.data, s.precision, s.steps
+    optimizer, scheduler, val_batches = s.optimizer, s.scheduler, s.val_batches
     resolved, rep = s.resolved, data.report
+    loss_module = distributed.wrap(model, world)  # DDP when several processes train
 
     start = 0
     if resume is None:
-        run = RunDir.create(cfg.output_dir, cfg.name)
-        run.write_json("config.json", cfg.model_dump(mode="json"))  # resolved: no 'auto' left
-        run.write_json(
-            "data.json",
-            {**rep, "base_model": {"spec": cfg.model, "path": str(resolved.path),
-                                   "weights": weights_fingerprint(resolved)},
-             "hyperparameters": {name: {"value": c.value, "why": c.why} for name, c in s.choices.items()}},
-        )
+        run = RunDir.create(cfg.output_dir, cfg.name) if world.is_main else None
+        run = RunDir(Path(distributed.broadcast_text(str(run.path) if run else None, world)))
+        if world.is_main:
+            run.write_json("config.json", cfg.model_dump(mode="json"))  # resolved: no 'auto' left
+            run.write_json("data.json", {
+                **rep, "base_model": {"spec": cfg.model, "path": str(resolved.path),
+                                      "weights": weights_fingerprint(resolved)},
+                "hyperparameters": {name: {"value": c.value, "why": c.why} for name, c in s.choices.items()},
+                "processes": world.size,
+                "lengths": {"tokens": [len(e.input_ids) for e in data.train],
+                            "trained_tokens": [e.trained_tokens for e in data.train]},
+            })
     else:
         run = RunDir(resume)
-        (run.path / MANIFEST).unlink(missing_ok=True)  # the run changes again: not whole until re-finished
         checkpoints = complete_checkpoints(run.path)
         if checkpoints:
             start = load_checkpoint(checkpoints[-1], model, optimizer, scheduler)
-        run.truncate_metrics(after_step=start)  # steps past the checkpoint are redone, so logged again
+        if world.is_main:
+            (run.path / MANIFEST).unlink(missing_ok=True)  # the run changes again: not whole until re-finished
+            run.truncate_metrics(after_step=start)  # steps past the checkpoint are redone, so logged again
         console.print(f"[bold]resume[/]: {run.path} from step {start} of {steps}")
+    export = MetricsExport.open(t.report_to if world.is_main else [], run.path, cfg.model_dump(mode="json"))
 
     # ---------------------------------------------------------------- loop
     model.train()
@@ -228,8 +307,8 @@ def train(cfg: RunConfig, console: Console | None = None, resume: Path | None = 
         task = progress.add_task("train", total=steps, completed=start, loss=float("nan"), tps=0.0)
         for step in range(start + 1, steps + 1):
             started = time.perf_counter()
-            group = [collate(mb, pad_id) for mb in stream[(step - 1) * t.grad_accumulation : step * t.grad_accumulation]]
-            loss = backward_on(model, group, precision)
+            group, weights = s.local_step(step)
+            loss, step_trained = backward_on(loss_module, group, precision, world, weights)
             grad_norm = None
             if t.max_grad_norm is not None:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(
@@ -240,24 +319,32 @@ def train(cfg: RunConfig, console: Console | None = None, resume: Path | None = 
             optimizer.zero_grad(set_to_none=True)
             elapsed = time.perf_counter() - started
             train_seconds += elapsed
-            step_real = sum(b.real_tokens for b in group)
+            step_real = int(distributed.all_reduce_sum(
+                torch.tensor([sum(b.real_tokens * w for b, w in zip(group, weights))]), world).item())
             real_tokens += step_real
-            trained_tokens += sum(b.trained_tokens for b in group)
+            trained_tokens += step_trained
             record = {
                 "step": step, "loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                "tokens": step_real, "tokens_per_s": step_real / elapsed, "seconds": elapsed,
-                "examples": examples_fingerprint(stream, step, t.grad_accumulation),
+                "tokens": step_real, "trained_tokens": step_trained, "tokens_per_s": step_real / elapsed,
+                "seconds": elapsed, "peak_memory_mb": peak_memory_mb(),
+                "examples": examples_fingerprint(s.stream, step, t.grad_accumulation),
             }
             improved = False
-            if t.eval_every and step % t.eval_every == 0 and step < steps and val_batches:
-                record["val_loss"] = validation_loss(model, val_batches, precision)
+            if t.eval_every and step % t.eval_every == 0 and step < steps and data.validation:
+                record.update(validate(model, val_batches, precision, world))
                 improved = early.update(step, record["val_loss"])
-                console.print(f"step {step}: validation loss {record['val_loss']:.4f}{' (best)' if improved else ''}")
-            run.append_metrics(record)
+                console.print(
+                    f"step {step}: validation loss {record['val_loss']:.4f}, token accuracy "
+                    f"{record['val_token_accuracy']:.1%}{' (best)' if improved else ''}"
+                )
+            if world.is_main:
+                run.append_metrics(record)
+                export.log(record)
             last_step = step
             progress.update(task, advance=1, loss=loss, tps=real_tokens / train_seconds)
-            if (step == steps or (t.checkpoint_every and step % t.checkpoint_every == 0) or stop.requested
-                    or improved or early.should_stop):
+            stop_requested = distributed.any_process(stop.requested is not None, world)
+            if (step == steps or (t.checkpoint_every and step % t.checkpoint_every == 0) or stop_requested
+                    or improved or early.should_stop) and world.is_main:
                 save_checkpoint(run.path, step, model, optimizer, scheduler, t.keep_checkpoints)
                 if improved:
                     mark_best(run.path, step, record["val_loss"])
@@ -267,25 +354,48 @@ def train(cfg: RunConfig, console: Console | None = None, resume: Path | None = 
                     f"best was step {early.best_step} (validation loss {early.best:.4f})"
                 )
                 break
-            if stop.requested and step < steps:
+            if stop_requested and step < steps:
+                export.close()
+                distributed.shutdown(world)
                 raise Interrupted(
-                    f"stopped by {stop.requested} after step {step} of {steps}; checkpoint saved",
+                    f"stopped by {stop.requested or 'a signal to another process'} after step {step} of {steps}; "
+                    "checkpoint saved",
                     fix=f"resume with: tunelab train --resume {run.path}", where=str(run.path),
                 )
 
     # ---------------------------------------------------------------- save
+    distributed.barrier(world)  # rank 0's last checkpoint is on disk before anyone reads it
     if early.patience and early.best_step is not None:  # early stopping keeps the best weights, not the last
         load_weights(best_checkpoint(run.path), model)
-        console.print(f"[bold]adapter[/]: the best checkpoint, step {early.best_step}")
-    final_val = validation_loss(model, val_batches, precision) if val_batches else None
+        console.print(f"[bold]weights[/]: the best checkpoint, step {early.best_step}")
+    final_val = validate(model, val_batches, precision, world) if data.validation else None
     if final_val is not None:
-        run.append_metrics({"step": last_step, "val_loss": final_val})
-        console.print(f"[bold]validation loss[/]: {final_val:.4f}")
+        console.print(
+            f"[bold]validation[/]: loss {final_val['val_loss']:.4f}, token accuracy {final_val['val_token_accuracy']:.1%}"
+        )
     model.eval()
-    run.save_adapter(model)
-    run.save_tokenizer(tokenizer)
+    if world.is_main:
+        if final_val is not None:
+            run.append_metrics({"step": last_step, **final_val})
+        run.save_trained(model)
+        run.save_tokenizer(tokenizer)
+        export.close()
     return TrainResult(
         run=run, model=model, tokenizer=tokenizer, data=data, precision=precision, resolved=resolved,
         train_seconds=train_seconds, tokens_per_second=real_tokens / max(train_seconds, 1e-9),
-        trained_tokens_per_second=trained_tokens / max(train_seconds, 1e-9), final_validation_loss=final_val,
+        trained_tokens_per_second=trained_tokens / max(train_seconds, 1e-9),
+        final_validation_loss=final_val["val_loss"] if final_val else None, world=world,
+        timings={**s.timings, "train": train_seconds},
     )
+
+
+def validate(model: torch.nn.Module, val_batches: list[Batch], precision: Precision, world: World) -> dict[str, float]:
+    """Validation loss and token accuracy over every process's share of the validation rows."""
+    return validation_metrics(distributed.all_reduce_sum(validation_sums(model, val_batches, precision), world))
+
+
+def peak_memory_mb() -> float:
+    """Peak memory so far: the process's peak RSS on CPU (what the OS charges), allocated bytes on CUDA."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
