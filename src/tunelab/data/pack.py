@@ -1,0 +1,130 @@
+"""Padding-free packing: the examples of one micro-batch, laid end to end in fewer rows.
+
+Packing changes the layout of a micro-batch, never what it trains on: the same
+examples, the same trained tokens, the same loss. Each example keeps its own
+positions (restarting at 0), and the model is called with `position_ids` and NO
+attention mask, from which transformers derives a block-diagonal causal mask
+(`masking_utils.find_packed_sequence_indices`: a new block starts wherever a
+position is not the previous one + 1), so no token attends another example.
+
+Worked example, pack_length 8 (`-` is IGNORE_INDEX, P the pad token):
+
+    A = a1 a2 a3 a4 a5   labels  -  -  a3 a4 a5
+    B = b1 b2 b3         labels  b1 b2 b3          (a raw-text example: all trained)
+    C = c1 c2 c3 c4      labels  -  -  c3 c4
+
+    first-fit decreasing: A (5) opens row 0; C (4) does not fit beside it and opens
+    row 1; B (3) fills row 0.
+
+                    row 0                       row 1
+    input_ids       a1 a2 a3 a4 a5 b1 b2 b3     c1 c2 c3 c4 P  P  P  P
+    position_ids    0  1  2  3  4  0  1  2      0  1  2  3  0  1  2  3
+    labels          -  -  a3 a4 a5 -  b2 b3     -  -  c3 c4 -  -  -  -
+    attention_mask  1  1  1  1  1  1  1  1      1  1  1  1  0  0  0  0
+
+The loss at position t predicts labels[t+1], so b1's label is forced to `-`: a5 must
+not learn to predict the next example's first token (unpacked, a row's first label is
+never a target either, so the trained tokens are the same). The pads restart at
+position 0 too, making them a block of their own that no real token attends.
+attention_mask only counts real tokens (`Batch.real_tokens`); it is not given to the
+model, because a 2D mask switches transformers' packed detection off.
+
+The forward must also pass `use_cache=False`: with a KV cache (LlamaConfig's
+default `use_cache=True` creates one) transformers skips the detection and the
+examples of a row silently attend each other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tunelab.data.batches import Batch
+from tunelab.data.tokenize import IGNORE_INDEX, TokenizedExample
+from tunelab.errors import TunelabError
+
+
+def pack_layout(lengths: list[int], pack_length: int) -> list[list[int]]:
+    """Rows of example indices, first-fit decreasing: longest first, each into the first row it fits.
+
+    Deterministic (ties keep input order). An example longer than pack_length gets a row
+    of its own. pack_layout([5, 3, 4], 8) == [[0, 1], [2]].
+    """
+    if pack_length < 1:
+        raise TunelabError(f"pack_length is {pack_length}, but a row must hold at least one token",
+                           fix="set train.pack_length to a positive number of tokens, e.g. the data's max_length")
+    assert lengths and min(lengths) > 0, "every example needs at least one token"
+    rows: list[list[int]] = []
+    free: list[int] = []  # tokens left in each row
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):  # stable: equal lengths keep input order
+        row = next((r for r, left in enumerate(free) if lengths[i] <= left), None)
+        if row is None:
+            rows.append([i])
+            free.append(max(pack_length - lengths[i], 0))
+        else:
+            rows[row].append(i)
+            free[row] -= lengths[i]
+    return rows
+
+
+def collate_packed(examples: list[TokenizedExample], pad_id: int, pack_length: int) -> Batch:
+    """Pack one micro-batch into as few rows of at most pack_length tokens as first-fit decreasing finds."""
+    rows = pack_layout([len(e.input_ids) for e in examples], pack_length)
+    width = max(sum(len(examples[i].input_ids) for i in row) for row in rows)  # > pack_length only for an oversize example
+    shape = (len(rows), width)
+    ids = torch.full(shape, pad_id, dtype=torch.long)  # (R, W)
+    mask = torch.zeros(shape, dtype=torch.long)  # (R, W), 1 on real tokens
+    labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)  # (R, W)
+    positions = torch.zeros(shape, dtype=torch.long)  # (R, W), restarting at 0 per example and for the pad run
+    for r, row in enumerate(rows):
+        start = 0
+        for i in row:
+            e = examples[i]
+            end = start + len(e.input_ids)
+            ids[r, start:end] = torch.tensor(e.input_ids)
+            mask[r, start:end] = 1
+            labels[r, start:end] = torch.tensor(e.labels)
+            labels[r, start] = IGNORE_INDEX  # the previous example's last token must not predict this one's first
+            positions[r, start:end] = torch.arange(end - start)
+            start = end
+        positions[r, start:] = torch.arange(width - start)  # pads: their own block, attended by no real token
+    return Batch(ids, mask, labels, shared_prefix=0, position_ids=positions)
+
+
+@dataclass(frozen=True)
+class PackSummary:
+    """How well packing filled the rows, for the run log."""
+
+    micro_batches: int
+    examples: int
+    rows: int  # packed rows over all micro-batches
+    real_tokens: int
+    packed_slots: int  # sum over micro-batches of rows x width
+    padded_slots: int  # the same without packing: batch size x longest example
+
+    @property
+    def fill(self) -> float:
+        """Real tokens / (rows x width): the share of computed positions that are not padding."""
+        return self.real_tokens / max(self.packed_slots, 1)
+
+    @property
+    def unpacked_fill(self) -> float:
+        return self.real_tokens / max(self.padded_slots, 1)
+
+    def describe(self) -> str:
+        return (f"packing: {self.examples} examples in {self.rows} rows over {self.micro_batches} micro-batches "
+                f"({self.rows / max(self.micro_batches, 1):.1f} rows each), fill {self.fill:.0%} "
+                f"(unpacked {self.unpacked_fill:.0%})")
+
+
+def pack_summary(micro_batches: list[list[TokenizedExample]], pack_length: int) -> PackSummary:
+    """Fill efficiency of packing every micro-batch of a run, computed from lengths alone."""
+    rows = real = packed = padded = examples = 0
+    for mb in micro_batches:
+        lengths = [len(e.input_ids) for e in mb]
+        layout = pack_layout(lengths, pack_length)
+        width = max(sum(lengths[i] for i in row) for row in layout)
+        rows, real, examples = rows + len(layout), real + sum(lengths), examples + len(mb)
+        packed, padded = packed + len(layout) * width, padded + len(mb) * max(lengths)
+    return PackSummary(len(micro_batches), examples, rows, real, packed, padded)
