@@ -1,4 +1,4 @@
-"""Batched greedy generation with a KV cache: used by evaluation (and later serving).
+"""Batched generation with a KV cache, greedy or seeded sampling: used by evaluation (and later serving).
 
 Why not `model.generate`: evaluation prompts share a long common prefix (system
 prompt, label list, template header). We compute that prefix's KV cache once and
@@ -14,12 +14,18 @@ would recompute it for every row. Everything else is the plain algorithm:
     then one token per step for every row, until each row has emitted a stop
     token (the end-of-turn) or `max_new_tokens` is reached. Rows are grouped by
     length so little work goes to padding; results come back in input order.
+
+Each step's token is the argmax (temperature 0, the default) or a draw from the
+top-p nucleus of softmax(logits / temperature) (`sample_next`). A sampled answer
+depends only on (seed, the prompt, its index in the caller's list): every prompt
+has its own random generator, so batch size and batch neighbours change nothing.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +33,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from tunelab.errors import TunelabError
 from tunelab.train.loop import Precision, body_and_head
 
 MIN_SHARED_PREFIX = 8  # tokens; shorter common prefixes are not worth a separate pass
@@ -41,11 +48,33 @@ class Generation:
 
 
 @dataclass(frozen=True)
+class Sampling:
+    """How each next token is chosen; checked on construction. Recorded in every GenerationRun."""
+
+    temperature: float = 0.0  # 0: greedy (argmax); > 0: sample from softmax(logits / temperature)
+    top_p: float = 1.0  # nucleus: sample among the most probable tokens whose mass reaches top_p; 1: all
+    seed: int = 0  # with the prompt's index, seeds that prompt's generator (unused when greedy)
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0:  # `not >=` also rejects NaN
+            raise TunelabError(f"temperature {self.temperature} is negative",
+                               fix="use 0 for greedy decoding, or a positive value such as 0.7 to sample")
+        if not 0 < self.top_p <= 1:
+            raise TunelabError(f"top_p {self.top_p} is outside (0, 1]",
+                               fix="use 1.0 to sample from every token, or e.g. 0.9 to keep the most probable 90%")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass(frozen=True)
 class GenerationRun:
     generations: list[Generation]
     seconds: float
     shared_prefix_tokens: int
     batches: int
+    sampling: Sampling = Sampling()  # the settings it ran with, for eval.json: dataclasses.asdict(run.sampling)
 
 
 def common_prefix_length(prompts: list[list[int]]) -> int:
@@ -72,14 +101,21 @@ def generate(
     stop_strings: list[str] | None = None,
     share_prefix: bool = True,
     on_batch: Callable[[int], None] | None = None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
 ) -> GenerationRun:
-    """Greedy-decode every prompt (lists of token ids); returns generations in input order.
+    """Decode every prompt (lists of token ids); returns generations in input order.
 
+    Greedy by default; with `temperature` > 0 each token is drawn from the top-p nucleus
+    (see `sample_next`), reproducibly: prompt i's answer depends on (seed, i) and the
+    prompt, never on `batch_size` or the other prompts.
     Generation of a row ends at a stop token (default: eos, the end-of-turn; not part of
     the text) or once its text contains a stop string (the text is cut before it).
     """
+    sampling = Sampling(temperature, top_p, seed)  # raises on bad settings before any compute
     if not prompts:
-        return GenerationRun([], 0.0, 0, 0)
+        return GenerationRun([], 0.0, 0, 0, sampling)
     stop = set(stop_token_ids if stop_token_ids is not None else [tokenizer.eos_token_id])
     ending = ids_containing(tokenizer, stop_strings or [])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -102,9 +138,11 @@ def generate(
     batches = 0
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
+        # Keyed on the caller's index i, not the batch row: the same prompt gets the same draws in any batch.
+        gens = None if sampling.greedy else [_prompt_generator(seed, i, model.device) for i in idx]
         outs = _generate_batch(
             body, head, model.config, [prompts[i][prefix_len:] for i in idx], prefix_len, prefix_cache, max_new_tokens, stop, ending,
-            pad_id, precision,
+            pad_id, precision, sampling, gens,
         )
         for i, (ids, stopped) in zip(idx, outs):
             text = tokenizer.decode(ids, skip_special_tokens=True)
@@ -114,7 +152,41 @@ def generate(
         batches += 1
         if on_batch:
             on_batch(len(idx))
-    return GenerationRun([r for r in results if r is not None], time.perf_counter() - started, prefix_len, batches)
+    return GenerationRun([r for r in results if r is not None], time.perf_counter() - started, prefix_len, batches, sampling)
+
+
+def sample_next(
+    logits: torch.Tensor, temperature: float, top_p: float, generators: list[torch.Generator] | None
+) -> torch.Tensor:
+    """The next token of each row of `logits` (B, vocab) -> (B,): argmax at temperature 0, else one draw.
+
+    The draw: softmax(logits / temperature) in fp32, then the nucleus: the smallest set of most
+    probable tokens whose mass reaches `top_p` (never empty), renormalised. Example: probabilities
+    [0.4, 0.3, 0.2, 0.1] with top_p 0.5 keep tokens 0 and 1 (0.4 < 0.5 <= 0.7), drawn 4:3.
+    Row i draws with `generators[i]` alone.
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    assert generators is not None and len(generators) == logits.shape[0], "one generator per row"
+    probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, V); fp32 even under a bf16 autocast
+    if top_p < 1:
+        sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)  # (B, V) each
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # (B, V): mass of the more probable tokens
+        # A token is in the nucleus while the mass before it is short of top_p; the first (0 < top_p) always is.
+        sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    probs = probs / probs.sum(dim=-1, keepdim=True)
+    # A loop of one-row draws, not one batched torch.multinomial: a batched call takes its random numbers
+    # from one generator for all rows, so a row's token would depend on its batch neighbours and position.
+    # Batches hold tens of rows (eval default 32) and a (V,) draw costs far less than the forward pass,
+    # so the Python loop is cheap next to the step it belongs to.
+    return torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)])
+
+
+def _prompt_generator(seed: int, index: int, device: torch.device) -> torch.Generator:
+    """A generator seeded from a hash of (seed, index): (0, 1) and (1, 0) must not collide as seed + index would."""
+    digest = hashlib.blake2b(f"{seed}/{index}".encode(), digest_size=8).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest, "little"))
 
 
 def _generate_batch(
@@ -129,6 +201,8 @@ def _generate_batch(
     ending_ids: set[int],
     pad_id: int,
     precision: Precision,
+    sampling: Sampling,
+    generators: list[torch.Generator] | None,  # one per row of `suffixes` when sampling, else None
 ) -> list[tuple[list[int], bool]]:
     b, width = len(suffixes), max(len(s) for s in suffixes)
     ids = torch.full((b, width), pad_id, dtype=torch.long)
@@ -158,10 +232,13 @@ def _generate_batch(
             # (Through a PEFT wrapper, transformers' `logits_to_keep` slice became a batched matmul that
             # copied the whole 49,152 x 576 head weight per row: 4x slower generation.)
             logits = head(hidden[:, -1].contiguous())  # (A, vocab)
-        next_ids = logits.argmax(dim=-1)  # (A,)
+        rows = active.tolist()
+        # Generators follow their rows through `active`, so dropping finished rows keeps each row's own.
+        row_generators = None if generators is None else [generators[row] for row in rows]
+        next_ids = sample_next(logits, sampling.temperature, sampling.top_p, row_generators)  # (A,)
         is_stop = torch.isin(next_ids, stop_tensor)  # end-of-turn: not part of the answer
         is_end = torch.isin(next_ids, ends_tensor) & ~is_stop  # holds a stop string: kept, text cut later
-        for j, row in enumerate(active.tolist()):
+        for j, row in enumerate(rows):
             if not is_stop[j]:
                 new_tokens[row].append(int(next_ids[j]))
             stopped[row] = bool(is_stop[j] or is_end[j])
