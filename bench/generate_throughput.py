@@ -35,7 +35,7 @@ from tunelab.config import DataConfig  # noqa: E402
 from tunelab.data.records import read_conversations  # noqa: E402
 from tunelab.data.split import split_conversations  # noqa: E402
 from tunelab.data.tokenize import render_prompt  # noqa: E402
-from tunelab.evaluate.compare import base_prompt_messages  # noqa: E402
+from tunelab.evaluate.contenders import few_shot_messages  # noqa: E402
 from tunelab.evaluate.generate import generate  # noqa: E402
 from tunelab.models import load_model, resolve_model  # noqa: E402
 from tunelab.train.loop import choose_precision  # noqa: E402
@@ -87,7 +87,7 @@ def main() -> None:
     rows = split_conversations(read_conversations(data)).test[: args.rows]
     if args.prompt == "labels":
         labels = sorted({r.answer for r in split_conversations(read_conversations(data)).train})
-        prompts = [render_prompt(tokenizer, base_prompt_messages(r, labels)) for r in rows]
+        prompts = [render_prompt(tokenizer, few_shot_messages(r, [], labels)) for r in rows]  # zero shots + label list
     else:
         prompts = [render_prompt(tokenizer, r.prompt_messages) for r in rows]
 

@@ -47,6 +47,8 @@ EXPECTED_FILES = {
     "data.json",
     "metrics.jsonl",
     "eval.json",
+    "report.html",
+    "report.md",
     "manifest.json",
 }
 # The final checkpoint (its step number varies): optimizer state for `tunelab train --resume`.

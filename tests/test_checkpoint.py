@@ -53,7 +53,7 @@ def test_config_and_data_reports(trained_run):
     assert adapter_cfg["r"] == 8 and adapter_cfg["lora_alpha"] == 16
     eval_report = json.loads((path / "eval.json").read_text())
     assert eval_report["summary"] == trained_run.summary
-    assert set(eval_report) >= {"task", "test_rows", "finetune", "base_prompted"}
+    assert set(eval_report) >= {"task", "metric", "test_rows", "contenders", "comparisons", "forgetting", "summary"}
 
 
 def _batch(tokenizer):

@@ -29,23 +29,34 @@ def test_summary_of_a_classification_run(trained_run):
     assert s["train_seconds"] > 0 and s["tokens_per_second"] > 0
     assert s["trained_tokens_per_second"] < s["tokens_per_second"]
     report = json.loads((trained_run.path / "eval.json").read_text())
-    assert report["finetune"]["accuracy"] == s["accuracy"]
-    assert report["base_prompted"]["accuracy"] == s["base_accuracy"]
+    contenders = report["contenders"]
+    assert set(contenders) == {"finetune", "base_zero_shot", "base_few_shot"}
+    assert contenders["finetune"]["metrics"]["accuracy"] == s["accuracy"]
+    # the legacy "base" numbers are the better of the two prompted baselines
+    assert s["base_accuracy"] == max(contenders[n]["metrics"]["accuracy"] for n in ("base_zero_shot", "base_few_shot"))
+    assert (trained_run.path / "report.html").is_file() and (trained_run.path / "report.md").is_file()
+    manifest = json.loads((trained_run.path / "manifest.json").read_text())
+    assert {"eval.json", "report.html", "report.md"} <= set(manifest["files"])
 
 
-def test_free_text_run_records_loss_but_no_accuracy(tmp_path, make_config):
+def test_free_text_run_is_scored_with_text_metrics_not_accuracy(tmp_path, make_config):
     rows = [{"messages": [{"role": "user", "content": f"say something number {i}"},
                           {"role": "assistant", "content": f"a free text answer {i} about the quick brown fox"}]}
             for i in range(24)]
     data = tmp_path / "free.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     cfg = make_config(data, data={"format": "chat_jsonl", "max_length": 160}, train={"epochs": 1, "batch_size": 8})
-    summary = run_pipeline(cfg)
-    assert summary["task"] == "generation"
+    summary = run_pipeline(cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"forgetting_probe": False})}))
+    assert summary["task"] == "free_text" and summary["metric"] == "rouge_l"
     assert summary["accuracy"] is None and summary["base_accuracy"] is None
     run = Path(summary["run_dir"])
     report = json.loads((run / "eval.json").read_text())
-    assert report["task"] == "generation" and report["test_rows"] == summary["test_rows"]
+    assert report["task"] == "free_text" and report["test_rows"] == summary["test_rows"]
+    for c in report["contenders"].values():
+        assert {"rouge_l", "chrf", "exact_match", "loss", "perplexity"} <= set(c["metrics"])
+        assert len(c["predictions"]) == report["test_rows"]
+    assert all(comp["test"] == "paired_bootstrap" for comp in report["comparisons"].values())
+    assert "forgetting" not in report
     assert (run / "manifest.json").is_file() and (run / "adapter" / "adapter_model.safetensors").is_file()
     data_report = json.loads((run / "data.json").read_text())
     assert data_report["stratified"] is False and data_report["labels"] is None

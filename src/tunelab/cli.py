@@ -51,38 +51,46 @@ def _parse_sets(sets: list[str] | None) -> dict[str, Any]:
     return out
 
 
+CONTENDER_NAMES = {"base_zero_shot": "base, zero-shot", "base_few_shot": "base, few-shot + labels",
+                   "finetune": "fine-tuned"}
+
+
 def _print_summary(summary: dict[str, Any]) -> None:
     # Compact enough for an 80-column terminal (and for logs, where rich assumes 80).
+    metric = summary.get("metric") or "metric"
     table = Table(
-        title=f"{summary['test_rows']} held-out test rows, the same for both", box=box.SIMPLE_HEAD,
-        caption="95% Wilson interval; ms/request = batched generation time / rows",
+        title=f"{summary['test_rows']} held-out test rows, the same for every model", box=box.SIMPLE_HEAD,
+        caption="95% bootstrap interval; p: fine-tune vs that model (McNemar / paired bootstrap); "
+                "ms/request = batched generation time / rows",
     )
     table.add_column("model", no_wrap=True)
-    table.add_column("accuracy [95% CI]", justify="right", no_wrap=True)
-    table.add_column("prompt tokens", justify="right", no_wrap=True)
-    table.add_column("ms/request", justify="right", no_wrap=True)
-
-    def pct(acc: float | None, ci: list[float] | None) -> str:
-        return "-" if acc is None else f"{100 * acc:.1f}% [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
-
-    if summary.get("base_accuracy") is not None:
+    table.add_column(f"{metric} [95% CI]", justify="right", no_wrap=True)
+    table.add_column("p", justify="right", no_wrap=True)
+    table.add_column("prompt tok", justify="right", no_wrap=True)
+    table.add_column("ms/req", justify="right", no_wrap=True)
+    for name in ("base_zero_shot", "base_few_shot", "finetune"):
+        c = summary.get(name)
+        if not c or c.get("value") is None:
+            continue
+        ci = c.get("ci") or [float("nan")] * 2
+        versus = summary.get(f"vs_{name}")
         table.add_row(
-            "base, all labels in prompt", pct(summary["base_accuracy"], summary["base_accuracy_ci"]),
-            f"{summary['base_prompt_tokens']:.0f}", f"{summary['base_ms_per_request']:.0f}",
-        )
-    if summary.get("accuracy") is not None:
-        table.add_row(
-            "fine-tuned (LoRA)", pct(summary["accuracy"], summary["accuracy_ci"]),
-            f"{summary['prompt_tokens']:.0f}", f"{summary['ms_per_request']:.0f}",
+            CONTENDER_NAMES[name], f"{100 * c['value']:.1f}% [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]",
+            f"{versus['p_value']:.1g}" if versus else "", f"{c['prompt_tokens']:.0f}", f"{c['ms_per_request']:.0f}",
         )
     out = Console()
-    out.print(table)
+    if table.row_count:
+        out.print(table)
+    forgetting = summary.get("forgetting")
+    if forgetting:
+        out.print(f"forgetting check: general probe {100 * forgetting['probe_delta']:+.1f} points vs the base"
+                  + (" [bold red]REGRESSION FLAGGED[/]" if forgetting["flagged"] else " (no regression flagged)"))
     out.print(
         f"trained on {summary['train_rows']:,} rows in {summary['train_seconds']:.0f} s "
         f"({summary['tokens_per_second']:.0f} tokens/s), evaluated in {summary['eval_seconds']:.0f} s, "
         f"total {summary['total_seconds']:.0f} s"
     )
-    out.print(f"run directory: [bold]{summary['run_dir']}[/]")
+    out.print(f"run directory: [bold]{summary['run_dir']}[/]  (report: report.html)")
 
 
 def _run(config: Path | None, sets: list[str] | None, as_json: bool, resume: Path | None = None) -> None:

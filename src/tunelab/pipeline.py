@@ -1,6 +1,7 @@
-"""One whole run: train -> evaluate against the base -> write eval.json -> manifest last.
+"""One whole run: train -> evaluate (fine-tune vs base zero-shot and few-shot) -> eval.json -> report -> manifest.
 
 Used by `tunelab train CONFIG` and `tunelab demo`; returns the summary they print.
+Under torchrun only rank 0 evaluates and writes; the other processes return after training.
 """
 
 from __future__ import annotations
@@ -12,51 +13,76 @@ from typing import Any
 from rich.console import Console
 
 from tunelab.config import RunConfig
-from tunelab.evaluate.compare import evaluate_classification
-from tunelab.train.sft import train
+from tunelab.evaluate.evaluation import evaluate_run, summary_of
+from tunelab.evaluate.report import write_report
+from tunelab.models import load_model
+from tunelab.train import distributed
+from tunelab.train.sft import TrainResult, train
 
 
 def run_pipeline(cfg: RunConfig, console: Console | None = None, resume: Path | None = None) -> dict[str, Any]:
     console = console or Console(stderr=True)
     started = time.perf_counter()
     result = train(cfg, console, resume=resume)
+    if not result.world.is_main:
+        distributed.shutdown(result.world)
+        return {}
+    distributed.shutdown(result.world)  # evaluation is rank 0's alone
 
     eval_started = time.perf_counter()
-    split = result.data.split
-    if split.stratified and split.test:
-        labels = sorted({c.answer for c in split.train + split.validation + split.test})
-        evaluation = evaluate_classification(
-            result.model, result.tokenizer, split.test, labels, cfg.eval, result.precision, console
-        )
-    else:
-        # Free-text metrics (ROUGE-L, JSON validity, ...) belong to `tunelab eval`; a run still records its loss.
-        evaluation = {"task": "generation", "test_rows": len(split.test)}
+    evaluation = evaluate(result, cfg, console)
     eval_seconds = time.perf_counter() - eval_started
-
-    finetune = evaluation.get("finetune", {})
-    base = evaluation.get("base_prompted", {})
-    summary: dict[str, Any] = {
+    summary = {
+        **legacy_summary(evaluation),
         "run_dir": str(result.run.path.resolve()),
-        "task": evaluation["task"],
-        "accuracy": finetune.get("accuracy"),
-        "accuracy_ci": finetune.get("accuracy_ci"),
-        "base_accuracy": base.get("accuracy"),
-        "base_accuracy_ci": base.get("accuracy_ci"),
-        "test_rows": evaluation["test_rows"],
         "train_rows": len(result.data.train),
         "train_seconds": round(result.train_seconds, 2),
         "eval_seconds": round(eval_seconds, 2),
         "total_seconds": round(time.perf_counter() - started, 2),
+        "timings": {k: round(v, 2) for k, v in {**result.timings, "evaluate": eval_seconds}.items()},
         "tokens_per_second": round(result.tokens_per_second, 1),
         "trained_tokens_per_second": round(result.trained_tokens_per_second, 1),
         "validation_loss": result.final_validation_loss,
-        "prompt_tokens": finetune.get("prompt_tokens_mean"),
-        "base_prompt_tokens": base.get("prompt_tokens_mean"),
-        "ms_per_request": finetune.get("ms_per_request"),
-        "base_ms_per_request": base.get("ms_per_request"),
         "precision": result.precision.reason,
         "model": cfg.model,
+        "tuning": cfg.tuning,
+        "objective": cfg.objective,
     }
-    result.run.write_json("eval.json", {"summary": summary, **evaluation})
+    result.run.write_json("eval.json", {**evaluation, "summary": summary})
+    write_report(result.run.path)
     result.run.write_manifest({"summary": summary})
     return summary
+
+
+def evaluate(result: TrainResult, cfg: RunConfig, console: Console) -> dict[str, Any]:
+    """The eval.json object of the run's own test split (preference runs: their validation rewards)."""
+    if cfg.objective == "dpo":
+        # Pairs have no single reference answer to score generations against; the rewards say how DPO went.
+        return {"format": "tunelab-eval/1", "task": "preference", "metric": "reward_accuracy",
+                "test_rows": len(result.data.test_rows), "contenders": {}, "comparisons": {}}
+    split = result.data.split
+    if not split.test:
+        return {"format": "tunelab-eval/1", "task": None, "test_rows": 0, "contenders": {}, "comparisons": {}}
+    base_model = None
+    if cfg.tuning == "full" and cfg.eval.compare_base:  # no adapter to switch off: load the base beside it
+        base_model, _ = load_model(result.resolved, dtype=result.precision.weights_dtype)
+        base_model.eval()
+    return evaluate_run(result.model, result.tokenizer, split.test, split.train, cfg.eval, result.precision, console,
+                        base_model=base_model)
+
+
+def legacy_summary(evaluation: dict[str, Any]) -> dict[str, Any]:
+    """Flat keys the CLI table, `--json` readers and the demo test use: fine-tune vs the best baseline."""
+    flat = summary_of(evaluation)
+    finetune = flat.get("finetune", {})
+    baselines = [flat[n] for n in ("base_few_shot", "base_zero_shot") if n in flat]
+    best = max(baselines, key=lambda c: c["value"] or 0.0) if baselines else {}
+    if flat.get("metric") != "accuracy":  # the accuracy keys mean accuracy; other metrics live under their names
+        finetune, best = {}, {}
+    return {
+        **flat,
+        "accuracy": finetune.get("value"), "accuracy_ci": finetune.get("ci"),
+        "base_accuracy": best.get("value"), "base_accuracy_ci": best.get("ci"),
+        "prompt_tokens": finetune.get("prompt_tokens"), "base_prompt_tokens": best.get("prompt_tokens"),
+        "ms_per_request": finetune.get("ms_per_request"), "base_ms_per_request": best.get("ms_per_request"),
+    }

@@ -23,7 +23,7 @@ from typing import Any
 from rich.console import Console
 
 from tunelab.config import RunConfig
-from tunelab.evaluate.compare import evaluate_classification
+from tunelab.evaluate.evaluation import evaluate_run
 from tunelab.train.loop import validation_loss
 from tunelab.train.sft import backward_on, setup
 
@@ -64,17 +64,19 @@ def make_plan(
         validation_loss(s.model, s.val_batches, s.precision)
     validation_seconds = (time.perf_counter() - val_started) * validations if s.val_batches else 0.0
 
-    # Evaluation: one batch per contender, scaled to the rows evaluated.
+    # Evaluation: one batch per contender (generation + reference loss), scaled to the rows evaluated;
+    # the forgetting probe is a fixed cost, timed whole.
     eval_seconds, eval_rows = 0.0, 0
-    split = s.data.split
-    if split.stratified and split.test:
+    split = getattr(s.data, "split", None)
+    if split is not None and split.test and cfg.tuning == "lora":
         eval_rows = min(cfg.eval.max_rows or len(split.test), len(split.test))
         sample = min(cfg.eval.batch_size, eval_rows)
-        labels = sorted({c.answer for c in split.train + split.validation + split.test})
         probe_cfg = cfg.eval.model_copy(update={"max_rows": sample})
-        result = evaluate_classification(s.model, s.tokenizer, split.test, labels, probe_cfg, s.precision, console)
-        per_row = sum(result[name]["seconds"] for name in ("finetune", "base_prompted") if name in result) / sample
-        eval_seconds = per_row * eval_rows
+        probe_started = time.perf_counter()
+        result = evaluate_run(s.model, s.tokenizer, split.test, split.train, probe_cfg, s.precision, console)
+        probe_total = time.perf_counter() - probe_started
+        per_row = sum(c["seconds"] + c["loss_seconds"] for c in result["contenders"].values()) / sample
+        eval_seconds = per_row * eval_rows + (probe_total - per_row * sample)
 
     total = setup_seconds + train_seconds + validation_seconds + eval_seconds
     rep = s.data.report
