@@ -44,6 +44,11 @@ class Batch:
         """Positions whose *next* token is trained (labels are shifted by one for the loss)."""
         return int((self.labels[:, 1:] != IGNORE_INDEX).sum())
 
+    @property
+    def loss_units(self) -> int:
+        """What the loss sum is divided by over a whole step: trained tokens (DPO's PairBatch: pairs)."""
+        return self.trained_tokens
+
 
 def length_grouped_order(
     lengths: list[int], batch_size: int, generator: torch.Generator, window: int = 64

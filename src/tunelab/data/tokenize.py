@@ -49,6 +49,11 @@ class TokenizedExample:
     def trained_tokens(self) -> int:
         return sum(1 for x in self.labels if x != IGNORE_INDEX)
 
+    @property
+    def length(self) -> int:
+        """Tokens in the row (what length grouping sorts by)."""
+        return len(self.input_ids)
+
 
 def end_of_turn_token(tokenizer: PreTrainedTokenizerBase) -> str:
     """The token that closes an assistant turn: what generation stops on."""

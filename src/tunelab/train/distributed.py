@@ -106,7 +106,7 @@ def any_process(flag: bool, world: World) -> bool:
 
 
 class TokenLoss(nn.Module):
-    """The model behind DDP: forward(batch) -> (loss sum, trained tokens).
+    """The model behind DDP: forward(batch) -> (loss sum, statistics to sum over the step).
 
     DDP hooks gradient averaging into `forward`, so the loss (which runs the body
     and the head separately, see loop.token_loss_sum) must be computed inside one.
@@ -116,13 +116,29 @@ class TokenLoss(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, int]:
-        return token_loss_sum(self.model, batch)
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        loss_sum, _ = token_loss_sum(self.model, batch)
+        return loss_sum, {}
 
 
-def wrap(model: nn.Module, world: World) -> nn.Module:
-    """A callable loss module: DDP-wrapped when several processes train."""
-    module = TokenLoss(model)
+class DpoLoss(TokenLoss):
+    """The same for DPO: forward(pair batch) -> (loss sum over pairs, reward sums)."""
+
+    def __init__(self, model: nn.Module, beta: float) -> None:
+        super().__init__(model)
+        self.beta = beta
+
+    def forward(self, pair_batch) -> tuple[torch.Tensor, dict[str, float]]:  # noqa: ANN001 (PairBatch)
+        from tunelab.train.dpo import dpo_loss_sum
+
+        loss_sum, stats = dpo_loss_sum(self.model, pair_batch, self.beta)
+        return loss_sum, {"reward_margin": stats.margin, "reward_accuracy": stats.correct,
+                          "chosen_reward": stats.chosen_reward, "rejected_reward": stats.rejected_reward}
+
+
+def wrap(model: nn.Module, world: World, dpo_beta: float | None = None) -> nn.Module:
+    """A callable loss module (SFT, or DPO when `dpo_beta` is given): DDP-wrapped when several processes train."""
+    module = TokenLoss(model) if dpo_beta is None else DpoLoss(model, dpo_beta)
     if not world.active:
         return module
     from torch.nn.parallel import DistributedDataParallel

@@ -73,6 +73,10 @@ class TokenizedPair:
         """Tokens of the longer row: the padded width this pair needs (for length grouping)."""
         return max(len(self.chosen.input_ids), len(self.rejected.input_ids))
 
+    @property
+    def trained_tokens(self) -> int:
+        return self.chosen.trained_tokens + self.rejected.trained_tokens
+
 
 @dataclass
 class PreparedPairs:
@@ -169,6 +173,15 @@ class PairBatch:
     @property
     def real_tokens(self) -> int:
         return self.batch.real_tokens
+
+    @property
+    def trained_tokens(self) -> int:
+        return self.batch.trained_tokens
+
+    @property
+    def loss_units(self) -> int:
+        """DPO's loss is a sum over pairs, divided by the pairs of the whole step."""
+        return self.pairs
 
 
 def collate_pairs(pairs: list[TokenizedPair], pad_id: int) -> PairBatch:

@@ -36,6 +36,7 @@ from tunelab.data.prepare import PreparedData, prepare_data
 from tunelab.data.tokenize import TokenizedExample
 from tunelab.models import ResolvedModel, attach_lora, load_model, resolve_model, unfreeze_all, weights_fingerprint
 from tunelab.train import auto
+from tunelab.train.dpo import PairBatch, PreparedPairs, TokenizedPair, collate_pairs, prepare_preference_data, require_adapter
 from tunelab.train.auto import Choice
 from tunelab.errors import Interrupted
 from tunelab.train.checkpoint import MANIFEST, RunDir
@@ -46,7 +47,11 @@ from tunelab.train.resume import (
 from tunelab.train import distributed
 from tunelab.train.distributed import World
 from tunelab.train.loop import Precision, choose_precision, make_optimizer, validation_metrics, validation_sums
+from tunelab.train.dpo import dpo_validation
 from tunelab.train.report_to import MetricsExport
+
+
+Example = TokenizedExample | TokenizedPair  # one row of SFT, or one preference pair of DPO
 
 
 @dataclass
@@ -54,7 +59,7 @@ class TrainResult:
     run: RunDir
     model: PeftModel | PreTrainedModel  # PreTrainedModel when tuning=full
     tokenizer: PreTrainedTokenizerBase
-    data: PreparedData
+    data: PreparedData | PreparedPairs
     precision: Precision
     resolved: ResolvedModel
     train_seconds: float
@@ -68,29 +73,36 @@ class TrainResult:
 def backward_on(
     loss_module: torch.nn.Module, micro_batches: list[Batch], precision: Precision, world: World = World(),
     weights: list[float] | None = None,
-) -> tuple[float, int]:
-    """Accumulate gradients of one optimizer step; returns the step's mean loss per trained token, and its tokens.
+) -> tuple[float, int, dict[str, float]]:
+    """Accumulate gradients of one optimizer step.
 
-    Each micro-batch's loss *sum* is divided by the trained tokens of the whole
-    step (all processes), so the gradient equals that of one big batch: accumulation
-    and data parallelism are both exact. `loss_module` is `distributed.wrap(model)`;
-    a plain model is wrapped here. `weights` (0 or 1 per micro-batch) lets a process
-    with no rows of its own join the gradient all-reduce without adding anything.
+    Returns the step's mean loss, its loss units (trained tokens; DPO: pairs) over all
+    processes, and the step's other statistics as means per unit (DPO: reward margin, ...).
+
+    Each micro-batch's loss *sum* is divided by the units of the whole step (all
+    processes), so the gradient equals that of one big batch: accumulation and data
+    parallelism are both exact. `loss_module` is `distributed.wrap(model)`; a plain
+    model is wrapped here. `weights` (0 or 1 per micro-batch) lets a process with no
+    rows of its own join the gradient all-reduce without adding anything.
     """
     if not isinstance(loss_module, (distributed.TokenLoss, torch.nn.parallel.DistributedDataParallel)):
         loss_module = distributed.wrap(loss_module, World())
     weights = weights or [1.0] * len(micro_batches)
-    local_tokens = sum(b.trained_tokens * w for b, w in zip(micro_batches, weights))
-    step_tokens = int(distributed.all_reduce_sum(torch.tensor([local_tokens], dtype=torch.float64), world).item())
-    total = 0.0
+    local_units = sum(b.loss_units * w for b, w in zip(micro_batches, weights))
+    units = float(distributed.all_reduce_sum(torch.tensor([local_units], dtype=torch.float64), world).item())
+    total, sums = 0.0, {}
     for i, (batch, weight) in enumerate(zip(micro_batches, weights)):
         with distributed.sync_gradients(loss_module, last=i == len(micro_batches) - 1):
             with precision.autocast():
-                loss_sum, _ = loss_module(batch)
-            (loss_sum * (weight * world.size / max(step_tokens, 1))).backward()
+                loss_sum, stats = loss_module(batch)
+            (loss_sum * (weight * world.size / max(units, 1))).backward()
         total += float(loss_sum.detach()) * weight
-    total = float(distributed.all_reduce_sum(torch.tensor([total], dtype=torch.float64), world).item())
-    return total / max(step_tokens, 1), step_tokens
+        for key, value in stats.items():
+            sums[key] = sums.get(key, 0.0) + value * weight
+    keys = sorted(sums)
+    reduced = distributed.all_reduce_sum(torch.tensor([total] + [sums[k] for k in keys], dtype=torch.float64), world)
+    means = {k: float(v) / max(units, 1) for k, v in zip(keys, reduced[1:].tolist())}
+    return float(reduced[0]) / max(units, 1), int(units), means
 
 
 def examples_fingerprint(stream: list[list[TokenizedExample]], step: int, accumulation: int) -> str:
@@ -121,11 +133,11 @@ class StopOnSignal:
 
 
 def epoch_stream(
-    examples: list[TokenizedExample], batch_size: int, epochs: float, seed: int
-) -> list[list[TokenizedExample]]:
+    examples: list[Example], batch_size: int, epochs: float, seed: int
+) -> list[list[Example]]:
     """All micro-batches of the run, in order: each epoch a new length-grouped shuffle."""
     generator = torch.Generator().manual_seed(seed)
-    lengths = [len(e.input_ids) for e in examples]
+    lengths = [e.length for e in examples]
     stream: list[list[TokenizedExample]] = []
     for _ in range(math.ceil(epochs)):
         stream.extend([examples[i] for i in idx] for idx in length_grouped_order(lengths, batch_size, generator))
@@ -137,24 +149,26 @@ def epoch_stream(
 class Setup:
     """Everything a run needs before its first step; shared by `train` and `tunelab plan`."""
 
-    model: PeftModel
+    model: PeftModel | PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
-    data: PreparedData
+    data: PreparedData | PreparedPairs
     precision: Precision
     resolved: ResolvedModel
-    stream: list[list[TokenizedExample]]  # every micro-batch of the run, in order
+    stream: list[list[Example]]  # every micro-batch of the run, in order
     steps: int
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
-    val_batches: list[Batch]  # this process's share of the validation batches
+    val_batches: list[Batch | PairBatch]  # this process's share of the validation batches
     cfg: RunConfig  # with every 'auto' resolved
     choices: dict[str, Choice]  # why each hyperparameter has its value
     world: World
     timings: dict[str, float]
 
-    def collate(self, examples: list[TokenizedExample]) -> Batch:
+    def collate(self, examples: list[Example]) -> Batch | PairBatch:
         """A micro-batch's tensors: padded rows, or packed rows (train.packing) holding the same examples."""
         t = self.cfg.train
+        if self.cfg.objective == "dpo":
+            return collate_pairs(examples, self.tokenizer.pad_token_id)
         if t.packing:
             from tunelab.data.pack import collate_packed
 
@@ -167,7 +181,7 @@ class Setup:
         mean = self.data.report["tokens_per_example"]["mean"]
         return t.pack_length or max(self.cfg.data.max_length, math.ceil(t.batch_size * mean / 4))
 
-    def local_step(self, step: int) -> tuple[list[Batch], list[float]]:
+    def local_step(self, step: int) -> tuple[list[Batch | PairBatch], list[float]]:
         """This process's micro-batches of optimizer step `step` (1-based), and their weights (0 = a stand-in)."""
         t = self.cfg.train
         batches, weights = [], []
@@ -197,7 +211,10 @@ def setup(cfg: RunConfig, console: Console, world: World = World()) -> Setup:
     timings["load_model"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    data = prepare_data(cfg.data, tokenizer, val_rows=t.val_rows)
+    if cfg.objective == "dpo":
+        data = prepare_preference_data(cfg.data, tokenizer, val_rows=t.val_rows)
+    else:
+        data = prepare_data(cfg.data, tokenizer, val_rows=t.val_rows)
     timings["tokenize"] = time.perf_counter() - started
     rep = data.report
     t, choices = auto.resolve(t, len(data.train), rep["tokens_per_example"]["mean"])
@@ -218,12 +235,15 @@ def setup(cfg: RunConfig, console: Console, world: World = World()) -> Setup:
         method = "full fine-tuning (every weight, fp32 + bf16 autocast)" if precision.bf16 else "full fine-tuning"
     else:
         model = attach_lora(model, cfg.lora)
+        if cfg.objective == "dpo":
+            model = require_adapter(model)
         method = (
             f"{'DoRA' if cfg.lora.use_dora else 'LoRA'}{' (rsLoRA scaling)' if cfg.lora.use_rslora else ''} "
             f"r={cfg.lora.rank} alpha={cfg.lora.alpha:g} on {cfg.lora.target_modules}"
         )
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    console.print(f"[bold]model[/]: {cfg.model} + {method} ({trainable / 1e6:.2f}M trainable parameters)")
+    console.print(f"[bold]model[/]: {cfg.model} + {method} ({trainable / 1e6:.2f}M trainable parameters)"
+                  + (f"; DPO beta {cfg.dpo.beta:g}, reference = the base (adapter off)" if cfg.objective == "dpo" else ""))
 
     # The stream is built for the global micro-batch (all processes), so N processes x batch b
     # see the same examples per step as one process at batch N*b.
@@ -231,8 +251,9 @@ def setup(cfg: RunConfig, console: Console, world: World = World()) -> Setup:
     steps = math.ceil(len(stream) / t.grad_accumulation)
     warmup = round(t.warmup_ratio * steps)
     optimizer, scheduler = make_optimizer(model, t.learning_rate, t.weight_decay, steps, warmup, t.schedule)
+    pack = collate_pairs if cfg.objective == "dpo" else collate
     val_batches = [
-        collate(data.validation[i : i + t.batch_size], tokenizer.pad_token_id)
+        pack(data.validation[i : i + t.batch_size], tokenizer.pad_token_id)
         for i in range(0, len(data.validation), t.batch_size)
     ][world.rank :: world.size]
     console.print(
@@ -263,7 +284,7 @@ def train(cfg: RunConfig, console: Console | None = None, resume: Path | None = 
     model, tokenizer, data, precision, steps = s.model, s.tokenizer, s.data, s.precision, s.steps
     optimizer, scheduler, val_batches = s.optimizer, s.scheduler, s.val_batches
     resolved, rep = s.resolved, data.report
-    loss_module = distributed.wrap(model, world)  # DDP when several processes train
+    loss_module = distributed.wrap(model, world, cfg.dpo.beta if cfg.objective == "dpo" else None)  # DDP if several
 
     start = 0
     if resume is None:
@@ -276,7 +297,7 @@ def train(cfg: RunConfig, console: Console | None = None, resume: Path | None = 
                                       "weights": weights_fingerprint(resolved)},
                 "hyperparameters": {name: {"value": c.value, "why": c.why} for name, c in s.choices.items()},
                 "processes": world.size,
-                "lengths": {"tokens": [len(e.input_ids) for e in data.train],
+                "lengths": {"tokens": [e.length for e in data.train],
                             "trained_tokens": [e.trained_tokens for e in data.train]},
             })
     else:
@@ -308,7 +329,9 @@ def train(cfg: RunConfig, console: Console | None = None, resume: Path | None = 
         for step in range(start + 1, steps + 1):
             started = time.perf_counter()
             group, weights = s.local_step(step)
-            loss, step_trained = backward_on(loss_module, group, precision, world, weights)
+            loss, _, step_stats = backward_on(loss_module, group, precision, world, weights)
+            step_trained = int(distributed.all_reduce_sum(
+                torch.tensor([sum(b.trained_tokens * w for b, w in zip(group, weights))]), world).item())
             grad_norm = None
             if t.max_grad_norm is not None:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(
@@ -326,17 +349,14 @@ def train(cfg: RunConfig, console: Console | None = None, resume: Path | None = 
             record = {
                 "step": step, "loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                 "tokens": step_real, "trained_tokens": step_trained, "tokens_per_s": step_real / elapsed,
-                "seconds": elapsed, "peak_memory_mb": peak_memory_mb(),
+                "seconds": elapsed, "peak_memory_mb": peak_memory_mb(), **step_stats,
                 "examples": examples_fingerprint(s.stream, step, t.grad_accumulation),
             }
             improved = False
             if t.eval_every and step % t.eval_every == 0 and step < steps and data.validation:
-                record.update(validate(model, val_batches, precision, world))
+                record.update(validate(model, val_batches, precision, world, cfg))
                 improved = early.update(step, record["val_loss"])
-                console.print(
-                    f"step {step}: validation loss {record['val_loss']:.4f}, token accuracy "
-                    f"{record['val_token_accuracy']:.1%}{' (best)' if improved else ''}"
-                )
+                console.print(f"step {step}: {describe_validation(record)}{' (best)' if improved else ''}")
             if world.is_main:
                 run.append_metrics(record)
                 export.log(record)
@@ -368,11 +388,9 @@ def train(cfg: RunConfig, console: Console | None = None, resume: Path | None = 
     if early.patience and early.best_step is not None:  # early stopping keeps the best weights, not the last
         load_weights(best_checkpoint(run.path), model)
         console.print(f"[bold]weights[/]: the best checkpoint, step {early.best_step}")
-    final_val = validate(model, val_batches, precision, world) if data.validation else None
+    final_val = validate(model, val_batches, precision, world, cfg) if data.validation else None
     if final_val is not None:
-        console.print(
-            f"[bold]validation[/]: loss {final_val['val_loss']:.4f}, token accuracy {final_val['val_token_accuracy']:.1%}"
-        )
+        console.print(f"[bold]validation[/]: {describe_validation(final_val)}")
     model.eval()
     if world.is_main:
         if final_val is not None:
@@ -389,9 +407,26 @@ def train(cfg: RunConfig, console: Console | None = None, resume: Path | None = 
     )
 
 
-def validate(model: torch.nn.Module, val_batches: list[Batch], precision: Precision, world: World) -> dict[str, float]:
-    """Validation loss and token accuracy over every process's share of the validation rows."""
+def validate(
+    model: torch.nn.Module, val_batches: list[Batch | PairBatch], precision: Precision, world: World, cfg: RunConfig
+) -> dict[str, float]:
+    """Validation over every process's share of the rows: loss and token accuracy (DPO: loss and rewards)."""
+    if cfg.objective == "dpo":
+        # dpo_validation returns means; weight them by this process's pairs so processes can add them up.
+        pairs = sum(b.pairs for b in val_batches)
+        means = dpo_validation(model, val_batches, cfg.dpo.beta, precision) if val_batches else {}
+        keys = ["loss", "reward_margin", "reward_accuracy"]
+        sums = torch.tensor([pairs] + [means.get(k, 0.0) * pairs for k in keys], dtype=torch.float64)
+        sums = distributed.all_reduce_sum(sums, world).tolist()
+        return {f"val_{k}": v / max(sums[0], 1) for k, v in zip(keys, sums[1:])}
     return validation_metrics(distributed.all_reduce_sum(validation_sums(model, val_batches, precision), world))
+
+
+def describe_validation(record: dict[str, float]) -> str:
+    if "val_reward_margin" in record:
+        return (f"validation loss {record['val_loss']:.4f}, reward margin {record['val_reward_margin']:.3f}, "
+                f"reward accuracy {record['val_reward_accuracy']:.1%}")
+    return f"validation loss {record['val_loss']:.4f}, token accuracy {record['val_token_accuracy']:.1%}"
 
 
 def peak_memory_mb() -> float:
