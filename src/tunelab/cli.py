@@ -35,6 +35,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Fine-tune an
 err = Console(stderr=True)
 data_app = typer.Typer(no_args_is_help=True, help="Check, lint, clean, convert and split data files.")
 app.add_typer(data_app, name="data")
+from tunelab.cli_models import models_app  # noqa: E402
+
+app.add_typer(models_app, name="models")
 
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "examples" / "banking77" / "demo.yaml"
 

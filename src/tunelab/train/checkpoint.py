@@ -33,6 +33,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from tunelab.config import RunConfig
 from tunelab.errors import TunelabError
 from tunelab.models import attention_for_device, load_model, resolve_model
+from tunelab.template_canary import check_recorded_template
 
 MANIFEST = "manifest.json"
 
@@ -160,6 +161,9 @@ def load_run(
     """
     cfg = read_run_config(run_dir)
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokenizer")
+    recorded = json.loads((run_dir / "data.json").read_text(encoding="utf-8")).get("chat_template")
+    if recorded:  # the canary: the template renders today exactly as it did in training
+        check_recorded_template(recorded, tokenizer, where=str(run_dir / "tokenizer"), run_dir=run_dir)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if (run_dir / "model").is_dir():  # full fine-tuning

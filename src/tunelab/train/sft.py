@@ -35,6 +35,7 @@ from tunelab.data.batches import Batch, collate, length_grouped_order
 from tunelab.data.prepare import PreparedData, prepare_data
 from tunelab.data.tokenize import TokenizedExample
 from tunelab.models import ResolvedModel, attach_lora, load_model, resolve_model, unfreeze_all, weights_fingerprint
+from tunelab.template_canary import record_template
 from tunelab.train import auto
 from tunelab.train.dpo import PairBatch, PreparedPairs, TokenizedPair, collate_pairs, prepare_preference_data, require_adapter
 from tunelab.train.auto import Choice
@@ -297,6 +298,7 @@ def train(cfg: RunConfig, console: Console | None = None, resume: Path | None = 
                                       "weights": weights_fingerprint(resolved)},
                 "hyperparameters": {name: {"value": c.value, "why": c.why} for name, c in s.choices.items()},
                 "processes": world.size,
+                "chat_template": record_template(tokenizer),  # checked on every load (template_canary.py)
                 "lengths": {"tokens": [e.length for e in data.train],
                             "trained_tokens": [e.trained_tokens for e in data.train]},
             })
