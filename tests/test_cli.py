@@ -116,6 +116,30 @@ def test_summary_table(trained_run, capsys, monkeypatch):
     _print_summary(trained_run.summary)
     out = capsys.readouterr().out
     assert f"{trained_run.summary['test_rows']} held-out test rows" in out
-    assert "base, all labels in prompt" in out and "fine-tuned (LoRA)" in out
+    assert "base, zero-shot" in out and "base, few-shot + labels" in out and "fine-tuned" in out
     assert f"{100 * trained_run.summary['accuracy']:.1f}%" in out
+    assert "forgetting check" in out
     assert str(trained_run.summary["run_dir"])[:20] in out
+
+
+def test_eval_command_reevaluates_a_run_on_another_file(trained_run, tmp_path):
+    """tunelab eval RUN_DIR --data FILE: all three contenders on FILE's rows; eval.json, report and manifest rewritten."""
+    import hashlib
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run.path, run)
+    data = write_csv(tmp_path / "more.csv", classification_rows()[::5])  # 15 rows, every label
+    result = CliRunner().invoke(app, ["eval", str(run), "--data", str(data), "--set", "eval.max_rows=6",
+                                      "--set", "eval.forgetting_probe=false", "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    report = json.loads((run / "eval.json").read_text())
+    assert report["data"] == str(data.resolve()) and report["test_rows"] == 6 == summary["test_rows"]
+    assert set(report["contenders"]) == {"finetune", "base_zero_shot", "base_few_shot"}
+    assert "forgetting" not in report
+    manifest = json.loads((run / "manifest.json").read_text())
+    for name in ("eval.json", "report.html", "report.md"):
+        assert manifest["files"][name]["sha256"] == hashlib.sha256((run / name).read_bytes()).hexdigest()
+    bad = CliRunner().invoke(app, ["eval", str(run), "--set", "train.epochs=2"])
+    assert bad.exit_code != 0 and "only takes eval.* keys" in str(bad.exception)

@@ -3,7 +3,9 @@
     tunelab demo [--json]                 Banking77 -> LoRA fine-tune of SmolLM2 -> compare with the base
     tunelab train CONFIG.yaml [--set k=v]  train + evaluate with a config of your own
     tunelab plan CONFIG.yaml              tokens, steps, time, cost and memory, before training
+    tunelab eval RUN_DIR [--data FILE]    fine-tune vs base zero-shot vs few-shot; eval.json + report.html
     tunelab chat RUN_DIR "message"        answer one message with a fine-tune
+    tunelab models register|list|show|diff|promote|rollback|delete|log   the model registry
     tunelab data validate|lint|clean|split|convert FILE   check and prepare data before training
     tunelab data validate FILE [--json]   every problem of a data file, one line each (exit 1 on errors)
     tunelab data convert FILE -o OUT      any accepted data format -> OpenAI chat JSONL
@@ -58,7 +60,7 @@ CONTENDER_NAMES = {"base_zero_shot": "base, zero-shot", "base_few_shot": "base, 
                    "finetune": "fine-tuned"}
 
 
-def _print_summary(summary: dict[str, Any]) -> None:
+def _print_summary(summary: dict[str, Any], trained: bool = True) -> None:
     # Compact enough for an 80-column terminal (and for logs, where rich assumes 80).
     metric = summary.get("metric") or "metric"
     table = Table(
@@ -88,11 +90,14 @@ def _print_summary(summary: dict[str, Any]) -> None:
     if forgetting:
         out.print(f"forgetting check: general probe {100 * forgetting['probe_delta']:+.1f} points vs the base"
                   + (" [bold red]REGRESSION FLAGGED[/]" if forgetting["flagged"] else " (no regression flagged)"))
-    out.print(
-        f"trained on {summary['train_rows']:,} rows in {summary['train_seconds']:.0f} s "
-        f"({summary['tokens_per_second']:.0f} tokens/s), evaluated in {summary['eval_seconds']:.0f} s, "
-        f"total {summary['total_seconds']:.0f} s"
-    )
+    if trained:
+        out.print(
+            f"trained on {summary['train_rows']:,} rows in {summary['train_seconds']:.0f} s "
+            f"({summary['tokens_per_second']:.0f} tokens/s), evaluated in {summary['eval_seconds']:.0f} s, "
+            f"total {summary['total_seconds']:.0f} s"
+        )
+    else:
+        out.print(f"evaluated in {summary['eval_seconds']:.0f} s")
     out.print(f"run directory: [bold]{summary['run_dir']}[/]  (report: report.html)")
 
 
@@ -103,6 +108,8 @@ def _run(config: Path | None, sets: list[str] | None, as_json: bool, resume: Pat
 
     cfg = read_run_config_for_resume(resume) if resume else load_config(config, _parse_sets(sets))
     summary = run_pipeline(cfg, err, resume=resume)
+    if not summary:  # a torchrun process other than rank 0: it trained its share, rank 0 reports
+        return
     if as_json:
         print(json.dumps(summary))
     else:
@@ -127,15 +134,38 @@ def train_cmd(
     sets: Annotated[list[str] | None, typer.Option("--set", help="Override a config key, e.g. lora.rank=32")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only estimate tokens, time, cost and memory.")] = False,
     resume: Annotated[Path | None, typer.Option(help="Continue this run directory from its newest checkpoint.")] = None,
+    nproc: Annotated[int, typer.Option(help="Train with N processes (torch.distributed via torchrun).")] = 1,
 ) -> None:
-    """Train a LoRA adapter, evaluate it against the base model, and write a run directory."""
+    """Train (LoRA, DoRA, full, DPO), evaluate against the base model, and write a run directory."""
     if (config is None) == (resume is None):
         raise TunelabError("give either a CONFIG file or --resume RUN_DIR", fix="tunelab train CONFIG.yaml, or "
                            "tunelab train --resume runs/NAME-...")
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        _relaunch_with_torchrun(nproc)
+        return
     if dry_run:
         plan(config, as_json=as_json, sets=sets)
     else:
         _run(config, sets, as_json, resume)
+
+
+def _relaunch_with_torchrun(nproc: int) -> None:
+    """`tunelab train --nproc N ...` == `torchrun --nproc-per-node N -m tunelab train ...` (standalone rendezvous)."""
+    import subprocess
+
+    args, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            args.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "tunelab", *args]
+    code = subprocess.call(command)
+    if code:
+        sys.exit(code)
 
 
 @app.command()
@@ -176,6 +206,30 @@ def plan(
     table.add_row("cost", f"${result['cost']['total']:.3f}", f"at ${result['cost']['price_per_hour']:g}/hour")
     table.add_row("peak memory", f"{result['peak_memory_mb']:,.0f} MB", "measured during the probe")
     Console().print(table)
+
+
+@app.command("eval")
+def eval_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory written by `tunelab train` or `tunelab demo`.")],
+    data: Annotated[Path | None, typer.Option(help="Evaluate on this data file instead of the run's test split.")] = None,
+    data_format: Annotated[str | None, typer.Option("--format", help="Format of --data (default: detected).")] = None,
+    sets: Annotated[list[str] | None, typer.Option("--set", help="Override an eval key, e.g. eval.few_shot=5")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")] = False,
+) -> None:
+    """Fine-tune vs base zero-shot vs base few-shot on the same rows; writes eval.json, report.html, report.md."""
+    from tunelab.pipeline import evaluate_saved_run
+
+    overrides = {}
+    for key, value in _parse_sets(sets).items():
+        if not key.startswith("eval."):
+            raise TunelabError(f"--set {key}: tunelab eval only takes eval.* keys", fix="e.g. --set eval.max_rows=200")
+        overrides[key.removeprefix("eval.")] = value
+    summary = evaluate_saved_run(run_dir, data, data_format, overrides, err)
+    if as_json:
+        print(json.dumps(summary))
+        return
+    summary.setdefault("train_rows", 0)
+    _print_summary(summary, trained=False)
 
 
 @app.command()

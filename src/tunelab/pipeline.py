@@ -6,6 +6,7 @@ Under torchrun only rank 0 evaluates and writes; the other processes return afte
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -13,10 +14,12 @@ from typing import Any
 from rich.console import Console
 
 from tunelab.config import RunConfig
+from tunelab.errors import TunelabError
 from tunelab.evaluate.evaluation import evaluate_run, summary_of
 from tunelab.evaluate.report import write_report
 from tunelab.models import load_model
 from tunelab.train import distributed
+from tunelab.train.checkpoint import MANIFEST
 from tunelab.train.sft import TrainResult, train
 
 
@@ -51,6 +54,53 @@ def run_pipeline(cfg: RunConfig, console: Console | None = None, resume: Path | 
     result.run.write_json("eval.json", {**evaluation, "summary": summary})
     write_report(result.run.path)
     result.run.write_manifest({"summary": summary})
+    return summary
+
+
+def evaluate_saved_run(run_dir: Path, data: Path | None = None, data_format: str | None = None,
+                       overrides: dict[str, Any] | None = None, console: Console | None = None) -> dict[str, Any]:
+    """`tunelab eval RUN_DIR [--data FILE]`: evaluate a finished run again, rewrite eval.json, the report, the manifest.
+
+    Without --data the run's own test split is used (the split is a pure function of the
+    data file, so it is the same rows as at training time); with --data every row of FILE
+    is a test row, read with the run's column mapping and system prompt.
+    """
+    from tunelab.config import EvalConfig
+    from tunelab.data.records import read_conversations
+    from tunelab.data.split import split_conversations
+    from tunelab.models import resolve_model
+    from tunelab.train.checkpoint import RunDir, load_run
+    from tunelab.train.loop import choose_precision
+
+    console = console or Console(stderr=True)
+    started = time.perf_counter()
+    precision = choose_precision("auto")
+    model, tokenizer, cfg = load_run(run_dir, dtype=precision.weights_dtype)  # checks the chat-template canary
+    eval_cfg = EvalConfig.model_validate({**cfg.eval.model_dump(), **(overrides or {})})
+    split = split_conversations(read_conversations(cfg.data), cfg.data.split)
+    if data is None:
+        rows, source = split.test, f"{cfg.data.path} (the run's test split)"
+    else:
+        data_cfg = cfg.data.model_copy(update={"path": Path(data).resolve(), "format": data_format or "auto"})
+        rows, source = read_conversations(data_cfg), str(Path(data).resolve())
+    if not rows:
+        raise TunelabError(f"no test rows in {source}", fix="pass --data FILE with rows to evaluate",
+                           where=str(run_dir))
+    base_model = None
+    if (run_dir / "model").is_dir() and eval_cfg.compare_base:
+        base_model, _ = load_model(resolve_model(cfg.model), dtype=precision.weights_dtype)
+        base_model.eval()
+    evaluation = evaluate_run(model, tokenizer, rows, split.train, eval_cfg, precision, console, base_model=base_model)
+    evaluation["data"] = source
+    run = RunDir(run_dir)
+    previous = json.loads((run_dir / "eval.json").read_text(encoding="utf-8")).get("summary", {}) \
+        if (run_dir / "eval.json").is_file() else {}
+    summary = {**previous, **legacy_summary(evaluation), "run_dir": str(run_dir.resolve()),
+               "eval_seconds": round(time.perf_counter() - started, 2)}
+    run.write_json("eval.json", {**evaluation, "summary": summary})
+    write_report(run_dir)
+    manifest = json.loads((run_dir / MANIFEST).read_text(encoding="utf-8"))
+    run.write_manifest({k: v for k, v in manifest.items() if k not in ("format", "files")} | {"summary": summary})
     return summary
 
 
