@@ -56,3 +56,13 @@ def test_a_run_with_auto_records_the_resolved_values_and_why(classification_csv,
     assert saved["epochs"] == auto.choose_epochs(rows).value
     why = json.loads((result.run.path / "data.json").read_text())["hyperparameters"]
     assert set(why) == {"epochs", "batch_size", "learning_rate"} and all(v["why"] for v in why.values())
+
+
+def test_auto_learning_rate_depends_on_the_method():
+    from tunelab.train.auto import choose_learning_rate
+
+    lora, full = choose_learning_rate(16, "lora"), choose_learning_rate(16, "full")
+    assert lora.value == 1e-3 and full.value == 5e-5 and "full fine-tuning" in full.why
+    assert choose_learning_rate(64, "full").value == 1e-4  # capped
+    assert choose_learning_rate(16, "lora", rank=64).value == lora.value  # alpha/rank keeps the scale
+    assert choose_learning_rate(16, "lora", rank=64, rslora=True).value == 5e-4  # rsLoRA's scale grows with sqrt(r)

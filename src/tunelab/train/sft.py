@@ -218,7 +218,8 @@ def setup(cfg: RunConfig, console: Console, world: World = World()) -> Setup:
         data = prepare_data(cfg.data, tokenizer, val_rows=t.val_rows)
     timings["tokenize"] = time.perf_counter() - started
     rep = data.report
-    t, choices = auto.resolve(t, len(data.train), rep["tokens_per_example"]["mean"])
+    t, choices = auto.resolve(t, len(data.train), rep["tokens_per_example"]["mean"], cfg.tuning, cfg.lora.rank,
+                              cfg.lora.use_rslora)
     cfg = cfg.model_copy(update={"train": t})
     for name, choice in choices.items():
         if choice.why != "set in the config":
