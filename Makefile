@@ -36,6 +36,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/data_lint.py --json bench/results/data_lint.json
 	$(BIN)/python bench/generate_throughput.py --rows 300 --json bench/results/generate_finetune_prompt.json
 	$(BIN)/python bench/generate_throughput.py --rows 300 --prompt labels --json bench/results/generate_labels_prompt.json
+	$(BIN)/python bench/methods.py --rows 1024 --json bench/results/methods.json
+	bash bench/demo_time.sh
 
 clean:
 	rm -rf $(VENV) runs

@@ -87,9 +87,9 @@ def test_accumulation_1x4_equals_4x1(tiny_model_dir):
     exs = _examples(tokenizer)
     pad = tokenizer.pad_token_id
 
-    loss_big, _ = backward_on(model, [collate(exs, pad)], precision)
+    loss_big, *_ = backward_on(model, [collate(exs, pad)], precision)
     big = _lora_grads(model)
-    loss_acc, _ = backward_on(model, [collate([e], pad) for e in exs], precision)
+    loss_acc, *_ = backward_on(model, [collate([e], pad) for e in exs], precision)
     acc = _lora_grads(model)
 
     assert loss_acc == pytest.approx(loss_big, rel=1e-5)
@@ -134,9 +134,9 @@ def test_shared_prefix_gives_the_same_loss_and_gradients(tiny_model_dir):
     # the prefix stops before any position that predicts a trained token
     assert (shared.labels[:, : shared.shared_prefix + 1] == -100).all()
 
-    loss_shared, _ = backward_on(model, [shared], precision)
+    loss_shared, *_ = backward_on(model, [shared], precision)
     g_shared = _lora_grads(model)
-    loss_plain, _ = backward_on(model, [plain], precision)
+    loss_plain, *_ = backward_on(model, [plain], precision)
     g_plain = _lora_grads(model)
     assert loss_shared == pytest.approx(loss_plain, rel=1e-5)
     for name in g_plain:

@@ -86,8 +86,9 @@ class LoraConfig(_Strict):
     use_rslora: bool = Field(False, description="rsLoRA: scale by alpha / sqrt(rank) instead of alpha / rank (PEFT).")
     quantize_base: Literal["none", "int8", "nf4"] = Field(
         "none",
-        description="Quantize the frozen base (QLoRA-style): 'nf4' = bitsandbytes 4-bit (CUDA); "
-        "'int8' = int8 weight-only (CPU and CUDA); 'none' = keep the base in the compute dtype.",
+        description="Quantize the frozen base (QLoRA-style): 'int8' = int8 weights, one scale per row (built in, "
+        "CPU and CUDA); 'nf4' = bitsandbytes 4-bit NormalFloat (needs the quant extra; CUDA, and CPU); "
+        "'none' = keep the base in the compute dtype.",
     )
 
 

@@ -32,6 +32,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from tunelab import attention
 from tunelab.config import DEFAULT_MODEL, LoraConfig
 from tunelab.errors import TunelabError
+from tunelab.quantize import quantization_config
 
 log = logging.getLogger(__name__)
 
@@ -84,11 +85,18 @@ def resolve_model(spec: str) -> ResolvedModel:
 
 
 def load_model(
-    resolved: ResolvedModel, dtype: torch.dtype = torch.float32
+    resolved: ResolvedModel, dtype: torch.dtype = torch.float32, quantize: str = "none"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load weights in `dtype` and the tokenizer (with its chat template) from an HF folder."""
+    """Load weights in `dtype` and the tokenizer (with its chat template) from an HF folder.
+
+    With `quantize='nf4'` transformers stores the linear layers in 4 bits while loading
+    (bitsandbytes); then call `tunelab.quantize.quantize_base` (it quantizes int8 in place).
+    """
     tokenizer = AutoTokenizer.from_pretrained(resolved.path)
-    model = AutoModelForCausalLM.from_pretrained(resolved.path, dtype=dtype, attn_implementation=attention_for_device())
+    model = AutoModelForCausalLM.from_pretrained(
+        resolved.path, dtype=dtype, attn_implementation=attention_for_device(),
+        quantization_config=quantization_config(quantize, dtype),
+    )
     if tokenizer.pad_token_id is None:
         # Batches need a pad id; it is never trained on (label -100) nor attended to (mask 0).
         tokenizer.pad_token = tokenizer.eos_token

@@ -33,6 +33,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from tunelab.config import RunConfig
 from tunelab.errors import TunelabError
 from tunelab.models import attention_for_device, load_model, resolve_model
+from tunelab.quantize import quantize_base
 from tunelab.template_canary import check_recorded_template
 
 MANIFEST = "manifest.json"
@@ -171,7 +172,10 @@ def load_run(
             run_dir / "model", dtype=dtype, attn_implementation=attention_for_device()
         )
     else:
-        base, _ = load_model(resolve_model(cfg.model), dtype=dtype)
+        # The base as it was trained on: the adapter learned over the quantized weights (it also loads over
+        # the unquantized base, with outputs off by the quantization error: ~2% of the logits for int8).
+        base, _ = load_model(resolve_model(cfg.model), dtype=dtype, quantize=cfg.lora.quantize_base)
+        quantize_base(base, cfg.lora.quantize_base, dtype)
         model = PeftModel.from_pretrained(base, run_dir / "adapter")
     model.eval()
     return model, tokenizer, cfg

@@ -35,6 +35,7 @@ from tunelab.data.batches import Batch, collate, length_grouped_order
 from tunelab.data.prepare import PreparedData, prepare_data
 from tunelab.data.tokenize import TokenizedExample
 from tunelab.models import ResolvedModel, attach_lora, load_model, resolve_model, unfreeze_all, weights_fingerprint
+from tunelab.quantize import quantize_base, require_quantization
 from tunelab.template_canary import record_template
 from tunelab.train import auto
 from tunelab.train.dpo import PairBatch, PreparedPairs, TokenizedPair, collate_pairs, prepare_preference_data, require_adapter
@@ -204,10 +205,16 @@ def setup(cfg: RunConfig, console: Console, world: World = World()) -> Setup:
         torch.set_num_threads(t.threads)
     precision = choose_precision(t.precision)
     console.print(f"[bold]precision[/]: {precision.reason}")
+    # Before loading anything: an unavailable method or an impossible combination is a TunelabError.
+    require_quantization(cfg.lora.quantize_base, precision.device, tuning=cfg.tuning, use_dora=cfg.lora.use_dora)
     resolved = resolve_model(cfg.model)
     # Full tuning trains the weights themselves, so they are fp32 (autocast computes in bf16);
     # a frozen base is stored in the compute dtype.
-    model, tokenizer = load_model(resolved, dtype=torch.float32 if cfg.tuning == "full" else precision.weights_dtype)
+    model, tokenizer = load_model(resolved, dtype=torch.float32 if cfg.tuning == "full" else precision.weights_dtype,
+                                  quantize=cfg.lora.quantize_base)
+    quantized = quantize_base(model, cfg.lora.quantize_base, precision.weights_dtype)
+    if quantized:
+        console.print(f"[bold]quantized base[/]: {quantized.describe()}")
     model.config.use_cache = False  # no KV cache while training: it would only cost memory
     timings["load_model"] = time.perf_counter() - started
 

@@ -1,0 +1,242 @@
+"""A quantized frozen base under LoRA (QLoRA-style): `int8` (ours, torch only) or `nf4` (bitsandbytes).
+
+    lora: {quantize_base: int8}     # or nf4, which needs `pip install 'tunelab[quant]'`
+
+Every linear layer of the base except the LM head (tied to the embeddings in most
+small models) is stored quantized; embeddings and norms stay in the compute dtype.
+LoRA weights stay fp32 and are saved in plain PEFT format, so an adapter trained over
+a quantized base loads over the unquantized one (tests/test_quantize.py).
+
+    model, tok = load_model(resolved, dtype, quantize=method)    # nf4: quantized while loading
+    info = quantize_base(model, method, dtype)                    # int8: quantized here, in place
+    console.print(info.describe())                                # method, layers, MB before -> after
+
+Why these two. Measured on a 2-core AMX CPU, SmolLM2-135M, LoRA r16 on all linear
+layers, batch 16 of ~40-token rows, bf16 autocast, against the bf16 base in the same
+run (bench/quantized_base.py --candidates; train speed, eval-forward speed, base weights):
+
+    int8 (Int8Linear below)          0.93x train, 0.85x eval, 0.61x weights, first loss +0.00
+    nf4 (bitsandbytes Linear4bit)    0.88x train, 0.78x eval, 0.42x weights, first loss +0.70
+    torchao int8 weight-only         0.86x train, 0.80x eval, 0.61x weights, but keeps a bf16 copy
+                                     of every weight for backward: 422 MB held per step
+    bitsandbytes int8 (Linear8bitLt) 0.72x train, 0.36x eval (LLM.int8 in eval: fp16 math on CPU)
+    HQQ 8-bit                        0.77x train, 0.73x eval; transformers 5.23 cannot load it
+                                     (HqqConfig: "not available yet"), PEFT's 'all-linear'
+                                     does not see HQQLinear, quantizing takes 10-100 s
+
+`Int8Linear` is torchao's arithmetic (int8 weights, one scale per row, matmul in the
+compute dtype) with a backward that re-casts the int8 weight instead of keeping a
+copy: no dependency, one path for training and evaluation. nf4 is bitsandbytes' QLoRA
+format, the standard on CUDA; it also runs on this CPU (with the workaround in
+`quantize_base`) and saves the most, but starts further from the bf16 base on this
+small model (the gap was ~0.1 nats after 8 LoRA steps).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from tunelab.errors import TunelabError
+
+METHODS = ("none", "int8", "nf4")
+INSTALL_FIX = "pip install 'tunelab[quant]'  (or: pip install --no-deps bitsandbytes)"
+DESCRIPTION = {
+    "int8": "int8 weights, one scale per output row (tunelab Int8Linear)",
+    "nf4": "4-bit NormalFloat, blocks of 64, double-quantized scales (bitsandbytes Linear4bit, QLoRA)",
+}
+
+
+@dataclass(frozen=True)
+class QuantizedInfo:
+    """What the run log says about a quantized base (data.json or the manifest may record `as_dict()`)."""
+
+    method: str  # "int8" | "nf4"
+    layers: int  # linear layers stored quantized
+    bytes_before: int  # the base's weights with those layers in the compute dtype
+    bytes_after: int  # the base's weights as stored: quantized layers with their scales, and the rest
+
+    def describe(self) -> str:
+        """One line for the run log: method, how, layers, MB before -> after."""
+        return (
+            f"{self.method}: {DESCRIPTION[self.method]} on {self.layers} linear layers; base weights "
+            f"{self.bytes_before / 1e6:.1f} MB -> {self.bytes_after / 1e6:.1f} MB "
+            f"({self.bytes_after / self.bytes_before:.2f}x); LoRA weights stay fp32"
+        )
+
+    def as_dict(self) -> dict:
+        return {"method": self.method, "layers": self.layers, "bytes_before": self.bytes_before,
+                "bytes_after": self.bytes_after}
+
+
+class _Int8Matmul(torch.autograd.Function):
+    """y = (x @ q^T) * scale, with grad_x = (grad_y * scale) @ q; nothing but q and scale kept for backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        ctx.save_for_backward(q, scale)
+        ctx.dtypes = (x.dtype, dtype)
+        # int8 values are exact in bf16/fp16/fp32, so only the matmul's accumulation rounds.
+        return F.linear(x.to(dtype), q.to(dtype)) * scale.to(dtype)  # (..., out)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        q, scale = ctx.saved_tensors
+        x_dtype, dtype = ctx.dtypes
+        grad_x = (grad.to(dtype) * scale.to(dtype)) @ q.to(dtype)  # (..., in)
+        return grad_x.to(x_dtype), None, None
+
+
+class Int8Linear(torch.nn.Linear):
+    """A frozen linear layer stored as int8 weights with one fp32 scale per output row.
+
+    A subclass of nn.Linear so that PEFT's 'all-linear' finds it and wraps it with its
+    plain LoRA layer (which calls this forward, then adds the adapter's output).
+    `weight` is the int8 tensor (out, in): PEFT never casts integer weights.
+
+    >>> layer = Int8Linear(torch.nn.Linear(4, 2))
+    >>> layer.weight.dtype, layer.weight_scale.shape
+    (torch.int8, torch.Size([2]))
+    """
+
+    def __init__(self, linear: torch.nn.Linear) -> None:
+        torch.nn.Module.__init__(self)  # not nn.Linear.__init__: it would allocate a float weight first
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        w = linear.weight.detach().float()  # (out, in)
+        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127  # (out,): symmetric, per output row
+        q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        self.weight = torch.nn.Parameter(q, requires_grad=False)
+        self.register_buffer("weight_scale", scale)
+        self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = _Int8Matmul.apply(x, self.weight, self.weight_scale)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight as the float matrix it stands for: (out, in), fp32."""
+        return self.weight.float() * self.weight_scale[:, None]
+
+
+def quantization_available(method: str, device: str | None = None) -> tuple[bool, str]:
+    """Whether `method` can quantize a base on `device` here, and if not, why."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if method not in METHODS:
+        return False, f"unknown quantization '{method}' (choose one of {', '.join(METHODS)})"
+    if method in ("none", "int8"):  # int8 needs torch only
+        return True, "built in"
+    for package in ("bitsandbytes", "accelerate"):  # transformers' bitsandbytes loader needs both
+        if importlib.util.find_spec(package) is None:
+            return False, f"nf4 needs the package {package}, which is not installed"
+    import bitsandbytes
+
+    if device not in getattr(bitsandbytes, "supported_torch_devices", {"cuda"}):
+        return False, f"the installed bitsandbytes {bitsandbytes.__version__} has no backend for {device}"
+    from bitsandbytes.cextension import ErrorHandlerMockBNBNativeLibrary, lib
+
+    if isinstance(lib, ErrorHandlerMockBNBNativeLibrary):  # the wheel has no native library for this platform
+        return False, f"bitsandbytes {bitsandbytes.__version__} found no native library for {device} on this machine"
+    return True, f"bitsandbytes {bitsandbytes.__version__} on {device}"
+
+
+def require_quantization(method: str, device: str | None = None, *, tuning: str = "lora", use_dora: bool = False) -> None:
+    """Raise a TunelabError (what, why, fix) when `method` cannot run here, or not with this tuning:
+    call it before loading anything."""
+    ok, reason = quantization_available(method, device)
+    if not ok:
+        fix = (f"{INSTALL_FIX}, or set lora.quantize_base: int8 (built in) or none" if method in METHODS
+               else "set lora.quantize_base to none, int8 or nf4")
+        raise TunelabError(f"lora.quantize_base '{method}' is not available: {reason}", fix=fix)
+    if method != "none" and tuning != "lora":
+        raise TunelabError(f"lora.quantize_base '{method}' with tuning '{tuning}': a quantized base cannot be trained",
+                           fix="set lora.quantize_base: none for full tuning, or tuning: lora")
+    if method == "int8" and use_dora:  # PEFT's DoRA reads base_layer.weight, which would be the raw int8 codes
+        raise TunelabError("lora.use_dora with lora.quantize_base 'int8': PEFT's DoRA cannot read int8 weights",
+                           fix="set lora.quantize_base: nf4 or none, or lora.use_dora: false")
+
+
+def quantization_config(method: str, compute_dtype: torch.dtype):
+    """The loader hook: `from_pretrained(quantization_config=...)`; None unless `method` is nf4.
+
+    nf4 is quantized by transformers while loading, tensor by tensor, so the whole base
+    never sits in memory unquantized. `compute_dtype` is the dtype the dequantized
+    weights are multiplied in (bf16 under bf16 autocast, else fp32).
+    """
+    if method != "nf4":
+        return None
+    require_quantization(method)
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype)
+
+
+def quantize_base(model: torch.nn.Module, method: str, compute_dtype: torch.dtype) -> QuantizedInfo | None:
+    """Quantize the base in place (int8) or finish what the loader did (nf4); None for 'none'.
+
+    Call it after loading and before attaching LoRA.
+    """
+    require_quantization(method)
+    if method == "none":
+        return None
+    stored = weight_bytes(model)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if method == "int8":
+        targets = [(n, m) for n, m in model.named_modules() if type(m) is torch.nn.Linear and m is not head]
+        for name, linear in targets:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, Int8Linear(linear))
+        return QuantizedInfo("int8", len(targets), stored, weight_bytes(model))
+
+    import bitsandbytes as bnb
+
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    if not layers:
+        raise TunelabError(
+            "lora.quantize_base 'nf4': the model was loaded without 4-bit layers",
+            fix="load it with tunelab.models.load_model(..., quantize='nf4') (quantization_config='nf4')",
+        )
+    for layer in layers:
+        # Workaround (bitsandbytes 0.50.2, CPUs with AVX512-BF16): the first eval-mode forward without grad
+        # (a validation loss) repacks the weight for a CPU inference kernel that has no backward, and later
+        # training forwards use that kernel: the gradient through every base layer is silently dropped
+        # (torch only warns "an autograd kernel was not registered"). Not repacking keeps nf4 trainable.
+        layer.support_avx512bf16_for_cpu = False
+    size = torch.finfo(compute_dtype).bits // 8
+    unquantized = sum((m.in_features + (m.bias is not None)) * m.out_features * size for m in layers)
+    held = sum(_plain_bytes(m.state_dict(keep_vars=True).values()) for m in layers)
+    return QuantizedInfo("nf4", len(layers), stored - held + unquantized, stored)
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the base's weights as stored: every state-dict tensor (quantization scales included,
+    LoRA excluded), tied weights counted once."""
+    tensors = [t for name, t in model.state_dict(keep_vars=True).items() if "lora_" not in name]
+    return _plain_bytes(tensors)
+
+
+def _plain_bytes(tensors) -> int:
+    seen: set[int] = set()
+    total = 0
+    for tensor in tensors:
+        if not isinstance(tensor, torch.Tensor):
+            continue
+        for part in _plain_parts(tensor):
+            ptr = part.untyped_storage().data_ptr()
+            if ptr not in seen:
+                seen.add(ptr)
+                total += part.numel() * part.element_size()
+    return total
+
+
+def _plain_parts(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors holding a tensor's data: itself, or a wrapper subclass's inner tensors (torchao)."""
+    if type(tensor) in (torch.Tensor, torch.nn.Parameter) or not hasattr(tensor, "__tensor_flatten__"):
+        return [tensor]
+    names, _ = tensor.__tensor_flatten__()
+    return [p for n in names if (inner := getattr(tensor, n)) is not None for p in _plain_parts(inner)]
