@@ -281,9 +281,12 @@ def test_choose_task_structured():
 def test_choose_task_classification_and_its_why():
     refs = [f"label_{i % 42}" for i in range(500)]
     assert choose_task(refs) == ("classification", "accuracy", "42 distinct answers over 500 rows: a label set")
-    # Boundaries: 50 distinct over 100 rows is a label set, 51 over 200 is not; "Yes" and "yes." are one answer.
-    assert choose_task([f"l{i % 50}" for i in range(100)])[0] == "classification"
-    assert choose_task([f"l{i % 51}" for i in range(200)])[0] == "free_text"
+    # Boundaries: 200 distinct over 400 rows is a label set, 201 over 1,000 is not, and neither is more than
+    # half the rows; "Yes" and "yes." are one answer. Banking77's 77 intents are a label set.
+    assert choose_task([f"l{i % 200}" for i in range(400)])[0] == "classification"
+    assert choose_task([f"l{i % 201}" for i in range(1000)])[0] == "free_text"
+    assert choose_task([f"l{i % 51}" for i in range(100)])[0] == "free_text"
+    assert choose_task([f"intent_{i % 77}" for i in range(10003)])[0] == "classification"
     assert choose_task(["Yes", "yes.", "no", "NO"])[2] == "2 distinct answers over 4 rows: a label set"
     assert choose_task(["one two three four five"] * 4)[0] == "classification"
 
