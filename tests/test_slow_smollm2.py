@@ -56,6 +56,7 @@ def test_smollm2_two_steps_on_banking77(tmp_path):
 
     # the full report: three contenders on the same rows, comparisons, the forgetting probe, plots
     report = json.loads((run / "eval.json").read_text())
+    assert report["task"] == "classification" and report["metric"] == "accuracy"  # 77 intents are a label set
     assert set(report["contenders"]) == {"finetune", "base_zero_shot", "base_few_shot"}
     assert report["contenders"]["base_few_shot"]["prompt_tokens_mean"] > 500  # 77 labels + 3 examples
     assert {c["test"] for c in report["comparisons"].values()} == {"mcnemar"}

@@ -25,7 +25,7 @@ Z_95 = 1.959963984540054  # two-sided 95% normal quantile
 TASKS = ("classification", "structured", "free_text")
 PRIMARY_METRIC = {"classification": "accuracy", "structured": "json_exact", "free_text": "rouge_l"}
 OTHER = "(other)"  # confusion-matrix row and column for answers outside the label set
-MAX_LABELS, MAX_LABEL_WORDS, MAX_LABEL_CHARS = 200, 5, 40  # choose_task's "small answer set" (Banking77: 77 labels, CLINC150: 150)
+MAX_LABELS, MAX_LABEL_WORDS, MAX_LABEL_CHARS = 200, 5, 64  # choose_task's "small answer set" (Banking77: 77 labels, CLINC150: 150)
 _SETTING_TASK = {"accuracy": "classification", "json": "structured", "text": "free_text"}  # EvalConfig.metric
 
 
@@ -284,7 +284,7 @@ def choose_task(references: list[str]) -> tuple[str, str, str]:
 
     Rules, in order: (1) every reference parses as a JSON object or array -> structured,
     json_exact; (2) a small answer set -> classification, accuracy: at most 200 distinct
-    normalized answers and at most half the rows, every answer at most 5 words and 40
+    normalized answers and at most half the rows, every answer at most 5 words and 64
     characters; (3) otherwise free_text, rouge_l. `why` is one sentence with the numbers.
 
     >>> choose_task(["yes", "no", "yes", "no"])
