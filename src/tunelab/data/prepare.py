@@ -36,6 +36,16 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def token_stats(lengths: list[int], trained: list[int]) -> dict[str, Any]:
+    """Tokens and trained tokens per training example (the data report's numbers; DPO: per pair)."""
+    return {
+        "tokens_per_example": {"mean": statistics.fmean(lengths), "min": min(lengths), "max": max(lengths)},
+        "trained_tokens_per_example": {"mean": statistics.fmean(trained), "min": min(trained), "max": max(trained)},
+        "train_tokens": sum(lengths),
+        "train_trained_tokens": sum(trained),
+    }
+
+
 def prepare_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, val_rows: int) -> PreparedData:
     rows = read_conversations(cfg)
     split = split_conversations(rows, cfg.split)
@@ -66,9 +76,6 @@ def prepare_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, val_rows: 
         "train_rows_used": len(train),
         "dropped_too_long": {"count": len(dropped) + len(val_dropped), "first": (dropped + val_dropped)[:5]},
         "validation_rows_used": len(validation),
-        "tokens_per_example": {"mean": statistics.fmean(lengths), "min": min(lengths), "max": max(lengths)},
-        "trained_tokens_per_example": {"mean": statistics.fmean(trained), "min": min(trained), "max": max(trained)},
-        "train_tokens": sum(lengths),
-        "train_trained_tokens": sum(trained),
+        **token_stats(lengths, trained),
     }
     return PreparedData(split, train_rows, train, validation, report)

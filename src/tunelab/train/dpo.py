@@ -36,7 +36,6 @@ divides by the pairs of the whole optimizer step (see `DpoStats`, which also sum
 
 from __future__ import annotations
 
-import statistics
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -48,7 +47,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tunelab.config import DataConfig
 from tunelab.data.batches import Batch, collate
-from tunelab.data.prepare import file_sha256
+from tunelab.data.prepare import file_sha256, token_stats
 from tunelab.data.records import Conversation, Message, PreferencePair, read_preference_pairs
 from tunelab.data.split import split_conversations
 from tunelab.data.tokenize import IGNORE_INDEX, TokenizedExample, tokenize_conversations
@@ -141,10 +140,7 @@ def prepare_preference_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase,
         "train_rows_used": len(train),
         "dropped_too_long": {"count": len(dropped) + len(val_dropped), "first": (dropped + val_dropped)[:5]},
         "validation_rows_used": len(validation),
-        "tokens_per_example": {"mean": statistics.fmean(lengths), "min": min(lengths), "max": max(lengths)},
-        "trained_tokens_per_example": {"mean": statistics.fmean(trained), "min": min(trained), "max": max(trained)},
-        "train_tokens": sum(lengths),
-        "train_trained_tokens": sum(trained),
+        **token_stats(lengths, trained),
     }
     return PreparedPairs(train_rows, val_all, test_rows, train, validation, report)
 
