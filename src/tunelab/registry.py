@@ -28,7 +28,6 @@ only on POSIX. (SQLite locking needs a local filesystem, not NFS: keep REGISTRY 
 from __future__ import annotations
 
 import getpass
-import hashlib
 import json
 import os
 import re
@@ -44,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.errors import TunelabError
+from tunelab.files import file_sha256
 from tunelab.gate import GateResult, eval_summary, gate  # noqa: F401 (re-exported: the registry's API)
 from tunelab.template_canary import tokenizer_identity
 
@@ -380,7 +380,7 @@ def _copy_verified(run_dir: Path, manifest: dict[str, Any], dest: Path) -> dict[
                                fix="restore the file, or retrain: the run changed after it finished")
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(run_dir / rel, dest / rel)
-        digest = _sha256_file(dest / rel)
+        digest = file_sha256(dest / rel)
         if digest != _dict(entry).get("sha256"):
             raise TunelabError(f"{rel} does not match its sha256 in {MANIFEST}: it changed after the run finished",
                                where=str(run_dir / rel),
@@ -422,14 +422,6 @@ def _write_json(path: Path, obj: Any) -> None:
 
 def _dict(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _now() -> str:

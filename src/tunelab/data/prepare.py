@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +14,7 @@ from tunelab.data.records import Conversation, read_conversations
 from tunelab.data.split import Split, split_conversations
 from tunelab.data.tokenize import TokenizedExample, tokenize_conversations
 from tunelab.errors import TunelabError
+from tunelab.files import file_sha256
 
 MIN_TRAIN_EXAMPLES = 1
 
@@ -26,14 +26,6 @@ class PreparedData:
     train: list[TokenizedExample]
     validation: list[TokenizedExample]
     report: dict[str, Any] = field(default_factory=dict)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def token_stats(lengths: list[int], trained: list[int]) -> dict[str, Any]:

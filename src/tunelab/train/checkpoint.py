@@ -17,7 +17,6 @@ last, so a directory without a manifest is an unfinished run and is never loaded
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -32,6 +31,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from tunelab.config import RunConfig
 from tunelab.errors import TunelabError
+from tunelab.files import file_sha256
 from tunelab.models import attention_for_device, load_model, resolve_model
 from tunelab.quantize import quantize_base
 from tunelab.template_canary import check_recorded_template
@@ -113,7 +113,7 @@ class RunDir:
     def write_manifest(self, extra: dict[str, Any]) -> None:
         """Last write of a run: lists every file, so its presence means the run is whole."""
         files = {
-            str(p.relative_to(self.path)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+            str(p.relative_to(self.path)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
             for p in sorted(self.path.rglob("*"))
             if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")
         }
@@ -126,14 +126,6 @@ def _parse(line: str) -> dict | None:
     except json.JSONDecodeError:
         return None
     return record if isinstance(record, dict) else None
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_run_config_for_resume(run_dir: Path) -> RunConfig:

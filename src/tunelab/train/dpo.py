@@ -47,11 +47,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tunelab.config import DataConfig
 from tunelab.data.batches import Batch, collate
-from tunelab.data.prepare import file_sha256, token_stats
+from tunelab.data.prepare import token_stats
 from tunelab.data.records import Conversation, Message, PreferencePair, read_preference_pairs
 from tunelab.data.split import split_conversations
 from tunelab.data.tokenize import IGNORE_INDEX, TokenizedExample, tokenize_conversations
 from tunelab.errors import TunelabError
+from tunelab.files import file_sha256
 from tunelab.train.loop import Precision, trained_logits
 
 PREFERENCE_FORMATS = ("dpo", "chosen_rejected")
