@@ -99,7 +99,8 @@ class TrainConfig(_Strict):
         1.0, description="Passes over the training rows (fractions allowed); 'auto' scales with the row count."
     )
     batch_size: int | Literal["auto"] = Field(
-        16, description="Examples per forward pass (micro-batch); 'auto' aims at ~1,024 tokens per micro-batch."
+        16, description="Examples per forward pass (micro-batch); 'auto' aims at ~1,024 tokens per micro-batch, "
+        "capped by what fits in memory (tunelab/train/memory.py)."
     )
     grad_accumulation: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     learning_rate: float | Literal["auto"] = Field(
@@ -129,6 +130,11 @@ class TrainConfig(_Strict):
     )
     pack_length: int | None = Field(
         None, ge=8, description="Tokens per packed row; None = batch_size x the mean example length."
+    )
+    parallel: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto",
+        description="Several processes: ddp replicates the model; fsdp shards weights, gradients and optimizer "
+        "state per decoder layer (full fine-tuning only). auto: fsdp for full fine-tuning, ddp for adapters.",
     )
     report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
         default_factory=list, description="Also send the per-step metrics there (the package must be installed)."

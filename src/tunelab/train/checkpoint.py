@@ -89,12 +89,21 @@ class RunDir:
     def save_adapter(self, model: PeftModel) -> None:
         self._save_dir("adapter", lambda tmp: model.save_pretrained(tmp, safe_serialization=True))
 
-    def save_trained(self, model: PeftModel | PreTrainedModel) -> None:
-        """The adapter (PEFT format) after LoRA, or the whole model (an HF folder, `model/`) after full tuning."""
+    def save_trained(self, model: PeftModel | PreTrainedModel, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """The adapter (PEFT format) after LoRA, or the whole model (an HF folder, `model/`) after full tuning.
+
+        `state_dict`: the whole weights when the model itself holds only shards (FSDP).
+        """
         if isinstance(model, PeftModel):
             self.save_adapter(model)
         else:
-            self._save_dir("model", lambda tmp: model.save_pretrained(tmp, safe_serialization=True))
+            self._save_dir("model", lambda tmp: model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True))
+
+    def load_saved_model(self) -> PreTrainedModel:
+        """The fully tuned model as saved in `model/` (fp32, like the weights that trained)."""
+        model = AutoModelForCausalLM.from_pretrained(self.path / "model", dtype=torch.float32,
+                                                     attn_implementation=attention_for_device())
+        return model.eval()
 
     def save_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> None:
         self._save_dir("tokenizer", lambda tmp: tokenizer.save_pretrained(tmp))

@@ -15,8 +15,17 @@ the WHOLE step (summed over processes with all_reduce), and DDP averages gradien
 over processes (divides by N); multiplying by N undoes that average, so the
 gradient is exactly that of the one big batch.
 
-Adapters (and full fine-tuning of a model that fits) use DistributedDataParallel;
-only rank 0 writes files. Backend: gloo on CPU, NCCL on CUDA.
+How the model is spread (`train.parallel`). Adapters use DistributedDataParallel:
+every process holds the whole frozen base and the small adapter, and gradients are
+averaged. Full fine-tuning uses FSDP (torch's `fully_shard`, "FSDP2"): each decoder
+layer's weights, gradients and AdamW moments are split across the processes, and a
+layer's full weights exist only while it runs, so a model whose full training state
+does not fit one device can still be trained. The embeddings, final norm and (tied)
+LM head form the root group, gathered for each step's forward.
+
+Only rank 0 writes files; checkpoints are gathered to full tensors first (every
+process takes part), so a checkpoint is the same file whatever the number of
+processes or the parallelism. Backend: gloo on CPU, NCCL on CUDA.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ import torch.distributed as dist
 from torch import nn
 
 from tunelab.data.batches import Batch
+from tunelab.errors import TunelabError
 from tunelab.train.loop import token_loss_sum
 
 
@@ -136,18 +146,115 @@ class DpoLoss(TokenLoss):
                           "chosen_reward": stats.chosen_reward, "rejected_reward": stats.rejected_reward}
 
 
-def wrap(model: nn.Module, world: World, dpo_beta: float | None = None) -> nn.Module:
-    """A callable loss module (SFT, or DPO when `dpo_beta` is given): DDP-wrapped when several processes train."""
+def wrap(model: nn.Module, world: World, dpo_beta: float | None = None, shard: bool = False) -> nn.Module:
+    """A callable loss module (SFT, or DPO when `dpo_beta` is given).
+
+    One process: the plain module. Several: DDP-wrapped, or with `shard` fully sharded
+    (FSDP2) per decoder layer. Sharding replaces the model's parameters by DTensors in
+    place, so the optimizer must be built after this call.
+    """
     module = TokenLoss(model) if dpo_beta is None else DpoLoss(model, dpo_beta)
     if not world.active:
         return module
+    if shard:
+        return _fully_shard(module, model)
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(module, device_ids=None if not torch.cuda.is_available() else [torch.cuda.current_device()])
 
 
+def _fully_shard(module: nn.Module, model: nn.Module) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    # transformers names the blocks that must not be split across devices: exactly the units to shard.
+    blocks = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in blocks]
+    if not layers:
+        raise TunelabError(
+            f"cannot shard {type(model).__name__}: it names no decoder-layer class (_no_split_modules)",
+            fix="train it with train.parallel: ddp",
+        )
+    for layer in layers:
+        fully_shard(layer)
+    fully_shard(module)  # the root: embeddings, final norm, LM head (tied to the embeddings in SmolLM2)
+    return module
+
+
+def is_sharded(module: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind a sharded parameter or optimizer state (a collective: every process calls it)."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's whole state dict from its shards (every process calls it; tied weights stay one tensor)."""
+    # Tied weights (the embeddings and the LM head) are one Parameter object: gather it once (state_dict()
+    # detaches, so its values cannot be compared by identity; the parameters themselves can).
+    param_of = {name: id(p) for name, p in model.named_parameters(remove_duplicate=False)}
+    whole: dict[object, torch.Tensor] = {}
+    out = {}
+    for name, value in model.state_dict(keep_vars=True).items():
+        key = param_of.get(name, name)
+        if key not in whole:  # the same decision on every process, so the collectives line up
+            whole[key] = full_tensor(value.detach())
+        out[name] = whole[key]
+    return out
+
+
+def shard_like(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`value` (a whole tensor, the same on every process) split the way `like` is; unchanged when `like` is not sharded."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(like, DTensor):
+        return value
+    return distribute_tensor(value.to(like.dtype), like.device_mesh, like.placements)
+
+
+@contextlib.contextmanager
+def gathered(loss_module: nn.Module):
+    """Within `with`: the root group's weights are whole, so the model can be called outside the loss module.
+
+    Validation calls the model's body and head directly; under FSDP the root's
+    embeddings and head are only gathered by the root's own forward, so gather them
+    here (the decoder layers gather themselves).
+    """
+    if not is_sharded(loss_module):
+        yield
+        return
+    loss_module.unshard()
+    try:
+        yield
+    finally:
+        loss_module.reshard()
+
+
+def all_gather_tensor(tensor: torch.Tensor, world: World) -> list[torch.Tensor]:
+    """Every process's copy of a same-shaped CPU tensor, by rank (e.g. each one's RNG state)."""
+    if not world.active:
+        return [tensor]
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    local = tensor.to(device)
+    out = [torch.empty_like(local) for _ in range(world.size)]
+    dist.all_gather(out, local)
+    return [t.cpu() for t in out]
+
+
 def sync_gradients(loss_module: nn.Module, last: bool) -> contextlib.AbstractContextManager:
-    """Accumulation: only the step's last micro-batch all-reduces gradients (DDP's no_sync for the others)."""
+    """Accumulation: only the step's last micro-batch reduces gradients across processes.
+
+    DDP: `no_sync()` for the others. FSDP: gradient sync switched off for them (the
+    unsharded gradients accumulate locally) and back on for the last.
+    """
+    if is_sharded(loss_module):
+        loss_module.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
     if last or not hasattr(loss_module, "no_sync"):
         return contextlib.nullcontext()
     return loss_module.no_sync()

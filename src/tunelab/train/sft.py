@@ -40,7 +40,7 @@ from tunelab.template_canary import record_template
 from tunelab.train import auto
 from tunelab.train.dpo import PairBatch, PreparedPairs, TokenizedPair, collate_pairs, prepare_preference_data, require_adapter
 from tunelab.train.auto import Choice
-from tunelab.errors import Interrupted
+from tunelab.errors import Interrupted, TunelabError
 from tunelab.train.checkpoint import MANIFEST, RunDir
 from tunelab.train.early_stop import EarlyStopping
 from tunelab.train.resume import (
@@ -165,6 +165,11 @@ class Setup:
     choices: dict[str, Choice]  # why each hyperparameter has its value
     world: World
     timings: dict[str, float]
+    loss_module: torch.nn.Module  # what a step calls: the model's loss, DDP-wrapped or FSDP-sharded under several processes
+
+    @property
+    def sharded(self) -> bool:
+        return distributed.is_sharded(self.loss_module)
 
     def collate(self, examples: list[Example]) -> Batch | PairBatch:
         """A micro-batch's tensors: padded rows, or packed rows (train.packing) holding the same examples."""
@@ -175,7 +180,10 @@ class Setup:
             from tunelab.data.pack import collate_packed
 
             return collate_packed(examples, self.tokenizer.pad_token_id, self.pack_length)
-        return collate(examples, self.tokenizer.pad_token_id)
+        # FSDP: no shared-prefix pass. Its decoder layers run twice per step, and the prefix's output lives
+        # only in the KV cache, where FSDP's pre-backward hook never sees it: backward would find the layer's
+        # gathered weights already freed.
+        return collate(examples, self.tokenizer.pad_token_id, share_prefix=not self.sharded)
 
     @property
     def pack_length(self) -> int:
@@ -195,6 +203,17 @@ class Setup:
         return batches, weights
 
 
+def choose_parallel(cfg: RunConfig, world: World) -> bool:
+    """Whether to shard (FSDP) rather than replicate (DDP); an impossible choice is an error before loading."""
+    p = cfg.train.parallel
+    if p == "fsdp" and cfg.tuning != "full":
+        raise TunelabError(
+            "train.parallel: fsdp shards full fine-tuning, but this run trains an adapter (tuning: lora)",
+            fix="use train.parallel: ddp (or auto) for adapters, or tuning: full",
+        )
+    return world.active and (p == "fsdp" or (p == "auto" and cfg.tuning == "full"))
+
+
 def setup(cfg: RunConfig, console: Console, world: World = World()) -> Setup:
     """Model, data, adapter, schedule: each choice said in the run log."""
     t = cfg.train
@@ -207,6 +226,7 @@ def setup(cfg: RunConfig, console: Console, world: World = World()) -> Setup:
     console.print(f"[bold]precision[/]: {precision.reason}")
     # Before loading anything: an unavailable method or an impossible combination is a TunelabError.
     require_quantization(cfg.lora.quantize_base, precision.device, tuning=cfg.tuning, use_dora=cfg.lora.use_dora)
+    shard = choose_parallel(cfg, world)
     resolved = resolve_model(cfg.model)
     # Full tuning trains the weights themselves, so they are fp32 (autocast computes in bf16);
     # a frozen base is stored in the compute dtype.
@@ -226,7 +246,9 @@ def setup(cfg: RunConfig, console: Console, world: World = World()) -> Setup:
     timings["tokenize"] = time.perf_counter() - started
     rep = data.report
     t, choices = auto.resolve(t, len(data.train), rep["tokens_per_example"]["mean"], cfg.tuning, cfg.lora.rank,
-                              cfg.lora.use_rslora)
+                              cfg.lora.use_rslora, model=model, lora=cfg.lora, bf16=precision.bf16,
+                              max_tokens=rep["tokens_per_example"]["max"],
+                              max_trained_tokens=rep["trained_tokens_per_example"]["max"])
     cfg = cfg.model_copy(update={"train": t})
     for name, choice in choices.items():
         if choice.why != "set in the config":
@@ -259,6 +281,12 @@ def setup(cfg: RunConfig, console: Console, world: World = World()) -> Setup:
     stream = epoch_stream(data.train, t.batch_size * world.size, t.epochs, t.seed)
     steps = math.ceil(len(stream) / t.grad_accumulation)
     warmup = round(t.warmup_ratio * steps)
+    # The loss module before the optimizer: FSDP replaces the parameters by their shards.
+    loss_module = distributed.wrap(model, world, cfg.dpo.beta if cfg.objective == "dpo" else None, shard=shard)
+    if world.active:
+        console.print(f"[bold]parallel[/]: {world.size} processes, " + (
+            "FSDP: weights, gradients and AdamW state sharded per decoder layer" if shard
+            else "DDP: the model replicated, gradients averaged"))
     optimizer, scheduler = make_optimizer(model, t.learning_rate, t.weight_decay, steps, warmup, t.schedule)
     pack = collate_pairs if cfg.objective == "dpo" else collate
     val_batches = [
@@ -271,7 +299,7 @@ def setup(cfg: RunConfig, console: Console, world: World = World()) -> Setup:
         f"lr {t.learning_rate:g} (warmup {warmup}, {t.schedule}), {t.epochs:g} epoch(s)"
     )
     s = Setup(model, tokenizer, data, precision, resolved, stream, steps, optimizer, scheduler, val_batches,
-              cfg, choices, world, timings)
+              cfg, choices, world, timings, loss_module)
     if t.packing:
         console.print(f"[bold]packing[/]: the examples of each micro-batch in rows of at most {s.pack_length} tokens")
     return s
@@ -293,7 +321,7 @@ def train(cfg: RunConfig, console: Console | None = None, resume: Path | None = 
     model, tokenizer, data, precision, steps = s.model, s.tokenizer, s.data, s.precision, s.steps
     optimizer, scheduler, val_batches = s.optimizer, s.scheduler, s.val_batches
     resolved, rep = s.resolved, data.report
-    loss_module = distributed.wrap(model, world, cfg.dpo.beta if cfg.objective == "dpo" else None)  # DDP if several
+    loss_module = s.loss_module
 
     start = 0
     if resume is None:
@@ -314,7 +342,7 @@ def train(cfg: RunConfig, console: Console | None = None, resume: Path | None = 
         run = RunDir(resume)
         checkpoints = complete_checkpoints(run.path)
         if checkpoints:
-            start = load_checkpoint(checkpoints[-1], model, optimizer, scheduler)
+            start = load_checkpoint(checkpoints[-1], model, optimizer, scheduler, world)
         if world.is_main:
             (run.path / MANIFEST).unlink(missing_ok=True)  # the run changes again: not whole until re-finished
             run.truncate_metrics(after_step=start)  # steps past the checkpoint are redone, so logged again
@@ -344,9 +372,9 @@ def train(cfg: RunConfig, console: Console | None = None, resume: Path | None = 
                 torch.tensor([sum(b.trained_tokens * w for b, w in zip(group, weights))]), world).item())
             grad_norm = None
             if t.max_grad_norm is not None:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(
+                grad_norm = float(distributed.full_tensor(torch.nn.utils.clip_grad_norm_(
                     [p for p in model.parameters() if p.requires_grad], t.max_grad_norm
-                ))
+                )))
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -364,7 +392,7 @@ def train(cfg: RunConfig, console: Console | None = None, resume: Path | None = 
             }
             improved = False
             if t.eval_every and step % t.eval_every == 0 and step < steps and data.validation:
-                record.update(validate(model, val_batches, precision, world, cfg))
+                record.update(validate(s, model))
                 improved = early.update(step, record["val_loss"])
                 console.print(f"step {step}: {describe_validation(record)}{' (best)' if improved else ''}")
             if world.is_main:
@@ -374,9 +402,9 @@ def train(cfg: RunConfig, console: Console | None = None, resume: Path | None = 
             progress.update(task, advance=1, loss=loss, tps=real_tokens / train_seconds)
             stop_requested = distributed.any_process(stop.requested is not None, world)
             if (step == steps or (t.checkpoint_every and step % t.checkpoint_every == 0) or stop_requested
-                    or improved or early.should_stop) and world.is_main:
-                save_checkpoint(run.path, step, model, optimizer, scheduler, t.keep_checkpoints)
-                if improved:
+                    or improved or early.should_stop):
+                save_checkpoint(run.path, step, model, optimizer, scheduler, t.keep_checkpoints, world)  # every rank
+                if improved and world.is_main:
                     mark_best(run.path, step, record["val_loss"])
             if early.should_stop:
                 console.print(
@@ -398,16 +426,20 @@ def train(cfg: RunConfig, console: Console | None = None, resume: Path | None = 
     if early.patience and early.best_step is not None:  # early stopping keeps the best weights, not the last
         load_weights(best_checkpoint(run.path), model)
         console.print(f"[bold]weights[/]: the best checkpoint, step {early.best_step}")
-    final_val = validate(model, val_batches, precision, world, cfg) if data.validation else None
+    final_val = validate(s, model) if data.validation else None
     if final_val is not None:
         console.print(f"[bold]validation[/]: {describe_validation(final_val)}")
     model.eval()
+    # Sharded weights are gathered whole (every process takes part) for rank 0 to save.
+    state = distributed.full_state_dict(model) if s.sharded else None
     if world.is_main:
         if final_val is not None:
             run.append_metrics({"step": last_step, **final_val})
-        run.save_trained(model)
+        run.save_trained(model, state_dict=state)
         run.save_tokenizer(tokenizer)
         export.close()
+        if s.sharded:  # rank 0 goes on alone (evaluation): the saved model, whole, instead of its shards
+            model = run.load_saved_model()
     return TrainResult(
         run=run, model=model, tokenizer=tokenizer, data=data, precision=precision, resolved=resolved,
         train_seconds=train_seconds, tokens_per_second=real_tokens / max(train_seconds, 1e-9),
@@ -417,10 +449,15 @@ def train(cfg: RunConfig, console: Console | None = None, resume: Path | None = 
     )
 
 
-def validate(
+def validate(s: Setup, model: torch.nn.Module) -> dict[str, float]:
+    """Validation over every process's share of the rows: loss and token accuracy (DPO: loss and rewards)."""
+    with distributed.gathered(s.loss_module):  # FSDP: the root's embeddings and head whole for the direct calls
+        return _validate(model, s.val_batches, s.precision, s.world, s.cfg)
+
+
+def _validate(
     model: torch.nn.Module, val_batches: list[Batch | PairBatch], precision: Precision, world: World, cfg: RunConfig
 ) -> dict[str, float]:
-    """Validation over every process's share of the rows: loss and token accuracy (DPO: loss and rewards)."""
     if cfg.objective == "dpo":
         # dpo_validation returns means; weight them by this process's pairs so processes can add them up.
         pairs = sum(b.pairs for b in val_batches)
