@@ -5,6 +5,10 @@
     batch_size     about 1,024 real tokens per micro-batch, a power of two in [1, 32]:
                    on this project's 2-core AMX CPU, batch 32 of 36-token rows trained at
                    767 tokens/s against 628 at batch 16 (larger matmuls, same memory class).
+                   Then capped by memory: the batch of the longest rows must fit in 70% of
+                   the memory free where the model is (tunelab.train.memory estimates it);
+                   if not even one row fits, a TunelabError says what to change. A batch
+                   set in the config is kept, with a warning in the run log if it may not fit.
     learning_rate  LoRA / DoRA: 1e-3 at batch 16, scaled with sqrt(batch / 16), at most 2e-3.
                    Measured on Banking77: 1e-3 at batch 16 -> 86.8%, 2e-3 at batch 32 -> 86.2%.
                    The rank does not enter: with alpha = 2 x rank (our default) the update's
@@ -19,12 +23,18 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from tunelab.config import TrainConfig
+import torch
+
+from tunelab.config import LoraConfig, TrainConfig
+from tunelab.errors import TunelabError
+from tunelab.train.memory import Available, MemoryEstimate, available_memory, estimate_training_memory
 
 EXAMPLE_PASSES = (3_000, 25_000)  # the range examples x epochs is brought into
 DEFAULT_EPOCHS = 3
 TOKENS_PER_MICRO_BATCH = 1_024
 MAX_BATCH = 32
+MEMORY_FRACTION = 0.7  # of the free memory a batch may plan on: the estimate is approximate, others run too
+SET_IN_CONFIG = "set in the config"
 
 
 @dataclass(frozen=True)
@@ -44,11 +54,61 @@ def choose_epochs(rows: int) -> Choice:
     return Choice(DEFAULT_EPOCHS, f"{rows:,} rows x {DEFAULT_EPOCHS} epochs is within {low:,}-{high:,} example passes")
 
 
-def choose_batch_size(mean_tokens: float) -> Choice:
+def choose_batch_size(mean_tokens: float, memory: MemoryEstimate | None = None,
+                      available: Available | None = None) -> Choice:
+    """The speed target, then (given an estimate and the free memory) the cap of what fits."""
     fit = max(1, int(TOKENS_PER_MICRO_BATCH // max(mean_tokens, 1)))
     batch = min(MAX_BATCH, 2 ** int(math.log2(fit)))
-    return Choice(batch, f"~{TOKENS_PER_MICRO_BATCH:,} tokens per micro-batch at {mean_tokens:.0f} tokens/example "
-                         f"(power of two, at most {MAX_BATCH})")
+    why = f"~{TOKENS_PER_MICRO_BATCH:,} tokens per micro-batch at {mean_tokens:.0f} tokens/example -> {batch} " \
+          f"(power of two, at most {MAX_BATCH})"
+    if memory is None or available is None:
+        return Choice(batch, why)
+    largest, room = _fits(memory, available)
+    if largest < 1:
+        raise TunelabError(
+            f"not even batch 1 fits in memory: {_describe(memory)} needs {_size(memory.total(1))}, more than "
+            f"{MEMORY_FRACTION:.0%} of {room}",
+            fix="lower data.max_length (the longest rows set the estimate), set lora.quantize_base: int8 "
+                "(or nf4), use tuning: lora instead of full, or a lower lora.rank",
+        )
+    why += f"; memory: {_describe(memory)} fits {largest:,} in {MEMORY_FRACTION:.0%} of {room}"
+    if largest < batch:
+        batch = 2 ** int(math.log2(largest))
+        why += f" -> {batch}"
+    return Choice(batch, why)
+
+
+def check_batch_size(batch: int, memory: MemoryEstimate, available: Available) -> Choice:
+    """A batch set in the config is kept; the reason says so, and warns when the estimate says it may not fit."""
+    largest, room = _fits(memory, available)
+    if batch <= largest:
+        return Choice(batch, SET_IN_CONFIG)
+    return Choice(batch, f"{SET_IN_CONFIG}; WARNING: it may not fit in memory: {_describe(memory)} fits "
+                         f"{largest:,} in {MEMORY_FRACTION:.0%} of {room}; lower train.batch_size (and raise "
+                         "train.grad_accumulation to keep the step's examples) or data.max_length")
+
+
+def _fits(memory: MemoryEstimate, available: Available) -> tuple[int, str]:
+    """The largest batch that fits, and the memory it was fitted into, in words.
+
+    The weights are loaded already, on the device whose free memory `available` is: they count as room.
+    """
+    room = available.bytes + memory.weights
+    largest = memory.largest_batch(MEMORY_FRACTION * room)
+    return largest, f"{_size(room)} ({available.source} + the loaded weights)"
+
+
+def _describe(memory: MemoryEstimate) -> str:
+    return f"{_size(memory.fixed)} fixed + {_size(memory.per_example)} per example at {memory.length:,} tokens"
+
+
+def _size(n: float) -> str:
+    """Bytes in words: 1.9 GB, 41 MB, 2.5 MB, 18 kB."""
+    if n >= 1e9:
+        return f"{n / 1e9:.1f} GB"
+    if n >= 1e6:
+        return f"{n / 1e6:.0f} MB" if n >= 1e7 else f"{n / 1e6:.1f} MB"
+    return f"{n / 1e3:.0f} kB"
 
 
 def choose_learning_rate(batch_size: int, tuning: str = "lora", rank: int = 16, rslora: bool = False) -> Choice:
@@ -65,13 +125,29 @@ def choose_learning_rate(batch_size: int, tuning: str = "lora", rank: int = 16, 
 
 
 def resolve(train: TrainConfig, rows: int, mean_tokens: float, tuning: str = "lora", rank: int = 16,
-            rslora: bool = False) -> tuple[TrainConfig, dict[str, Choice]]:
-    """A copy of `train` with every 'auto' replaced, and the reason for each value (auto or not)."""
+            rslora: bool = False, *, model: torch.nn.Module | None = None, max_tokens: int | None = None,
+            max_trained_tokens: int | None = None, lora: LoraConfig | None = None,
+            bf16: bool = False) -> tuple[TrainConfig, dict[str, Choice]]:
+    """A copy of `train` with every 'auto' replaced, and the reason for each value (auto or not).
+
+    With `model` (loaded, before LoRA or unfreezing) and the data's longest row (`max_tokens`, and the most
+    trained tokens in a row), the batch is also fitted to memory: see `choose_batch_size`.
+    """
+    memory = available = None
+    if model is not None and max_tokens is not None:
+        memory = estimate_training_memory(model, max_tokens, max_trained_tokens or max_tokens, tuning=tuning,
+                                          lora=lora or LoraConfig(rank=rank, use_rslora=rslora), bf16=bf16)
+        available = available_memory(next(model.parameters()).device)
     choices: dict[str, Choice] = {}
-    epochs = choose_epochs(rows) if train.epochs == "auto" else Choice(train.epochs, "set in the config")
-    batch = choose_batch_size(mean_tokens) if train.batch_size == "auto" else Choice(train.batch_size, "set in the config")
+    epochs = choose_epochs(rows) if train.epochs == "auto" else Choice(train.epochs, SET_IN_CONFIG)
+    if train.batch_size == "auto":
+        batch = choose_batch_size(mean_tokens, memory, available)
+    elif memory is not None and available is not None:
+        batch = check_batch_size(train.batch_size, memory, available)
+    else:
+        batch = Choice(train.batch_size, SET_IN_CONFIG)
     lr = (choose_learning_rate(int(batch.value), tuning, rank, rslora) if train.learning_rate == "auto"
-          else Choice(train.learning_rate, "set in the config"))
+          else Choice(train.learning_rate, SET_IN_CONFIG))
     choices.update(epochs=epochs, batch_size=batch, learning_rate=lr)
     resolved = train.model_copy(update={"epochs": float(epochs.value), "batch_size": int(batch.value),
                                         "learning_rate": float(lr.value)})
