@@ -2,6 +2,7 @@
 
     .venv/bin/pip install trl                      # only the benchmark needs it
     .venv/bin/python bench/train_throughput.py --steps 10 --json out.json
+    .venv/bin/python bench/train_throughput.py --method lora,dora,int8,nf4,packed --steps 10
 
 Work, identical on both sides: SmolLM2-135M-Instruct (bf16 weights where the CPU has
 AMX), the first rows of tunelab's Banking77 train split as conversational
@@ -10,24 +11,57 @@ LoRA r=16 alpha=32 dropout 0 on all linear layers, AdamW lr 2e-4, batch --batch
 examples, max length 128, --warmup steps not timed, then --steps timed steps.
 
 TRL is given its best fair settings on this CPU: bf16 autocast (bf16=True), no
-gradient checkpointing (TRL 1.x turns it on by default; memory is ample here), no
-padding-free packing (it needs flash attention, which a CPU does not have).
+gradient checkpointing (TRL 1.x turns it on by default; memory is ample here).
+Except for `packed`, both sides train on padded rows.
 
-Each side runs in its own subprocess (so peak RSS is that side's alone); rounds
-alternate tunelab, TRL, tunelab, TRL, and each side's best round is reported.
-Tokens/s counts real (non-padding) input tokens of the timed steps, on both sides.
+--method (repeatable or comma-separated; default lora) picks what both sides do, one
+result row each; a method is a branch of each side's model setup or collate:
 
-MFU: model FLOPs per real token are counted with one formula for both sides:
-4 x (non-embedding parameters) for a frozen base with LoRA (forward + input gradient;
-no weight gradient), plus 4 x LM-head parameters x the share of tokens that carry a
-loss (the head is only needed there), plus attention 4 x layers x T x d_model.
-The bf16 and fp32 matmul peaks are measured in the same run (2048^3 matmuls).
+    lora     the work above.
+    dora     LoRA with use_dora=True on both sides (PEFT's DoRA).
+    int8     a frozen 8-bit base. tunelab: its built-in int8 (Int8Linear: int8 weights, one
+             scale per row; load_model + quantize_base, as sft.setup does). TRL: the model
+             loaded with BitsAndBytesConfig(load_in_8bit=True), what a TRL user does for an
+             8-bit base (bitsandbytes LLM.int8 Linear8bitLt; it trains on CPU with
+             bitsandbytes 0.50.2. Where it cannot, the row says "failed" with the error,
+             never a number).
+    nf4      a frozen 4-bit NormalFloat base (QLoRA), bitsandbytes on both sides, the same
+             BitsAndBytesConfig as tunelab's loader: nf4, double-quantized scales, compute
+             dtype bf16 where the CPU has AMX (else fp32).
+             For int8 and nf4, TRL casts the LoRA weights of a quantized model to bf16 (the
+             QLoRA paper's recipe); tunelab keeps them fp32. The LM head stays unquantized
+             on both sides.
+    packed   padding-free packing. tunelab: each step's examples collated by collate_packed
+             into rows of pack_length = max(max_length, ceil(batch x mean tokens / 4)), as
+             Setup.pack_length computes it. TRL: SFTConfig(packing=True) (strategy "bfd": the
+             dataset is packed into sequences of at most max_length tokens, and each batch is
+             flattened into one padding-free row with position_ids and no attention mask;
+             transformers derives a block-diagonal causal mask from the position_ids, so it
+             runs without flash attention, with SDPA's dense masked attention over the row).
+             TRL's batch counts packed sequences of max_length tokens, so TRL gets
+             per_device_train_batch_size = max(1, round(batch x mean tokens / max_length)):
+             both sides take about the same tokens per step.
+
+Each side runs in its own subprocess (so peak RSS is that side's alone); for each method
+the sides alternate tunelab, TRL, and with --rounds the methods repeat in turn; each
+side's best round is reported. Tokens/s counts real (non-padding) input tokens of the
+timed steps, on both sides (trained tokens/s: tokens that carry the loss).
+
+MFU counts model FLOPs, not executed FLOPs, with one formula for both sides:
+4 x (the parameters of every linear layer, the LM head included and counted once though
+it is tied to the embeddings) per token, for a frozen base with LoRA (forward + input
+gradient, no weight gradient; the adapters are negligible), plus attention
+4 x layers x T x d_model, T the mean tokens per example. It ignores that tunelab computes
+the head only at trained positions and a shared prompt prefix once per batch: skipped
+work counts as done. The bf16 and fp32 matmul peaks are measured in the same run
+(2048^3 matmuls); MFU is against the bf16 peak.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import resource
@@ -39,6 +73,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 SYSTEM = "Classify the intent."
+MAX_LENGTH = 128
+METHODS = ("lora", "dora", "int8", "nf4", "packed")
 
 
 def _rows(n: int):
@@ -55,31 +91,49 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def _mean_tokens(tokenizer, rows) -> float:
+    """Mean tokens per example under the chat template: what both sides' packing is sized by."""
+    from tunelab.data.tokenize import tokenize_conversations
+
+    examples, _ = tokenize_conversations(tokenizer, rows, max_length=MAX_LENGTH)
+    return sum(e.length for e in examples) / len(examples)
+
+
 def run_tunelab(args: argparse.Namespace) -> dict:
     import torch
 
     from tunelab.config import LoraConfig
     from tunelab.data.batches import collate
+    from tunelab.data.pack import collate_packed
     from tunelab.data.tokenize import tokenize_conversations
     from tunelab.models import attach_lora, load_model, resolve_model
+    from tunelab.quantize import quantize_base
     from tunelab.train.loop import choose_precision, make_optimizer
     from tunelab.train.sft import backward_on, epoch_stream
 
     torch.manual_seed(0)
     precision = choose_precision("auto")
-    model, tokenizer = load_model(resolve_model("smollm2-135m-instruct"), dtype=precision.weights_dtype)
+    quantize = args.method if args.method in ("int8", "nf4") else "none"
+    model, tokenizer = load_model(resolve_model("smollm2-135m-instruct"), dtype=precision.weights_dtype,
+                                  quantize=quantize)
+    quantize_base(model, quantize, precision.weights_dtype)  # int8: here, in place; nf4: done while loading
     model.config.use_cache = False
-    model = attach_lora(model, LoraConfig(rank=16, alpha=32))
+    model = attach_lora(model, LoraConfig(rank=16, alpha=32, use_dora=args.method == "dora"))
     total = args.warmup + args.steps
-    examples, _ = tokenize_conversations(tokenizer, _rows(total * args.batch), max_length=128)
+    examples, _ = tokenize_conversations(tokenizer, _rows(total * args.batch), max_length=MAX_LENGTH)
+    mean = sum(e.length for e in examples) / len(examples)
+    pack_length = max(MAX_LENGTH, math.ceil(args.batch * mean / 4))  # as Setup.pack_length
     stream = epoch_stream(examples, args.batch, 1.0, seed=0)
     optimizer, scheduler = make_optimizer(model, 2e-4, 0.0, total, 0)
     model.train()
-    tokens = trained = 0
+    tokens = trained = counted = 0
     for step, micro in enumerate(stream[:total]):
         if step == args.warmup:
             started = time.perf_counter()
-        batch = collate(micro, tokenizer.pad_token_id)
+        if args.method == "packed":
+            batch = collate_packed(micro, tokenizer.pad_token_id, pack_length)
+        else:
+            batch = collate(micro, tokenizer.pad_token_id)
         backward_on(model, [batch], precision)
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         optimizer.step()
@@ -88,15 +142,17 @@ def run_tunelab(args: argparse.Namespace) -> dict:
         if step >= args.warmup:
             tokens += batch.real_tokens
             trained += batch.trained_tokens
+            counted += len(micro)
     seconds = time.perf_counter() - started
-    return {"seconds": seconds, "tokens": tokens, "trained_tokens": trained, "peak_rss_mb": _peak_rss_mb()}
+    return {"seconds": seconds, "tokens": tokens, "trained_tokens": trained, "examples": counted,
+            "peak_rss_mb": _peak_rss_mb(), "setting": f"pack_length {pack_length}" if args.method == "packed" else ""}
 
 
 def run_trl(args: argparse.Namespace) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     from tunelab.models import resolve_model
@@ -106,33 +162,48 @@ def run_trl(args: argparse.Namespace) -> dict:
     precision = choose_precision("auto")
     path = resolve_model("smollm2-135m-instruct").path
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=precision.weights_dtype)
+    quantization = None
+    if args.method == "int8":
+        quantization = BitsAndBytesConfig(load_in_8bit=True)
+    elif args.method == "nf4":  # the same config as tunelab.quantize.quantization_config
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                          bnb_4bit_compute_dtype=precision.weights_dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=precision.weights_dtype, quantization_config=quantization)
     total = args.warmup + args.steps
     rows = _rows(total * args.batch)
+    batch, setting = args.batch, ""
+    if args.method == "packed":  # TRL's batch is packed sequences of max_length tokens: about the same tokens per step
+        batch = max(1, round(args.batch * _mean_tokens(tokenizer, rows) / MAX_LENGTH))
+        setting = f"batch {batch} packed sequences of <= {MAX_LENGTH} tokens"
+        # A packed sequence holds whole examples only (bfd), so fewer tokens than max_length: spare rows keep
+        # the timed steps from reaching the end of the data (a short last batch, then a new epoch).
+        rows = _rows(2 * total * args.batch)
     data = Dataset.from_list([
         {"prompt": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": r.prompt_messages[-1].content}],
          "completion": [{"role": "assistant", "content": r.answer}]}
         for r in rows
     ])
     config = SFTConfig(
-        output_dir=str(Path(args.tmp) / "trl"), per_device_train_batch_size=args.batch, max_steps=total,
-        learning_rate=2e-4, lr_scheduler_type="constant", max_length=128, bf16=precision.bf16, use_cpu=True,
+        output_dir=str(Path(args.tmp) / "trl"), per_device_train_batch_size=batch, max_steps=total,
+        learning_rate=2e-4, lr_scheduler_type="constant", max_length=MAX_LENGTH, bf16=precision.bf16, use_cpu=True,
         gradient_checkpointing=False, report_to="none", save_strategy="no", logging_steps=1000,
-        dataloader_num_workers=0, seed=0,
+        dataloader_num_workers=0, seed=0, packing=args.method == "packed",
     )
-    peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM",
+                             use_dora=args.method == "dora")
     trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
                          peft_config=peft_config)
 
-    counts = {"tokens": 0, "trained": 0, "batches": 0}
+    per_batch: list[tuple[int, int, int]] = []  # (tokens, trained tokens, examples) of each batch, in order
     collate = trainer.data_collator
 
     def counting_collator(features):  # counts what each step really consumes
         batch = collate(features)
-        counts["batches"] += 1
-        if counts["batches"] > args.warmup:
-            counts["tokens"] += int(batch["attention_mask"].sum())
-            counts["trained"] += int((batch["labels"][:, 1:] != -100).sum())
+        if "attention_mask" in batch:
+            tokens, examples = int(batch["attention_mask"].sum()), len(batch["input_ids"])
+        else:  # padding-free (packing): one row of real tokens; each example restarts its position_ids at 0
+            tokens, examples = batch["input_ids"].numel(), int((batch["position_ids"] == 0).sum())
+        per_batch.append((tokens, int((batch["labels"][:, 1:] != -100).sum()), examples))
         return batch
 
     trainer.data_collator = counting_collator
@@ -149,8 +220,11 @@ def run_trl(args: argparse.Namespace) -> dict:
 
     trainer.add_callback(Clock())
     trainer.train()
-    return {"seconds": clock["end"] - clock["start"], "tokens": counts["tokens"], "trained_tokens": counts["trained"],
-            "peak_rss_mb": _peak_rss_mb()}
+    # Batches warmup..total-1 are the timed steps' (accelerate's loader collates one batch ahead, so
+    # per_batch may hold one more, never trained on).
+    tokens, trained, examples = (sum(x) for x in zip(*per_batch[args.warmup : total]))
+    return {"seconds": clock["end"] - clock["start"], "tokens": tokens, "trained_tokens": trained,
+            "examples": examples, "peak_rss_mb": _peak_rss_mb(), "setting": setting}
 
 
 def matmul_peak_gflops(dtype_name: str, n: int = 2048, repeats: int = 10) -> float:
@@ -165,21 +239,76 @@ def matmul_peak_gflops(dtype_name: str, n: int = 2048, repeats: int = 10) -> flo
     return 2 * n**3 * repeats / (time.perf_counter() - started) / 1e9
 
 
-def flops_per_token(trained_share: float, mean_length: float) -> float:
-    from transformers import AutoConfig
+def flops_per_token(mean_length: float) -> float:
+    """Model FLOPs per token, frozen base + LoRA: 4 x linear parameters (head once) + attention 4 x layers x T x d."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from tunelab.models import resolve_model
 
     cfg = AutoConfig.from_pretrained(resolve_model("smollm2-135m-instruct").path)
-    d, layers, inter = cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size
-    kv = cfg.num_key_value_heads * (d // cfg.num_attention_heads)
-    body = layers * (2 * d * d + 2 * d * kv + 3 * d * inter)  # q, o, k, v, gate, up, down
-    head = d * cfg.vocab_size
-    return 4 * body + 4 * head * trained_share + 4 * layers * mean_length * d
+    with torch.device("meta"):  # shapes only, no memory
+        model = AutoModelForCausalLM.from_config(cfg)
+    # The LM head is an nn.Linear whose weight is the embedding matrix (tied): counted here once, as the head.
+    linear = sum(p.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) for p in m.parameters())
+    return 4 * linear + 4 * cfg.num_hidden_layers * mean_length * cfg.hidden_size
+
+
+def run_side(side: str, method: str, args: argparse.Namespace) -> dict:
+    """One side's run in its own process: its result, or {"error": why} (the last lines of its stderr)."""
+    cmd = [sys.executable, __file__, "--side", side, "--method", method, "--steps", str(args.steps),
+           "--warmup", str(args.warmup), "--batch", str(args.batch)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if line is None:
+        lines = [x for x in out.stderr.strip().splitlines() if x.strip()]
+        return {"error": " | ".join(lines[-3:]) or f"exit status {out.returncode}"}
+    r = json.loads(line[len("RESULT "):])
+    r["tokens_per_s"] = r["tokens"] / r["seconds"]
+    return r
+
+
+def summarize(ours: dict, trl: dict, bf16_peak: float) -> dict:
+    """One method's row: both sides' numbers and the ratios (None where a side failed)."""
+    ok = [r for r in (ours, trl) if "error" not in r]
+    fpt = flops_per_token(sum(r["tokens"] for r in ok) / sum(r["examples"] for r in ok)) if ok else None
+    row: dict = {"flops_per_token": fpt}
+    for name, r in (("tunelab", ours), ("trl", trl)):
+        failed = "error" in r
+        row |= {
+            f"{name}_tokens_per_s": None if failed else r["tokens_per_s"],
+            f"{name}_trained_tokens_per_s": None if failed else r["trained_tokens"] / r["seconds"],
+            f"{name}_peak_rss_mb": None if failed else r["peak_rss_mb"],
+            f"{name}_mfu": None if failed else r["tokens_per_s"] * fpt / 1e9 / bf16_peak,
+            f"{name}_setting": None if failed else r["setting"],
+            f"{name}_error": r.get("error"),
+        }
+    both = len(ok) == 2
+    row["ratio"] = ours["tokens_per_s"] / trl["tokens_per_s"] if both else None
+    row["rss_ratio"] = ours["peak_rss_mb"] / trl["peak_rss_mb"] if both else None
+    return row
+
+
+def print_table(methods: dict[str, dict]) -> None:
+    print(f"{'method':7} {'side':8} {'tokens/s':>9} {'trained tok/s':>14} {'peak RSS MB':>12} {'MFU':>6}  "
+          f"{'ratio':>6} {'RSS ratio':>9}")
+    for method, row in methods.items():
+        for side in ("trl", "tunelab"):
+            name = "TRL" if side == "trl" else side
+            if row[f"{side}_error"]:
+                print(f"{method:7} {name:8} failed: {row[f'{side}_error']}")
+                continue
+            ratios = (f"  {row['ratio']:5.2f}x {row['rss_ratio']:8.2f}x" if side == "tunelab" and row["ratio"]
+                      else "")
+            print(f"{method:7} {name:8} {row[f'{side}_tokens_per_s']:9.0f} {row[f'{side}_trained_tokens_per_s']:14.0f} "
+                  f"{row[f'{side}_peak_rss_mb']:12.0f} {100 * row[f'{side}_mfu']:5.1f}%{ratios}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--method", action="append", metavar="NAME",
+                        help=f"what both sides train, repeatable or comma-separated: {', '.join(METHODS)} "
+                        "(default lora; see the module docstring)")
     parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps per side and round")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--batch", type=int, default=16, help="examples per step, both sides")
@@ -188,51 +317,44 @@ def main() -> None:
     parser.add_argument("--side", choices=["tunelab", "trl"], help=argparse.SUPPRESS)  # child process
     parser.add_argument("--tmp", default="/tmp/tunelab-bench", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    methods = list(dict.fromkeys(m.strip() for v in (args.method or ["lora"]) for m in v.split(",") if m.strip()))
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        parser.error(f"unknown --method {', '.join(unknown)}: choose from {', '.join(METHODS)}")
 
     if args.side:
+        args.method = methods[0]
         result = run_tunelab(args) if args.side == "tunelab" else run_trl(args)
         print("RESULT " + json.dumps(result))
         return
 
-    best: dict[str, dict] = {}
+    best: dict[tuple[str, str], dict] = {}
     for _ in range(args.rounds):
-        for side in ("tunelab", "trl"):
-            cmd = [sys.executable, __file__, "--side", side, "--steps", str(args.steps), "--warmup", str(args.warmup),
-                   "--batch", str(args.batch)]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
-            if line is None:
-                sys.exit(f"{side} run failed:\n{out.stderr[-3000:]}")
-            r = json.loads(line[len("RESULT "):])
-            r["tokens_per_s"] = r["tokens"] / r["seconds"]
-            if side not in best or r["tokens_per_s"] > best[side]["tokens_per_s"]:
-                best[side] = r
+        for method in methods:
+            for side in ("tunelab", "trl"):
+                print(f"running {method} / {side} ...", file=sys.stderr, flush=True)
+                r = run_side(side, method, args)
+                kept = best.get((method, side))
+                if kept is None or "error" in kept or ("error" not in r and r["tokens_per_s"] > kept["tokens_per_s"]):
+                    best[method, side] = r
 
     bf16_peak, fp32_peak = matmul_peak_gflops("bfloat16"), matmul_peak_gflops("float32")
-    ours, trl = best["tunelab"], best["trl"]
-    share = ours["trained_tokens"] / ours["tokens"]
-    mean_len = ours["tokens"] / (args.steps * args.batch)
-    fpt = flops_per_token(share, mean_len)
+    rows = {m: summarize(best[m, "tunelab"], best[m, "trl"], bf16_peak) for m in methods}
+    lora = rows.get("lora", {})
     result = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "batch": args.batch, "steps": args.steps, "warmup": args.warmup,
         "tokens_definition": "real (non-padding) input tokens of the timed steps",
-        "tunelab_tokens_per_s": ours["tokens_per_s"], "trl_tokens_per_s": trl["tokens_per_s"],
-        "ratio": ours["tokens_per_s"] / trl["tokens_per_s"],
-        "tunelab_trained_tokens_per_s": ours["trained_tokens"] / ours["seconds"],
-        "trl_trained_tokens_per_s": trl["trained_tokens"] / trl["seconds"],
-        "tunelab_peak_rss_mb": ours["peak_rss_mb"], "trl_peak_rss_mb": trl["peak_rss_mb"],
-        "rss_ratio": ours["peak_rss_mb"] / trl["peak_rss_mb"],
-        "bf16_peak_gflops": bf16_peak, "fp32_peak_gflops": fp32_peak, "flops_per_token": fpt,
-        "tunelab_mfu": ours["tokens_per_s"] * fpt / 1e9 / bf16_peak,
-        "trl_mfu": trl["tokens_per_s"] * fpt / 1e9 / bf16_peak,
+        **{k: v for k, v in lora.items() if not k.endswith(("_setting", "_error"))},
+        "bf16_peak_gflops": bf16_peak, "fp32_peak_gflops": fp32_peak,
+        "methods": rows,
     }
-    print(f"{'':8} {'tokens/s':>9} {'trained tok/s':>14} {'peak RSS MB':>12} {'MFU':>6}")
-    for name, r, mfu in (("TRL", trl, result["trl_mfu"]), ("tunelab", ours, result["tunelab_mfu"])):
-        print(f"{name:8} {r['tokens_per_s']:9.0f} {r['trained_tokens'] / r['seconds']:14.0f} "
-              f"{r['peak_rss_mb']:12.0f} {100 * mfu:5.1f}%")
-    print(f"ratio {result['ratio']:.2f}x tokens/s, {result['rss_ratio']:.2f}x peak RSS; "
-          f"bf16 matmul peak {bf16_peak:.0f} GFLOP/s, fp32 {fp32_peak:.0f}")
+    print_table(rows)
+    print(f"ratio = tunelab / TRL tokens/s; bf16 matmul peak {bf16_peak:.0f} GFLOP/s, fp32 {fp32_peak:.0f}")
+    for method, row in rows.items():
+        for side in ("trl", "tunelab"):
+            if row[f"{side}_setting"]:
+                print(f"{method} {side}: {row[f'{side}_setting']}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
 
