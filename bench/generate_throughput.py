@@ -11,7 +11,8 @@ so both do the same work). Tokens/s counts generated tokens only.
 Baseline: `model.generate` with batch 16 and left padding, the model loaded by
 transformers with its default attention (SDPA), bf16 weights on an AMX CPU like ours.
 tunelab: `tunelab.evaluate.generate.generate` with its defaults (length-grouped batches
-of 32, shared-prefix KV cache, grouped-query attention). Rounds alternate between the
+sized by tokens: up to 128 short prompts, fewer long ones; shared-prefix KV cache,
+grouped-query attention), or `--batch N` rows per batch. Rounds alternate between the
 two sides, and each side's best round is reported; the ratio compares those.
 Also reported: how many rows produced the same tokens on both sides (bf16 greedy
 decoding can flip a near-tie, so a few differences are expected, not a bug).
@@ -73,6 +74,8 @@ def main() -> None:
                              "listing all 77 labels (~591 tokens, 571 shared by every row)")
     parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                         help="fp32 checks that both sides generate the same tokens")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="tunelab's rows per batch (default: sized by tokens, as evaluation does)")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
 
@@ -99,7 +102,7 @@ def main() -> None:
             outputs["hf"] = hf_generate(baseline, tokenizer, prompts, args.new_tokens, batch_size=16)
         best["hf"] = min(best["hf"], time.perf_counter() - started)
 
-        run = generate(ours, tokenizer, prompts, max_new_tokens=args.new_tokens, batch_size=32,
+        run = generate(ours, tokenizer, prompts, max_new_tokens=args.new_tokens, batch_size=args.batch,
                        precision=precision, stop_token_ids=[])
         best["tunelab"] = min(best["tunelab"], run.seconds)
         outputs["tunelab"] = [g.token_ids for g in run.generations]
@@ -119,10 +122,13 @@ def main() -> None:
         "hf_tokens_per_s": generated / best["hf"],
         "ratio": best["hf"] / best["tunelab"],
         "same_tokens_rows": same,
+        "tunelab_batch": f"{args.batch} rows" if args.batch else "sized by tokens",
+        "tunelab_batches": run.batches,
     }
     print(f"{'':10} {'seconds':>8} {'tokens/s':>9}")
     print(f"{'HF':10} {best['hf']:8.1f} {result['hf_tokens_per_s']:9.0f}   generate, batch 16, left padding")
-    print(f"{'tunelab':10} {best['tunelab']:8.1f} {result['tunelab_tokens_per_s']:9.0f}   batch 32, shared prefix")
+    print(f"{'tunelab':10} {best['tunelab']:8.1f} {result['tunelab_tokens_per_s']:9.0f}   "
+          f"{result['tunelab_batches']} batches ({result['tunelab_batch']}), shared prefix")
     print(f"ratio {result['ratio']:.2f}x; identical generations on {same}/{len(prompts)} rows")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

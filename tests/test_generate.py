@@ -150,3 +150,33 @@ def test_stop_string_cuts_text_and_ends_the_row(tiny_loaded):
         else:
             assert g.token_ids == g_free.token_ids
     assert hit >= 1
+
+
+def test_auto_batches_are_sized_by_tokens_and_keep_every_row_once():
+    from tunelab.evaluate.generate import AUTO_MAX_ROWS, AUTO_TOKEN_BUDGET, length_batches
+
+    lengths = [33] * 300 + [607] * 100
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches = length_batches(order, lengths, 16, None)
+    assert [i for b in batches for i in b] == order  # every row once, in length order
+    assert all(len(b) * (max(lengths[i] for i in b) + 16) <= AUTO_TOKEN_BUDGET for b in batches)
+    short = [b for b in batches if max(lengths[i] for i in b) == 33]
+    assert max(len(b) for b in short) == AUTO_MAX_ROWS  # short prompts: as many rows as allowed
+    long = [b for b in batches if min(lengths[i] for i in b) == 607]
+    assert max(len(b) for b in long) == AUTO_TOKEN_BUDGET // (607 + 16)
+    # A single prompt over the budget still gets a batch of its own.
+    assert length_batches([0], [AUTO_TOKEN_BUDGET * 2], 16, None) == [[0]]
+    assert length_batches(list(range(5)), [1] * 5, 16, 2) == [[0, 1], [2, 3], [4]]
+
+
+def test_generations_do_not_depend_on_the_batching(model_and_tokenizer):
+    from tunelab.evaluate.generate import generate
+    from tunelab.train.loop import choose_precision
+
+    model, tokenizer = model_and_tokenizer
+    prompts = [[5, 6, 7] + [8] * n for n in range(1, 12)]
+    precision = choose_precision("fp32")
+    fixed = generate(model, tokenizer, prompts, max_new_tokens=4, batch_size=3, precision=precision, stop_token_ids=[])
+    auto = generate(model, tokenizer, prompts, max_new_tokens=4, batch_size=None, precision=precision, stop_token_ids=[])
+    assert [g.token_ids for g in auto.generations] == [g.token_ids for g in fixed.generations]
+    assert auto.batches == 1 and fixed.batches == 4

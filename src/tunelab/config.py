@@ -160,7 +160,10 @@ class EvalConfig(_Strict):
     """Evaluation on held-out test rows: fine-tune vs the base model, same rows."""
 
     max_rows: int | None = Field(None, ge=1, description="Evaluate at most this many test rows; None = all.")
-    batch_size: int = Field(32, ge=1, description="Prompts generated together (grouped by length).")
+    batch_size: int | Literal["auto"] = Field(
+        "auto", description="Prompts generated together (grouped by length); auto sizes each batch by tokens "
+        "(short prompts: up to 128 rows; long ones fewer)."
+    )
     max_new_tokens: int | None = Field(
         None, ge=1, description="Generation limit; None = longest label + 2 tokens."
     )
@@ -176,6 +179,22 @@ class EvalConfig(_Strict):
     forgetting_threshold: float = Field(
         0.05, ge=0, description="Flag a regression when the probe score falls by more than this (absolute)."
     )
+
+    @model_validator(mode="after")
+    def _positive_batch(self) -> "EvalConfig":
+        if self.batch_size != "auto" and self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1 or 'auto', got {self.batch_size}")
+        return self
+
+    @property
+    def generation_batch(self) -> int | None:
+        """Rows per generation batch; None = sized by tokens (evaluate.generate.length_batches)."""
+        return None if self.batch_size == "auto" else self.batch_size
+
+    @property
+    def loss_batch(self) -> int:
+        """Rows per forward pass when scoring reference answers (one pass each, no decoding)."""
+        return 32 if self.batch_size == "auto" else self.batch_size
 
 
 class RunConfig(_Strict):

@@ -70,7 +70,7 @@ def make_plan(
     split = getattr(s.data, "split", None)
     if split is not None and split.test and cfg.tuning == "lora":
         eval_rows = min(cfg.eval.max_rows or len(split.test), len(split.test))
-        sample = min(cfg.eval.batch_size, eval_rows)
+        sample = min(cfg.eval.generation_batch or 32, eval_rows)
         probe_cfg = cfg.eval.model_copy(update={"max_rows": sample})
         probe_started = time.perf_counter()
         result = evaluate_run(s.model, s.tokenizer, split.test, split.train, probe_cfg, s.precision, console)

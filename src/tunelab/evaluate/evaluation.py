@@ -93,7 +93,7 @@ def evaluate_run(
     }
     if cfg.forgetting_probe and (cfg.compare_base and (isinstance(model, PeftModel) or base_model is not None)):
         result["forgetting"] = run_forgetting_check(
-            model, tokenizer, precision, cfg.forgetting_threshold, batch_size=cfg.batch_size, console=console,
+            model, tokenizer, precision, cfg.forgetting_threshold, batch_size=cfg.generation_batch, console=console,
             base_model=base_model,
         )
     model.train(was_training)
@@ -136,7 +136,7 @@ def _run_contender(
                   console=console) as progress:
         task_id = progress.add_task(name, total=len(prompts))
         run = generate(
-            model, tokenizer, prompts, max_new_tokens=max_new, batch_size=cfg.batch_size, precision=precision,
+            model, tokenizer, prompts, max_new_tokens=max_new, batch_size=cfg.generation_batch, precision=precision,
             stop_token_ids=[tokenizer.eos_token_id],
             stop_strings=["\n"] if task == "classification" else None,  # a label is one line
             on_batch=lambda n: progress.advance(task_id, n),
@@ -145,7 +145,7 @@ def _run_contender(
     predictions = [g.text for g in run.generations]
     scored = score(task, predictions, references, labels)
     started = time.perf_counter()
-    loss = reference_loss(model, tokenizer, rows, prompt_messages, precision, cfg.batch_size)
+    loss = reference_loss(model, tokenizer, rows, prompt_messages, precision, cfg.loss_batch)
     return {
         "metrics": {**scored.metrics, **loss},
         "ci": confidence_intervals(task, scored, predictions, references, labels, cfg.seed),

@@ -183,7 +183,7 @@ def run_forgetting_check(
     tokenizer: PreTrainedTokenizerBase,
     precision: Precision,
     threshold: float,
-    batch_size: int = 32,
+    batch_size: int | None = None,  # None: sized by tokens (generate.length_batches)
     max_new_tokens: int = 48,
     console: Console | None = None,
     *,

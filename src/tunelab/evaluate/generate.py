@@ -38,6 +38,15 @@ from tunelab.train.loop import Precision, body_and_head
 
 MIN_SHARED_PREFIX = 8  # tokens; shorter common prefixes are not worth a separate pass
 
+# batch_size=None ("auto"): rows per batch from a token budget. A decode step's fixed cost (30 layers of small
+# ops) dominates at these sizes, so more rows per step is nearly free until the rows' tokens add up. Measured
+# on the 2-core AMX CPU, 300 Banking77 demo prompts (~33 tokens) + 16 new tokens: batch 32 -> 369 tokens/s,
+# 64 -> 463, 128 -> 577, 256 -> 563. Whole prompt lengths count, shared prefix included, because every row's
+# KV cache holds its own copy of the prefix: the 77-label prompt (~607 tokens) gets 39 rows (at 32 rows it ran
+# 3.95x transformers' generate), the demo prompt 128.
+AUTO_TOKEN_BUDGET = 24_576  # rows x (longest prompt in the batch + max_new_tokens)
+AUTO_MAX_ROWS = 128
+
 
 @dataclass(frozen=True)
 class Generation:
@@ -95,7 +104,7 @@ def generate(
     prompts: list[list[int]],
     *,
     max_new_tokens: int,
-    batch_size: int,
+    batch_size: int | None,
     precision: Precision,
     stop_token_ids: list[int] | None = None,
     stop_strings: list[str] | None = None,
@@ -107,6 +116,8 @@ def generate(
 ) -> GenerationRun:
     """Decode every prompt (lists of token ids); returns generations in input order.
 
+    `batch_size`: rows per batch, or None to size each batch by tokens (see AUTO_TOKEN_BUDGET):
+    prompts are grouped by length either way.
     Greedy by default; with `temperature` > 0 each token is drawn from the top-p nucleus
     (see `sample_next`), reproducibly: prompt i's answer depends on (seed, i) and the
     prompt, never on `batch_size` or the other prompts.
@@ -136,8 +147,7 @@ def generate(
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     results: list[Generation | None] = [None] * len(prompts)
     batches = 0
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
+    for idx in length_batches(order, [len(p) for p in prompts], max_new_tokens, batch_size):
         # Keyed on the caller's index i, not the batch row: the same prompt gets the same draws in any batch.
         gens = None if sampling.greedy else [_prompt_generator(seed, i, model.device) for i in idx]
         outs = _generate_batch(
@@ -153,6 +163,28 @@ def generate(
         if on_batch:
             on_batch(len(idx))
     return GenerationRun([r for r in results if r is not None], time.perf_counter() - started, prefix_len, batches, sampling)
+
+
+def length_batches(order: list[int], lengths: list[int], max_new_tokens: int, batch_size: int | None) -> list[list[int]]:
+    """Consecutive runs of `order` (indices sorted by length): `batch_size` rows each, or by the token budget.
+
+    With batch_size None a batch takes rows while rows x (its longest row + max_new_tokens) stays
+    within AUTO_TOKEN_BUDGET and rows <= AUTO_MAX_ROWS (always at least one row). E.g. lengths
+    33 and new tokens 16: 24,576 // 49 = 501 -> 128 rows; lengths 607: 24,576 // 623 = 39 rows.
+    """
+    if batch_size is not None:
+        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:  # ascending length, so the newest row is the batch's longest
+        if current and (len(current) + 1 > AUTO_MAX_ROWS
+                        or (len(current) + 1) * (lengths[i] + max_new_tokens) > AUTO_TOKEN_BUDGET):
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
 
 
 def sample_next(
