@@ -15,6 +15,11 @@ so one matmul serves the whole group and K/V are read in place:
 
 It is registered with transformers' AttentionInterface under the name
 "tunelab_gqa" and uses the eager (additive float) mask.
+
+Without gradients (evaluation, generation) it calls torch's SDPA with `enable_gqa=True`
+instead, which also reads K/V in place and fuses the softmax: measured on 300 Banking77
+prompts at batch 128, 594 -> 647 generated tokens/s (demo prompt) and 200 -> 217 (the
+77-label prompt). Training keeps the matmul form: SDPA's CPU backward is slower there.
 """
 
 from __future__ import annotations
@@ -37,6 +42,11 @@ def grouped_query_attention(
     dropout: float = 0.0,
     **kwargs: object,
 ) -> tuple[torch.Tensor, None]:
+    if not torch.is_grad_enabled() and dropout == 0.0:
+        mask = attention_mask[:, :, :, : key.shape[-2]] if attention_mask is not None else None
+        out = nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
+                                                         enable_gqa=True)  # (B, H, T, D)
+        return out.transpose(1, 2).contiguous(), None  # (B, T, H, D)
     b, h, t, d = query.shape
     hkv = key.shape[1]
     g = h // hkv
