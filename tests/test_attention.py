@@ -70,13 +70,13 @@ def test_kv_cache_decoding_equals_full_forward(gqa_model):
 
 
 def test_no_grad_path_equals_the_training_path(gqa_model):
-    """Without gradients the attention runs through SDPA (enable_gqa); it must give the same outputs."""
+    """In generation (no gradients) the attention runs through SDPA (enable_gqa); it must give the same outputs."""
     ids = torch.randint(0, 97, (3, 11))
     mask = torch.ones_like(ids)
     mask[0, :4] = 0
     mask[2, 8:] = 0
     gqa_model.set_attn_implementation(attention.NAME)
-    with torch.no_grad():
+    with torch.no_grad(), attention.generation_kernels():
         inference = gqa_model(input_ids=ids, attention_mask=mask).logits
     training = gqa_model(input_ids=ids, attention_mask=mask).logits.detach()  # grad enabled: the matmul form
     real = mask.bool()

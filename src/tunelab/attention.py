@@ -16,13 +16,20 @@ so one matmul serves the whole group and K/V are read in place:
 It is registered with transformers' AttentionInterface under the name
 "tunelab_gqa" and uses the eager (additive float) mask.
 
-Without gradients (evaluation, generation) it calls torch's SDPA with `enable_gqa=True`
-instead, which also reads K/V in place and fuses the softmax: measured on 300 Banking77
-prompts at batch 128, 594 -> 647 generated tokens/s (demo prompt) and 200 -> 217 (the
-77-label prompt). Training keeps the matmul form: SDPA's CPU backward is slower there.
+Within `generation_kernels()` (batched generation) it calls torch's SDPA with
+`enable_gqa=True` instead, which also reads K/V in place and fuses the softmax:
+measured on 300 Banking77 prompts at batch 128, 594 -> 647 generated tokens/s (demo
+prompt) and 200 -> 217 (the 77-label prompt). Everything else keeps the matmul form:
+SDPA's CPU backward is slower in training (824 -> 658 tokens/s at batch 32), and a
+loss computed without gradients (validation, DPO's reference log-probs) must round
+exactly like the same loss with them: DPO's rewards are 0 at initialisation only if
+the reference and the policy run the same kernels.
 """
 
 from __future__ import annotations
+
+import contextlib
+import contextvars
 
 import torch
 from torch import nn
@@ -30,6 +37,17 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 NAME = "tunelab_gqa"
+_generation: contextvars.ContextVar[bool] = contextvars.ContextVar("tunelab_generation_kernels", default=False)
+
+
+@contextlib.contextmanager
+def generation_kernels():
+    """Within `with`: attention without gradients runs through SDPA (see the module docstring)."""
+    token = _generation.set(True)
+    try:
+        yield
+    finally:
+        _generation.reset(token)
 
 
 def grouped_query_attention(
@@ -42,7 +60,7 @@ def grouped_query_attention(
     dropout: float = 0.0,
     **kwargs: object,
 ) -> tuple[torch.Tensor, None]:
-    if not torch.is_grad_enabled() and dropout == 0.0:
+    if _generation.get() and not torch.is_grad_enabled() and dropout == 0.0:
         mask = attention_mask[:, :, :, : key.shape[-2]] if attention_mask is not None else None
         out = nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
                                                          enable_gqa=True)  # (B, H, T, D)

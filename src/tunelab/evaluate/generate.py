@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from tunelab.attention import generation_kernels
 from tunelab.errors import TunelabError
 from tunelab.train.loop import Precision, body_and_head
 
@@ -98,6 +99,7 @@ def common_prefix_length(prompts: list[list[int]]) -> int:
 
 
 @torch.no_grad()
+@generation_kernels()  # SDPA attention: faster decoding, see tunelab/attention.py
 def generate(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
