@@ -150,3 +150,16 @@ def test_available_memory_on_this_machine_is_positive():
 
     found = available_memory("cpu")
     assert found is None or (found.bytes > 0 and found.source)
+
+
+def test_sharding_divides_the_fixed_memory_but_not_the_activations(tiny_loaded):
+    from tunelab.train.memory import estimate_training_memory
+
+    model, _ = tiny_loaded
+    one = estimate_training_memory(model, 40, 5, tuning="full")
+    two = estimate_training_memory(model, 40, 5, tuning="full", shards=2)
+    assert two.training_state == one.training_state // 2
+    layers = model.config.num_hidden_layers
+    # A share, plus the two layers gathered whole (never more than the whole weights)
+    assert two.weights == min(one.weights, one.weights // 2 + 2 * one.weights // layers)
+    assert two.per_example == one.per_example  # each process still computes its own rows

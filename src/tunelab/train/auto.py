@@ -127,16 +127,18 @@ def choose_learning_rate(batch_size: int, tuning: str = "lora", rank: int = 16, 
 def resolve(train: TrainConfig, rows: int, mean_tokens: float, tuning: str = "lora", rank: int = 16,
             rslora: bool = False, *, model: torch.nn.Module | None = None, max_tokens: int | None = None,
             max_trained_tokens: int | None = None, lora: LoraConfig | None = None,
-            bf16: bool = False) -> tuple[TrainConfig, dict[str, Choice]]:
+            bf16: bool = False, shards: int = 1) -> tuple[TrainConfig, dict[str, Choice]]:
     """A copy of `train` with every 'auto' replaced, and the reason for each value (auto or not).
 
     With `model` (loaded, before LoRA or unfreezing) and the data's longest row (`max_tokens`, and the most
     trained tokens in a row), the batch is also fitted to memory: see `choose_batch_size`.
+    `shards`: processes that shard the weights and training state (FSDP), see memory.estimate_training_memory.
     """
     memory = available = None
     if model is not None and max_tokens is not None:
         memory = estimate_training_memory(model, max_tokens, max_trained_tokens or max_tokens, tuning=tuning,
-                                          lora=lora or LoraConfig(rank=rank, use_rslora=rslora), bf16=bf16)
+                                          lora=lora or LoraConfig(rank=rank, use_rslora=rslora), bf16=bf16,
+                                          shards=shards)
         available = available_memory(next(model.parameters()).device)
     choices: dict[str, Choice] = {}
     epochs = choose_epochs(rows) if train.epochs == "auto" else Choice(train.epochs, SET_IN_CONFIG)

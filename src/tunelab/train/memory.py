@@ -87,12 +87,13 @@ class Available:
 
 def estimate_training_memory(
     model: torch.nn.Module, max_tokens: int, max_trained_tokens: int, *, tuning: str = "lora",
-    lora: LoraConfig | None = None, bf16: bool = False,
+    lora: LoraConfig | None = None, bf16: bool = False, shards: int = 1,
 ) -> MemoryEstimate:
     """Upper bound of one step's memory on `model` as loaded (before LoRA is attached or weights unfrozen).
 
     `max_tokens` is the longest row of the data, `max_trained_tokens` the most trained tokens in a row
-    (the LM head runs only there, in fp32).
+    (the LM head runs only there, in fp32). `shards`: processes that split the weights and the training
+    state (FSDP): each holds 1/shards of them, plus the whole weights of the layer being computed.
     """
     config = model.config.get_text_config()
     layers, hidden, inter = config.num_hidden_layers, config.hidden_size, config.intermediate_size
@@ -116,6 +117,9 @@ def estimate_training_memory(
         adapted_inputs = sum(m.in_features for m in targets) + lora.rank * len(targets)  # per token, all layers
     # (foreach AdamW's step makes a parameter-sized temporary, e.g. sqrt of the second moment)
     training_state = trainable * per_param
+    if shards > 1:  # FSDP: a share of everything, plus about two layers gathered whole (the current and next)
+        weights = min(weights, weights // shards + 2 * weights // max(layers, 1))
+        training_state //= shards
 
     # ---- activations kept for backward, bytes per token (a: bytes of an autocast activation; r: of the
     # residual stream, which has the dtype of the stored embeddings)

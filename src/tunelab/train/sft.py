@@ -247,6 +247,7 @@ def setup(cfg: RunConfig, console: Console, world: World = World()) -> Setup:
     rep = data.report
     t, choices = auto.resolve(t, len(data.train), rep["tokens_per_example"]["mean"], cfg.tuning, cfg.lora.rank,
                               cfg.lora.use_rslora, model=model, lora=cfg.lora, bf16=precision.bf16,
+                              shards=world.size if shard else 1,
                               max_tokens=rep["tokens_per_example"]["max"],
                               max_trained_tokens=rep["trained_tokens_per_example"]["max"])
     cfg = cfg.model_copy(update={"train": t})
