@@ -30,9 +30,9 @@ test-fast: $(STAMP)
 
 # Benchmarks (not tests): ratios against a baseline measured in the same run; see docs/benchmarks.md.
 bench: $(STAMP)
-	$(BIN)/python -m pip install -q -e '.[test,bench]'
+	$(BIN)/python -m pip install -q -e '.[test,bench,quant]'
 	mkdir -p bench/results
-	$(BIN)/python bench/train_throughput.py --steps 10 --rounds 2 --json bench/results/train_throughput.json
+	$(BIN)/python bench/train_throughput.py --method lora,dora,int8,nf4,packed --steps 6 --warmup 2 --json bench/results/train_throughput.json
 	$(BIN)/python bench/data_lint.py --json bench/results/data_lint.json
 	$(BIN)/python bench/generate_throughput.py --rows 300 --json bench/results/generate_finetune_prompt.json
 	$(BIN)/python bench/generate_throughput.py --rows 300 --prompt labels --json bench/results/generate_labels_prompt.json
