@@ -85,7 +85,8 @@ def _rng_states(world: World) -> dict[str, torch.Tensor]:
 
 
 def _restore_rng(tensors: dict[str, torch.Tensor], world: World) -> None:
-    """This process's RNG state; a checkpoint from fewer processes gives the new ones rank 0's (said by the caller)."""
+    """This process's RNG state (rank r's `rng.torch.r`). Resume requires the process count the run trained with
+    (sft.require_same_processes); a rank missing from an older checkpoint falls back to rank 0's state."""
     for kind, setter in (("torch", torch.set_rng_state), ("cuda", torch.cuda.set_rng_state)):
         mine = tensors.get(f"rng.{kind}" if world.rank == 0 else f"rng.{kind}.{world.rank}", tensors.get(f"rng.{kind}"))
         if mine is not None and (kind == "torch" or torch.cuda.is_available()):

@@ -16,6 +16,7 @@ state are always fp32.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import resource
 import signal
@@ -317,6 +318,8 @@ def train(cfg: RunConfig, console: Console | None = None, resume: Path | None = 
         console = Console(stderr=True, quiet=True)  # one log, from rank 0
 
     # ---------------------------------------------------------------- setup
+    if resume is not None:
+        require_same_processes(resume, world)
     s = setup(cfg, console, world)
     cfg, t = s.cfg, s.cfg.train  # 'auto' values resolved
     model, tokenizer, data, precision, steps = s.model, s.tokenizer, s.data, s.precision, s.steps
@@ -393,7 +396,7 @@ def train(cfg: RunConfig, console: Console | None = None, resume: Path | None = 
             }
             improved = False
             if t.eval_every and step % t.eval_every == 0 and step < steps and data.validation:
-                record.update(validate(s, model))
+                record.update(validate(s))
                 improved = early.update(step, record["val_loss"])
                 console.print(f"step {step}: {describe_validation(record)}{' (best)' if improved else ''}")
             if world.is_main:
@@ -427,7 +430,7 @@ def train(cfg: RunConfig, console: Console | None = None, resume: Path | None = 
     if early.patience and early.best_step is not None:  # early stopping keeps the best weights, not the last
         load_weights(best_checkpoint(run.path), model)
         console.print(f"[bold]weights[/]: the best checkpoint, step {early.best_step}")
-    final_val = validate(s, model) if data.validation else None
+    final_val = validate(s) if data.validation else None
     if final_val is not None:
         console.print(f"[bold]validation[/]: {describe_validation(final_val)}")
     model.eval()
@@ -450,10 +453,25 @@ def train(cfg: RunConfig, console: Console | None = None, resume: Path | None = 
     )
 
 
-def validate(s: Setup, model: torch.nn.Module) -> dict[str, float]:
+def require_same_processes(run_dir: Path, world: World) -> None:
+    """Resume with as many processes as trained the run: the step's examples and its schedule depend on it."""
+    data_json = run_dir / "data.json"
+    if not data_json.is_file():
+        return  # not a run directory: reading its config reports that
+    trained = json.loads(data_json.read_text(encoding="utf-8")).get("processes", 1)
+    if trained != world.size:
+        launch = "tunelab train --resume" + (f" --nproc {trained}" if trained > 1 else "")
+        raise TunelabError(
+            f"this run trained with {trained} process(es), and resuming it with {world.size} would change which "
+            "examples each step holds and the number of steps",
+            fix=f"resume with {trained} process(es): {launch} {run_dir}", where=str(data_json),
+        )
+
+
+def validate(s: Setup) -> dict[str, float]:
     """Validation over every process's share of the rows: loss and token accuracy (DPO: loss and rewards)."""
     with distributed.gathered(s.loss_module):  # FSDP: the root's embeddings and head whole for the direct calls
-        return _validate(model, s.val_batches, s.precision, s.world, s.cfg)
+        return _validate(s.model, s.val_batches, s.precision, s.world, s.cfg)
 
 
 def _validate(
