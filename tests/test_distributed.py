@@ -162,9 +162,9 @@ model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
 total = sum(p.numel() for p in model.parameters())
 module = distributed.wrap(model, world, shard=True)
 local = sum(p.to_local().numel() for p in model.parameters())
-optimizer, _ = make_optimizer(model, 1e-3, 0.0, 10, 0)
-batch_loss = None
-print(json.dumps({"rank": world.rank, "total": total, "local": local}))
+optimizer, _ = make_optimizer(model, 1e-3, 0.0, 10, 0)  # builds over the shards
+# One file per process: two processes printing to one pipe can interleave their lines.
+open(f"{sys.argv[2]}/share-{world.rank}.json", "w").write(json.dumps({"rank": world.rank, "total": total, "local": local}))
 distributed.shutdown(world)
 """
 
@@ -174,9 +174,9 @@ def test_fsdp_keeps_a_share_of_the_weights_on_each_process(tmp_path, tiny_model_
     script.write_text(_SHARD_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(script),
-                          str(tiny_model_dir)], capture_output=True, text=True, env=env, timeout=300)
+                          str(tiny_model_dir), str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    shares = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    shares = [json.loads(f.read_text()) for f in sorted(tmp_path.glob("share-*.json"))]
     assert len(shares) == 2
     total = shares[0]["total"]
     # Each process holds about half of every weight (dim-0 shards, the last one may be shorter).
@@ -207,3 +207,14 @@ def test_resume_restores_each_process_rng_so_dropout_replays(tmp_path, tiny_mode
     _train(["--resume", str(run), "--nproc", "2"])
     resumed = load_file(run / "adapter" / "adapter_model.safetensors")
     assert all(adapter[k].equal(resumed[k]) for k in adapter)
+
+
+def test_resume_with_another_process_count_is_an_error_with_the_command(tmp_path):
+    from tunelab.errors import TunelabError
+    from tunelab.train.sft import require_same_processes
+
+    (tmp_path / "data.json").write_text(json.dumps({"processes": 2}))
+    require_same_processes(tmp_path, World(0, 2))  # the same count: fine
+    with pytest.raises(TunelabError, match="trained with 2 process") as e:
+        require_same_processes(tmp_path, World())
+    assert f"--resume --nproc 2 {tmp_path}" in str(e.value) and "data.json" in str(e.value)
