@@ -180,3 +180,41 @@ def test_generations_do_not_depend_on_the_batching(model_and_tokenizer):
     auto = generate(model, tokenizer, prompts, max_new_tokens=4, batch_size=None, precision=precision, stop_token_ids=[])
     assert [g.token_ids for g in auto.generations] == [g.token_ids for g in fixed.generations]
     assert auto.batches == 1 and fixed.batches == 4
+
+
+def test_prefill_chunks_bound_the_padding():
+    from tunelab.evaluate.generate import prefill_chunks
+
+    assert prefill_chunks([10, 10, 12, 40], 8) == [range(0, 3), range(3, 4)]  # 40 would pad 3 x 28 + ...
+    assert prefill_chunks([10, 10, 12, 40], 1000) == [range(0, 4)]
+    assert prefill_chunks([5, 6, 7], 0) == [range(0, 1), range(1, 2), range(2, 3)]
+    assert prefill_chunks([5, 5, 5], 0) == [range(0, 3)]  # equal lengths: no padding, one chunk
+    assert prefill_chunks([], 8) == []
+    lengths = sorted([13, 10, 88, 17, 17, 26, 40, 12] * 16)
+    for max_padding in (0, 16, 128):
+        chunks = prefill_chunks(lengths, max_padding)
+        assert [i for c in chunks for i in c] == list(range(len(lengths)))  # every row once, in order
+        for c in chunks:
+            part = lengths[c.start : c.stop]
+            assert len(part) == 1 or len(part) * max(part) - sum(part) <= max_padding
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_prompt_pass_in_chunks_generates_the_same(model_and_tokenizer, monkeypatch, temperature):
+    """Chunks of one row each (max padding 0) and one chunk for the batch give the same tokens as the plain path."""
+    import tunelab.evaluate.generate as gen
+
+    model, tokenizer = model_and_tokenizer
+    ps = prompts(tokenizer)
+    suffix_lengths = sorted(len(p) - common_prefix_length(ps) for p in ps)
+    assert len(gen.prefill_chunks(suffix_lengths, 0)) == len(ps)  # every row its own prompt pass
+    runs = {}
+    for max_padding in (0, 10_000):
+        monkeypatch.setattr(gen, "PREFILL_MAX_PADDING", max_padding)
+        runs[max_padding] = generate(model, tokenizer, ps, max_new_tokens=6, batch_size=len(ps), precision=FP32,
+                                     temperature=temperature, seed=3)
+    assert [g.token_ids for g in runs[0].generations] == [g.token_ids for g in runs[10_000].generations]
+    assert [g.stopped for g in runs[0].generations] == [g.stopped for g in runs[10_000].generations]
+    if temperature == 0:
+        for p, g in zip(ps, runs[0].generations):
+            assert (g.token_ids, g.stopped) == reference_greedy(model, p, 6, {tokenizer.eos_token_id})
