@@ -209,3 +209,90 @@ def test_pack_summary_reports_fill():
     assert (summary.real_tokens, summary.packed_slots, summary.padded_slots) == (17, 21, 20)
     assert summary.fill == pytest.approx(17 / 21)
     assert "3 rows" in summary.describe()
+
+
+PREFIX = [3, 4, 5, 6, 7]  # a "system prompt" every example starts with, never trained
+
+
+@pytest.fixture(scope="module")
+def prefixed_examples(tiny_tokenizer) -> tuple[list[TokenizedExample], int]:
+    """The micro-batch above, each example behind PREFIX and trained only after it (as chat data is)."""
+    examples = make_examples(len(tiny_tokenizer), tiny_tokenizer.pad_token_id)
+    out = []
+    for e in examples:
+        labels = [IGNORE_INDEX] * len(PREFIX) + [IGNORE_INDEX] + e.labels[1:]  # the first token after it: a prompt token
+        out.append(TokenizedExample(PREFIX + e.input_ids, labels, e.source))
+    return out, tiny_tokenizer.pad_token_id
+
+
+@pytest.mark.parametrize("pack_length", [1, 12, 24, 100])
+def test_rows_packed_behind_a_shared_prefix_keep_every_example(prefixed_examples, pack_length):
+    examples, pad = prefixed_examples
+    plain, packed = collate(examples, pad, share_prefix=False), collate_packed(examples, pad, pack_length)
+    p = len(PREFIX)
+    assert packed.shared_prefix == p and plain.shared_prefix == 0
+    assert packed.real_tokens == plain.real_tokens == sum(len(e.input_ids) for e in examples)  # prefix per example
+    assert packed.trained_tokens == plain.trained_tokens
+    assert (packed.input_ids[:, :p] == torch.tensor(PREFIX)).all() and (packed.segment_ids[:, :p] == -1).all()
+    assert packed.position_ids[:, :p].tolist() == [list(range(p))] * packed.input_ids.shape[0]
+    found = []
+    for r in range(packed.input_ids.shape[0]):
+        seg = packed.segment_ids[r]
+        for k in range(1, int(seg.max()) + 1):
+            cols = (seg == k).nonzero().flatten()
+            assert cols.tolist() == list(range(int(cols[0]), int(cols[-1]) + 1))  # one contiguous span
+            assert packed.position_ids[r, cols].tolist() == list(range(p, p + len(cols)))  # continuing the prefix
+            found.append((PREFIX + packed.input_ids[r, cols].tolist(),
+                          [IGNORE_INDEX] * p + packed.labels[r, cols].tolist()))
+        pads = seg == 0
+        assert (packed.input_ids[r, pads] == pad).all() and packed.attention_mask[r, pads].sum() == 0
+    assert sorted(found) == sorted((e.input_ids, e.labels) for e in examples)
+    rows_alone = collate_packed(examples, pad, pack_length, share_prefix=False)
+    assert rows_alone.segment_ids is None and rows_alone.shared_prefix == 0  # FSDP's layout: the plain packing
+
+
+@pytest.mark.parametrize("pack_length", [1, 12, 24, 100])
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_packed_behind_prefix_loss_and_gradients_equal_unpacked(models, prefixed_examples, impl, pack_length):
+    model = models[impl]
+    examples, pad = prefixed_examples
+    results = []
+    for batch in (collate(examples, pad, share_prefix=False), collate_packed(examples, pad, pack_length)):
+        model.zero_grad(set_to_none=True)
+        loss, n = token_loss_sum(model, batch)
+        loss.backward()
+        results.append((loss.detach(), n, grads(model)))
+    (plain, n_plain, plain_grads), (packed, n_packed, packed_grads) = results
+    assert n_packed == n_plain > 0
+    torch.testing.assert_close(packed, plain, **LOSS_TOL)
+    assert packed_grads.keys() == plain_grads.keys() and len(plain_grads) > 0
+    for name in plain_grads:
+        torch.testing.assert_close(packed_grads[name], plain_grads[name], **GRAD_TOL, msg=lambda m, name=name: f"{name}: {m}")
+    model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_behind_a_prefix_changing_one_example_changes_no_logit_of_another(models, prefixed_examples, impl):
+    from tunelab.train.loop import trained_logits
+
+    model = models[impl]
+    examples, pad = prefixed_examples
+    base = collate_packed(examples, pad, 24)
+    assert int(base.segment_ids.max()) > 1, "the test needs a row holding several examples"
+    owner = torch.stack([torch.arange(base.segment_ids.shape[0])[:, None].expand_as(base.segment_ids),
+                         base.segment_ids], dim=-1)[:, :-1]  # (R, T-1, 2): (row, segment) of each predicting position
+    keep = base.labels[:, len(PREFIX) + 1 :] != IGNORE_INDEX
+    owners = owner[:, len(PREFIX) :][keep]  # (N, 2) for the N trained logits, in trained_logits' order
+    with torch.no_grad():
+        before, _ = trained_logits(model, base)  # (N, vocab)
+        for r in range(base.input_ids.shape[0]):
+            for k in range(1, int(base.segment_ids[r].max()) + 1):
+                changed = collate_packed(examples, pad, 24)
+                cols = base.segment_ids[r] == k
+                changed.input_ids[r, cols] = (changed.input_ids[r, cols] + 7) % model.config.vocab_size
+                after, _ = trained_logits(model, changed)
+                mine = (owners[:, 0] == r) & (owners[:, 1] == k)
+                others = ~mine
+                assert torch.equal(after[others], before[others])  # masked keys get exactly zero weight
+                if mine.any():
+                    assert not torch.equal(after[mine], before[mine])

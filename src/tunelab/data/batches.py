@@ -34,10 +34,17 @@ class Batch:
     # attention_mask still marks real tokens (1) and pads (0) for counting, but the model is given position_ids
     # instead of a mask, from which transformers builds a block-diagonal causal mask.
     position_ids: torch.Tensor | None = None  # (B, T) int64
+    # Packed rows behind a shared prefix (tunelab.data.pack): which example each column holds, -1 in the
+    # prefix, 0 for pads, 1.. for the row's examples; the loss builds the block mask from it.
+    segment_ids: torch.Tensor | None = None  # (B, T) int64
+    # Real input tokens when the layout holds some once for several examples (the prefix of packed rows
+    # stands for every example of its row); None: count attention_mask.
+    input_tokens: int | None = None
 
     @property
     def real_tokens(self) -> int:
-        return int(self.attention_mask.sum())
+        """Input tokens of the examples, each example's own prefix included (what tokens/s counts)."""
+        return self.input_tokens if self.input_tokens is not None else int(self.attention_mask.sum())
 
     @property
     def trained_tokens(self) -> int:

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tunelab.data.batches import Batch
+from tunelab.data.batches import Batch, shared_prefix_length
 from tunelab.data.tokenize import IGNORE_INDEX, TokenizedExample
 from tunelab.errors import TunelabError
 
@@ -68,8 +68,15 @@ def pack_layout(lengths: list[int], pack_length: int) -> list[list[int]]:
     return rows
 
 
-def collate_packed(examples: list[TokenizedExample], pad_id: int, pack_length: int) -> Batch:
-    """Pack one micro-batch into as few rows of at most pack_length tokens as first-fit decreasing finds."""
+def collate_packed(examples: list[TokenizedExample], pad_id: int, pack_length: int, share_prefix: bool = True) -> Batch:
+    """Pack one micro-batch into as few rows of at most pack_length tokens as first-fit decreasing finds.
+
+    With a prefix every example shares (`shared_prefix_length`: a system prompt), it is laid down once
+    at the head of each row and only the remainders are packed behind it (see `_packed_behind_prefix`).
+    """
+    prefix = shared_prefix_length(examples) if share_prefix else 0
+    if prefix:
+        return _packed_behind_prefix(examples, pad_id, pack_length, prefix)
     rows = pack_layout([len(e.input_ids) for e in examples], pack_length)
     width = max(sum(len(examples[i].input_ids) for i in row) for row in rows)  # > pack_length only for an oversize example
     shape = (len(rows), width)
@@ -90,6 +97,68 @@ def collate_packed(examples: list[TokenizedExample], pad_id: int, pack_length: i
             start = end
         positions[r, start:] = torch.arange(width - start)  # pads: their own block, attended by no real token
     return Batch(ids, mask, labels, shared_prefix=0, position_ids=positions)
+
+
+def _packed_behind_prefix(examples: list[TokenizedExample], pad_id: int, pack_length: int, prefix: int) -> Batch:
+    """Rows of [shared prefix | remainder | remainder | ... | pads]: the prefix is computed once per step.
+
+    Why: chat data with a fixed system prompt repeats it in every example (Banking77: 12 of ~40
+    tokens). Unpacked, the loss already runs a shared prefix once per batch (`loop.py`); plain
+    packing would give that up. Here each remainder sits behind one copy of the prefix, its
+    positions continuing at P as if the prefix were its own, and attends the prefix plus the
+    earlier tokens of its own remainder; `segment_ids` says which is which, and the loss turns it
+    into that block mask. Worked example, prefix S S (P = 2), remainders a1 a2 a3 and b1 b2:
+
+        input_ids    S  S  a1 a2 a3 b1 b2 P        segment_ids  -1 -1 1 1 1 2 2 0
+        position_ids 0  1  2  3  4  2  3  2        (pads: 0, a block of their own after the prefix)
+
+    Loss and gradients equal the unpacked ones: the same queries see the same keys at the same
+    positions. `input_tokens` counts the prefix once per example, as unpacked batches do.
+    """
+    rest = [len(e.input_ids) - prefix for e in examples]  # >= 1: the prefix stops before a trained token's predictor
+    rows = pack_layout(rest, max(pack_length - prefix, 1))
+    width = prefix + max(sum(rest[i] for i in row) for row in rows)
+    shape = (len(rows), width)
+    ids = torch.full(shape, pad_id, dtype=torch.long)  # (R, P + W)
+    mask = torch.zeros(shape, dtype=torch.long)  # (R, P + W), 1 on real tokens (the prefix once per row)
+    labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)  # (R, P + W)
+    positions = torch.zeros(shape, dtype=torch.long)  # (R, P + W)
+    segments = torch.zeros(shape, dtype=torch.long)  # (R, P + W): -1 prefix, 0 pads, k the row's k-th example
+    head = torch.tensor(examples[0].input_ids[:prefix])
+    for r, row in enumerate(rows):
+        ids[r, :prefix], mask[r, :prefix], segments[r, :prefix] = head, 1, -1
+        positions[r, :prefix] = torch.arange(prefix)
+        start = prefix
+        for k, i in enumerate(row, start=1):
+            e = examples[i]
+            end = start + rest[i]
+            ids[r, start:end] = torch.tensor(e.input_ids[prefix:])
+            mask[r, start:end] = 1
+            labels[r, start:end] = torch.tensor(e.labels[prefix:])
+            labels[r, start] = IGNORE_INDEX  # never trained (see shared_prefix_length); also: a boundary
+            positions[r, start:end] = torch.arange(prefix, prefix + rest[i])
+            segments[r, start:end] = k
+            start = end
+        positions[r, start:] = torch.arange(prefix, prefix + width - start)  # pads: positions of no consequence
+    tokens = sum(len(e.input_ids) for e in examples)
+    return Batch(ids, mask, labels, shared_prefix=prefix, position_ids=positions, segment_ids=segments,
+                 input_tokens=tokens)
+
+
+def prefix_block_mask(segment_ids: torch.Tensor, prefix: int, dtype: torch.dtype) -> torch.Tensor:
+    """The additive attention mask of rows packed behind a prefix: (R, 1, W, P + W) for the W columns after it.
+
+    A query may see every prefix column, and the columns of its own segment up to itself; 0 where
+    allowed, the dtype's minimum elsewhere (transformers' eager-mask convention). Pads (segment 0)
+    see the prefix and the pads before them, so no row of the softmax is empty.
+    """
+    rest = segment_ids[:, prefix:]  # (R, W)
+    width = rest.shape[1]
+    causal = torch.ones((width, width), dtype=torch.bool).tril()  # (W, W)
+    same = rest[:, :, None] == rest[:, None, :]  # (R, W, W)
+    allowed = torch.cat([torch.ones((rest.shape[0], width, prefix), dtype=torch.bool), same & causal], dim=2)
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[:, None]  # (R, 1, W, P + W)
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from transformers import (
 )
 
 from tunelab.data.batches import Batch
+from tunelab.data.pack import prefix_block_mask
 from tunelab.data.tokenize import IGNORE_INDEX
 
 
@@ -103,9 +104,14 @@ def _body_with_shared_prefix(body: torch.nn.Module, batch: Batch) -> torch.Tenso
     cache = DynamicCache(config=body.config)
     body(input_ids=batch.input_ids[:1, :p], past_key_values=cache, use_cache=True)
     cache.batch_repeat_interleave(b)  # (1, ...) -> (B, ...), differentiable
-    positions = torch.arange(p, t).expand(b, -1)  # (B, T-P)
+    if batch.segment_ids is not None:  # rows packed behind the prefix: each remainder sees the prefix and itself
+        mask = prefix_block_mask(batch.segment_ids, p, body.get_input_embeddings().weight.dtype)  # (B, 1, T-P, T)
+        positions = batch.position_ids[:, p:]  # (B, T-P)
+    else:
+        mask = batch.attention_mask  # (B, T)
+        positions = torch.arange(p, t).expand(b, -1)  # (B, T-P)
     return body(
-        input_ids=batch.input_ids[:, p:], attention_mask=batch.attention_mask, position_ids=positions,
+        input_ids=batch.input_ids[:, p:], attention_mask=mask, position_ids=positions,
         past_key_values=cache, use_cache=True,
     ).last_hidden_state
 

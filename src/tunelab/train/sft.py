@@ -177,14 +177,15 @@ class Setup:
         t = self.cfg.train
         if self.cfg.objective == "dpo":
             return collate_pairs(examples, self.tokenizer.pad_token_id)
-        if t.packing:
-            from tunelab.data.pack import collate_packed
-
-            return collate_packed(examples, self.tokenizer.pad_token_id, self.pack_length)
         # FSDP: no shared-prefix pass. Its decoder layers run twice per step, and the prefix's output lives
         # only in the KV cache, where FSDP's pre-backward hook never sees it: backward would find the layer's
         # gathered weights already freed.
-        return collate(examples, self.tokenizer.pad_token_id, share_prefix=not self.sharded)
+        share_prefix = not self.sharded
+        if t.packing:
+            from tunelab.data.pack import collate_packed
+
+            return collate_packed(examples, self.tokenizer.pad_token_id, self.pack_length, share_prefix=share_prefix)
+        return collate(examples, self.tokenizer.pad_token_id, share_prefix=share_prefix)
 
     @property
     def pack_length(self) -> int:
