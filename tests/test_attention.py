@@ -81,3 +81,47 @@ def test_no_grad_path_equals_the_training_path(gqa_model):
     training = gqa_model(input_ids=ids, attention_mask=mask).logits.detach()  # grad enabled: the matmul form
     real = mask.bool()
     assert torch.allclose(inference[real], training[real], atol=1e-5)
+
+
+@pytest.mark.parametrize("query_len", [1, 5])
+def test_attention_behind_a_shared_prefix_equals_attention_over_the_whole(query_len):
+    """Split softmax (prefix once for all rows + each row's own keys under its mask) == one softmax over both."""
+    g = torch.Generator().manual_seed(0)
+    b, h, hkv, d, p, own = 3, 6, 2, 16, 7, 9
+    query = torch.randn(b, h, query_len, d, generator=g)
+    key, value = torch.randn(b, hkv, own, d, generator=g), torch.randn(b, hkv, own, d, generator=g)
+    prefix_key, prefix_value = torch.randn(1, hkv, p, d, generator=g), torch.randn(1, hkv, p, d, generator=g)
+    keep = torch.ones(b, 1, query_len, own, dtype=torch.bool).tril(own - query_len)  # causal over own keys
+    keep[0, :, :, :4] = False  # left padding in one row
+    mask = torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(torch.float32).min)
+    out = attention._attention_behind_prefix(query, key, value, prefix_key, prefix_value, mask, 0.25)  # (B, T, H, D)
+
+    whole_key = torch.cat([prefix_key.expand(b, -1, -1, -1), key], dim=2).repeat_interleave(h // hkv, dim=1)
+    whole_value = torch.cat([prefix_value.expand(b, -1, -1, -1), value], dim=2).repeat_interleave(h // hkv, dim=1)
+    whole_mask = torch.cat([torch.zeros(b, 1, query_len, p), mask], dim=-1)
+    probs = torch.softmax(query @ whole_key.transpose(2, 3) * 0.25 + whole_mask, dim=-1)
+    expected = (probs @ whole_value).transpose(1, 2)  # (B, T, H, D)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_cached_decoding_behind_a_shared_prefix_equals_full_forward(gqa_model):
+    """The model with the prefix's KV read in place (cache and mask holding only the rest) == the plain forward."""
+    from transformers import DynamicCache
+
+    gqa_model.set_attn_implementation(attention.NAME)
+    prefix = torch.randint(0, 97, (1, 6))
+    rest = torch.randint(0, 97, (2, 5))
+    with torch.no_grad():
+        full = gqa_model(input_ids=torch.cat([prefix.expand(2, -1), rest], dim=1)).logits[:, 6:]  # (2, 5, V)
+        prefix_cache = DynamicCache(config=gqa_model.config)
+        gqa_model(input_ids=prefix, past_key_values=prefix_cache, use_cache=True)
+        layers = [(layer.keys, layer.values) for layer in prefix_cache.layers]
+        cache = DynamicCache(config=gqa_model.config)
+        positions = torch.arange(6, 11).expand(2, -1)
+        with attention.behind_shared_prefix(layers):
+            first = gqa_model(input_ids=rest[:, :4], position_ids=positions[:, :4], past_key_values=cache,
+                              use_cache=True).logits  # (2, 4, V)
+            step = gqa_model(input_ids=rest[:, 4:], position_ids=positions[:, 4:], past_key_values=cache,
+                             use_cache=True).logits  # (2, 1, V)
+        assert cache.get_seq_length() == 5  # the rows' own tokens only
+    torch.testing.assert_close(torch.cat([first, step], dim=1), full, rtol=1e-4, atol=1e-5)

@@ -218,3 +218,28 @@ def test_prompt_pass_in_chunks_generates_the_same(model_and_tokenizer, monkeypat
     if temperature == 0:
         for p, g in zip(ps, runs[0].generations):
             assert (g.token_ids, g.stopped) == reference_greedy(model, p, 6, {tokenizer.eos_token_id})
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_prefix_read_in_place_generates_the_same(model_and_tokenizer, monkeypatch, temperature):
+    """A long shared prefix is read in place, not copied into every row: same tokens as the copy and the plain path."""
+    import tunelab.evaluate.generate as gen
+    from tunelab import attention
+
+    model, tokenizer = model_and_tokenizer
+    ps = prompts(tokenizer, system="Classify the intent of the message into one of the labels. " * 3)
+    calls = []
+    real = attention._attention_behind_prefix
+    monkeypatch.setattr(attention, "_attention_behind_prefix", lambda *a, **k: calls.append(1) or real(*a, **k))
+    runs = {}
+    for threshold in (10_000, 1):  # copied into every row, then read in place
+        monkeypatch.setattr(gen, "IN_PLACE_PREFIX", threshold)
+        runs[threshold] = generate(model, tokenizer, ps, max_new_tokens=6, batch_size=None, precision=FP32,
+                                   temperature=temperature, seed=5)
+        assert bool(calls) == (threshold == 1)  # the in-place attention ran only when asked for
+    assert runs[1].shared_prefix_tokens == common_prefix_length(ps) > 30
+    assert [g.token_ids for g in runs[1].generations] == [g.token_ids for g in runs[10_000].generations]
+    assert [g.stopped for g in runs[1].generations] == [g.stopped for g in runs[10_000].generations]
+    if temperature == 0:
+        for p, g in zip(ps, runs[1].generations):
+            assert (g.token_ids, g.stopped) == reference_greedy(model, p, 6, {tokenizer.eos_token_id})

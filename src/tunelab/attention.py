@@ -38,6 +38,9 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 NAME = "tunelab_gqa"
 _generation: contextvars.ContextVar[bool] = contextvars.ContextVar("tunelab_generation_kernels", default=False)
+# Per layer, the (1, Hkv, P, D) keys and values of a prompt prefix every row shares (see `behind_shared_prefix`).
+_shared_prefix: contextvars.ContextVar[list[tuple[torch.Tensor, torch.Tensor]] | None] = contextvars.ContextVar(
+    "tunelab_shared_prefix", default=None)
 
 
 @contextlib.contextmanager
@@ -50,6 +53,62 @@ def generation_kernels():
         _generation.reset(token)
 
 
+@contextlib.contextmanager
+def behind_shared_prefix(layers: list[tuple[torch.Tensor, torch.Tensor]]):
+    """Within `with`: every query also attends these keys/values, ahead of its own cache (batched generation).
+
+    `layers[i]` is layer i's (keys, values), each (1, Hkv, P, D): a prompt prefix all rows share,
+    computed once. The KV cache and the attention mask then cover only what follows the prefix,
+    so the prefix is held once instead of once per row. Why: the 77-label prompt is ~607 tokens,
+    571 of them shared; copied into every row, the cache was 16x larger than the rows' own part,
+    and every decode step copied (DynamicCache's concatenation) and read all of it.
+    """
+    token = _shared_prefix.set(layers)
+    try:
+        yield
+    finally:
+        _shared_prefix.reset(token)
+
+
+def _attention_behind_prefix(
+    query: torch.Tensor,  # (B, H, T, D)
+    key: torch.Tensor,  # (B, Hkv, L, D): the rows' own keys, after the prefix
+    value: torch.Tensor,  # (B, Hkv, L, D)
+    prefix_key: torch.Tensor,  # (1, Hkv, P, D)
+    prefix_value: torch.Tensor,  # (1, Hkv, P, D)
+    attention_mask: torch.Tensor | None,  # (B or 1, 1, T, >= L) additive, over the rows' own keys
+    scaling: float,
+) -> torch.Tensor:
+    """Softmax over [prefix keys | own keys] with the prefix read once for all rows; returns (B, T, H, D).
+
+    Two flash-attention calls, merged by their log-sum-exps (the split-softmax identity):
+    the prefix, which every query sees whole, with all rows' queries folded into one
+    sequence, (1, H, B*T, D) against (1, Hkv, P, D); then each row's own keys, under the mask.
+
+        out = (out_p * exp(lse_p - m) + out_s * exp(lse_s - m)) / (exp(lse_p - m) + exp(lse_s - m))
+
+    torch's CPU flash kernel is called directly because SDPA does not return the log-sum-exp.
+    Measured on this CPU against the same softmax as matmuls (bf16, 40 rows, 571-token prefix):
+    one decode step 902 -> 558 us per layer, a 36-token prompt pass 28.4 -> 7.6 ms.
+    """
+    b, h, t, d = query.shape
+    folded = query.transpose(0, 1).reshape(1, h, b * t, d)  # (1, H, B*T, D): every row's queries, one sequence
+    out_p, lse_p = _flash(folded, prefix_key, prefix_value, scale=scaling)  # (1, H, B*T, D), (1, H, B*T)
+    out_p = out_p.view(h, b, t, d).transpose(0, 1)  # (B, H, T, D)
+    lse_p = lse_p.view(h, b, t).transpose(0, 1)  # (B, H, T)
+    mask = attention_mask[:, :, :, : key.shape[-2]] if attention_mask is not None else None
+    out_s, lse_s = _flash(query, key, value, attn_mask=mask, scale=scaling)  # (B, H, T, D), (B, H, T)
+    top = torch.maximum(lse_p, lse_s)
+    w_p, w_s = torch.exp(lse_p - top)[..., None], torch.exp(lse_s - top)[..., None]  # (B, H, T, 1) fp32
+    out = (out_p.float() * w_p + out_s.float() * w_s) / (w_p + w_s)
+    return out.to(query.dtype).transpose(1, 2).contiguous()  # (B, T, H, D)
+
+
+def _flash(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch's CPU flash attention: (output, log-sum-exp per query in fp32); grouped-query K/V read in place."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, **kwargs)
+
+
 def grouped_query_attention(
     module: nn.Module,
     query: torch.Tensor,  # (B, H, T, D)
@@ -60,6 +119,10 @@ def grouped_query_attention(
     dropout: float = 0.0,
     **kwargs: object,
 ) -> tuple[torch.Tensor, None]:
+    prefix = _shared_prefix.get()
+    if prefix is not None:
+        prefix_key, prefix_value = prefix[module.layer_idx]
+        return _attention_behind_prefix(query, key, value, prefix_key, prefix_value, attention_mask, scaling), None
     if _generation.get() and not torch.is_grad_enabled() and dropout == 0.0:
         mask = attention_mask[:, :, :, : key.shape[-2]] if attention_mask is not None else None
         out = nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
