@@ -130,3 +130,32 @@ def test_compare_counts_wins_and_losses_and_tests_them():
     assert same["wins"] == same["losses"] == 0 and same["p_value"] == 1.0 and not same["significant"]
     worse = compare(base, ft, rows, refs, "accuracy")  # significantly worse is not "significant" for the gate
     assert worse["p_value"] < 0.05 and not worse["significant"]
+
+
+def test_reference_loss_with_the_prefix_read_in_place_equals_the_plain_loss(tiny_loaded, monkeypatch):
+    """A long shared prefix computed once and read in place gives the loss of every row's whole forward."""
+    import tunelab.evaluate.evaluation as evaluation
+    from tunelab.train import loop
+
+    model, tokenizer = tiny_loaded
+    rows = [_conv(t, lab, i) for i, (t, lab) in enumerate(
+        [("where is my card", "card_arrival"), ("refund please", "refund"), ("my card is lost, help", "lost_card"),
+         ("hello", "greeting"), ("I want my money back now", "refund")])]
+    shots = [_conv("when does my card come", "card_arrival", 10), _conv("get my money back", "refund", 11)]
+    prompts = [few_shot_messages(r, shots, ["card_arrival", "refund", "lost_card", "greeting"]) for r in rows]
+    calls = []
+    real = loop.shared_prefix_kv
+    monkeypatch.setattr(evaluation, "shared_prefix_kv", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(evaluation, "IN_PLACE_PREFIX", 10_000)
+    plain = reference_loss(model, tokenizer, rows, prompts, FP32, 2)
+    assert not calls
+    monkeypatch.setattr(evaluation, "IN_PLACE_PREFIX", 8)
+    in_place = reference_loss(model, tokenizer, rows, prompts, FP32, 2)
+    assert calls == [1]  # once for all three batches
+    assert in_place["loss"] == pytest.approx(plain["loss"], rel=1e-5)
+    # and both equal each row's loss computed alone, without any shared-prefix pass
+    convs = [Conversation((*m, Message("assistant", r.answer)), r.source) for m, r in zip(prompts, rows)]
+    examples, _ = tokenize_conversations(tokenizer, convs, 4096)
+    alone = validation_loss(model, [collate([e], tokenizer.pad_token_id, share_prefix=False) for e in examples], FP32)
+    assert sum(e.trained_tokens for e in examples) > 0
+    assert in_place["loss"] == pytest.approx(alone, rel=1e-5)

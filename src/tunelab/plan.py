@@ -7,8 +7,8 @@ The estimate comes from measuring this machine, not from constants:
    the run's own first micro-batches, and gives seconds per real input token; the
    run's total real tokens (known after tokenizing) times that is the training time;
 3. one validation pass is timed and multiplied by the number of validations;
-4. evaluation is probed on one batch of test prompts per contender and scaled to the
-   rows the run will evaluate.
+4. evaluation is probed on one generation batch of test prompts per contender (128
+   rows with `eval.batch_size: auto`) and scaled to the rows the run will evaluate.
 
 Nothing is written: no run directory, no adapter. The probe's optimizer steps change
 only the in-memory copy that is thrown away afterwards.
@@ -24,6 +24,7 @@ from rich.console import Console
 
 from tunelab.config import RunConfig
 from tunelab.evaluate.evaluation import evaluate_run
+from tunelab.evaluate.generate import AUTO_MAX_ROWS
 from tunelab.train.loop import validation_loss
 from tunelab.train.sft import backward_on, setup
 
@@ -70,7 +71,9 @@ def make_plan(
     split = getattr(s.data, "split", None)
     if split is not None and split.test and cfg.tuning == "lora":
         eval_rows = min(cfg.eval.max_rows or len(split.test), len(split.test))
-        sample = min(cfg.eval.generation_batch or 32, eval_rows)
+        # One whole generation batch: per-row cost falls with rows per batch (a decode step's fixed cost is
+        # shared), so a smaller sample than the run's own batches would overstate the evaluation time.
+        sample = min(cfg.eval.generation_batch or AUTO_MAX_ROWS, eval_rows)
         probe_cfg = cfg.eval.model_copy(update={"max_rows": sample})
         probe_started = time.perf_counter()
         result = evaluate_run(s.model, s.tokenizer, split.test, split.train, probe_cfg, s.precision, console)

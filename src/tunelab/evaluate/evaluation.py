@@ -33,15 +33,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tunelab.config import EvalConfig
-from tunelab.data.batches import collate
+from tunelab.data.batches import collate, shared_prefix_length
 from tunelab.data.records import Conversation, Message
 from tunelab.data.tokenize import render_prompt, tokenize_conversations
 from tunelab.evaluate.contenders import contender_prompts
 from tunelab.evaluate.forgetting import run_forgetting_check
-from tunelab.evaluate.generate import generate
+from tunelab.evaluate.generate import IN_PLACE_PREFIX, generate
 from tunelab.evaluate.metrics import macro_f1_resampler, score, task_for_metric_setting
 from tunelab.evaluate.stats import bootstrap_ci, bootstrap_ci_indices, mcnemar, paired_bootstrap
-from tunelab.train.loop import Precision, validation_metrics, validation_sums
+from tunelab.train.loop import Precision, reads_prefix_in_place, shared_prefix_kv, validation_metrics, validation_sums
 
 ALPHA = 0.05  # significance level of the comparisons (and of the promotion gate)
 EXAMPLES_KEPT = 10  # wins / losses quoted per comparison
@@ -188,7 +188,14 @@ def reference_loss(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, r
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))  # similar lengths together
     batches = [collate([examples[i] for i in order[s : s + batch_size]], tokenizer.pad_token_id)
                for s in range(0, len(order), batch_size)]
-    loss = validation_metrics(validation_sums(model, batches, precision))["val_loss"]
+    # A long prefix every row shares (few-shot examples, a label list) is computed once for all batches and
+    # read in place, as generation does (demo, 400 few-shot rows of ~673 tokens: 22 s -> see docs/benchmarks.md).
+    prefix = shared_prefix_length(examples) if len(examples) > 1 else 0
+    prefix_kv = None
+    if prefix >= IN_PLACE_PREFIX and reads_prefix_in_place(model):
+        prefix_kv = shared_prefix_kv(model, examples[0].input_ids[:prefix], precision)
+        batches = [dataclasses.replace(b, shared_prefix=prefix) for b in batches]
+    loss = validation_metrics(validation_sums(model, batches, precision, prefix_kv))["val_loss"]
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "loss_rows_dropped": len(dropped)}
 
 

@@ -18,9 +18,13 @@ from transformers import (
     DynamicCache, PreTrainedModel, get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup,
 )
 
+from tunelab import attention
 from tunelab.data.batches import Batch
 from tunelab.data.pack import prefix_block_mask
 from tunelab.data.tokenize import IGNORE_INDEX
+
+
+PrefixKV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer, (keys, values) of a shared prefix: (1, Hkv, P, D)
 
 
 @dataclass(frozen=True)
@@ -71,11 +75,25 @@ def token_loss_sum(model: PreTrainedModel | PeftModel, batch: Batch) -> tuple[to
     return F.cross_entropy(logits, targets, reduction="sum"), int(targets.numel())
 
 
-def trained_logits(model: PreTrainedModel | PeftModel, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits at the positions that predict a trained token (N, vocab) in fp32, and those tokens (N,)."""
+def trained_logits(
+    model: PreTrainedModel | PeftModel, batch: Batch, prefix_kv: PrefixKV | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits at the positions that predict a trained token (N, vocab) in fp32, and those tokens (N,).
+
+    `prefix_kv`: the batch's shared prefix, already computed once for many batches (`shared_prefix_kv`,
+    no gradients): its keys and values are read in place (`attention.behind_shared_prefix`).
+    """
     body, head = body_and_head(model)
     p = batch.shared_prefix
-    if p:
+    if prefix_kv is not None:
+        assert p == prefix_kv[0][0].shape[-2] and not torch.is_grad_enabled(), "a precomputed prefix, no gradients"
+        b, t = batch.input_ids.shape
+        with attention.behind_shared_prefix(prefix_kv):
+            hidden = body(
+                input_ids=batch.input_ids[:, p:], attention_mask=batch.attention_mask[:, p:],
+                position_ids=torch.arange(p, t).expand(b, -1), use_cache=False,
+            ).last_hidden_state  # (B, T-P, H)
+    elif p:
         hidden = _body_with_shared_prefix(body, batch)  # (B, T-P, H): hidden states of positions P..T-1
     elif batch.position_ids is not None:  # packed: no 2D mask, so transformers derives the per-example blocks
         hidden = body(  # use_cache=False: with a cache, transformers skips the packed-sequence detection
@@ -116,18 +134,35 @@ def _body_with_shared_prefix(body: torch.nn.Module, batch: Batch) -> torch.Tenso
     ).last_hidden_state
 
 
+def reads_prefix_in_place(model: PreTrainedModel | PeftModel) -> bool:
+    """Whether `attention.behind_shared_prefix` applies: our attention, on CPU (its flash kernel is the CPU one)."""
+    return model.device.type == "cpu" and getattr(model.config, "_attn_implementation", None) == attention.NAME
+
+
 @torch.no_grad()
-def validation_sums(model: PreTrainedModel | PeftModel, batches: list[Batch], precision: Precision) -> torch.Tensor:
+def shared_prefix_kv(model: PreTrainedModel | PeftModel, prefix: list[int], precision: Precision) -> PrefixKV:
+    """Per layer, the (1, Hkv, P, D) keys and values of `prefix`: computed once, read in place by many rows."""
+    body, _ = body_and_head(model)
+    cache = DynamicCache(config=body.config)
+    with precision.autocast():
+        body(input_ids=torch.tensor([prefix]), past_key_values=cache, use_cache=True)
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+@torch.no_grad()
+def validation_sums(
+    model: PreTrainedModel | PeftModel, batches: list[Batch], precision: Precision, prefix_kv: PrefixKV | None = None
+) -> torch.Tensor:
     """(loss sum, correct next-token predictions, trained tokens) over the batches, as a float64 tensor.
 
-    Sums, so that processes can add theirs (all_reduce) before dividing.
+    Sums, so that processes can add theirs (all_reduce) before dividing. `prefix_kv`: see `trained_logits`.
     """
     was_training = model.training
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64)
     for batch in batches:
         with precision.autocast():
-            logits, targets = trained_logits(model, batch)
+            logits, targets = trained_logits(model, batch, prefix_kv)
         sums += torch.tensor([
             float(F.cross_entropy(logits, targets, reduction="sum")),
             float((logits.argmax(-1) == targets).sum()),
