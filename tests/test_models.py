@@ -58,3 +58,45 @@ def test_attach_lora_freezes_base_and_starts_as_identity(tiny_model_dir):
     with torch.no_grad():
         after = peft_model(ids).logits
     torch.testing.assert_close(after, before)  # LoRA B starts at zero
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_attach_lora_skips_the_input_cast_for_plain_lora_only(tiny_model_dir, use_dora):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    model, _ = load_model(resolve_model(str(tiny_model_dir)), dtype=torch.bfloat16)
+    model = attach_lora(model, LoraConfig(rank=4, alpha=8, use_dora=use_dora))
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    # DoRA keeps PEFT's cast: its weight norm is computed in the input's dtype (fp32 with the cast)
+    assert layers and all(m.cast_input_dtype_enabled is use_dora for m in layers)
+
+
+def test_adapter_inputs_uncast_is_bitwise_the_same_under_bf16_autocast(tiny_model_dir):
+    """PEFT's bf16 -> fp32 cast of each adapted layer's input (undone by autocast) is skipped: nothing changes."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from tunelab.train.loop import choose_precision
+
+    precision = choose_precision("bf16")
+    ids = torch.randint(0, 200, (3, 12), generator=torch.Generator().manual_seed(0))
+    results = []
+    for cast in (True, False):
+        torch.manual_seed(0)
+        model, _ = load_model(resolve_model(str(tiny_model_dir)), dtype=torch.bfloat16)
+        model = attach_lora(model, LoraConfig(rank=4, alpha=8))
+        for m in model.modules():
+            if isinstance(m, BaseTunerLayer):
+                m.cast_input_dtype_enabled = cast
+        for name, p in model.named_parameters():  # lora_B starts at 0: give it values so the adapter path counts
+            if "lora_B" in name:
+                p.data.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+        with precision.autocast():
+            logits = model(input_ids=ids).logits
+        logits.float().pow(2).mean().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((logits.detach(), grads))
+    (cast_logits, cast_grads), (logits, grads) = results
+    assert torch.equal(logits, cast_logits)
+    assert grads.keys() == cast_grads.keys() and grads
+    for name in grads:
+        assert torch.equal(grads[name], cast_grads[name]), name

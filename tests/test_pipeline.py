@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from tunelab.pipeline import run_pipeline
 
 
@@ -60,3 +62,26 @@ def test_free_text_run_is_scored_with_text_metrics_not_accuracy(tmp_path, make_c
     assert (run / "manifest.json").is_file() and (run / "adapter" / "adapter_model.safetensors").is_file()
     data_report = json.loads((run / "data.json").read_text())
     assert data_report["stratified"] is False and data_report["labels"] is None
+
+
+def test_a_bf16_run_trains_evaluates_and_reloads(tmp_path, make_config, classification_csv):
+    """Every path that runs the model (training, validation, generation, reference losses, the forgetting
+    probe, reloading) runs a bf16 base with fp32 adapters under autocast, as the skipped input cast requires."""
+    from tunelab.evaluate.generate import generate
+    from tunelab.train.checkpoint import load_run
+    from tunelab.train.loop import choose_precision
+
+    cfg = make_config(classification_csv, train={"precision": "bf16", "epochs": 1, "eval_every": 2},
+                      eval={"compare_base": True})
+    summary = run_pipeline(cfg)
+    assert summary["precision"] == "bf16 autocast (set in config)"
+    report = json.loads((Path(summary["run_dir"]) / "eval.json").read_text())
+    assert set(report["contenders"]) == {"finetune", "base_zero_shot", "base_few_shot"}
+    assert all(c["metrics"]["loss"] > 0 for c in report["contenders"].values())
+    assert "forgetting" in report
+    model, tokenizer, _ = load_run(Path(summary["run_dir"]), dtype=torch.bfloat16)
+    assert next(p for n, p in model.named_parameters() if "lora_A" in n).dtype == torch.float32
+    assert model.get_base_model().model.embed_tokens.weight.dtype == torch.bfloat16
+    run = generate(model, tokenizer, [[5, 6, 7, 8]], max_new_tokens=3, batch_size=None,
+                   precision=choose_precision("bf16"), stop_token_ids=[])
+    assert len(run.generations[0].token_ids) == 3

@@ -27,6 +27,7 @@ from pathlib import Path
 import peft
 import torch
 from peft import PeftModel, get_peft_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from tunelab import attention
@@ -187,4 +188,22 @@ def attach_lora(model: PreTrainedModel, lora: LoraConfig) -> PeftModel:
         use_rslora=lora.use_rslora,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, peft_config, autocast_adapter_dtype=True)
+    return adapter_inputs_uncast(get_peft_model(model, peft_config, autocast_adapter_dtype=True))
+
+
+def adapter_inputs_uncast(model: PeftModel) -> PeftModel:
+    """Switch off PEFT's cast of each adapted layer's input to the adapter's dtype; returns the model.
+
+    Why: PEFT casts the input of every LoRA layer to its weights' dtype (fp32 here) before
+    lora_A, and under bf16 autocast lora_A casts it straight back to bf16: two copies of the
+    layer's input and two more in backward, for a bitwise-identical result (bf16 -> fp32 ->
+    bf16 is exact). Measured on this CPU, SmolLM2 LoRA batch 16: 533 -> 588 tokens/s. In fp32
+    the input already has the adapter's dtype and nothing changes. Every forward of a bf16
+    base runs under autocast (`Precision.autocast`); without it lora_A would raise a dtype error,
+    never compute silently in another precision. DoRA layers keep the cast: PEFT computes their
+    weight norm in the input's dtype, fp32 with it, bf16 without.
+    """
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer) and not getattr(module, "lora_variant", None):  # plain LoRA only
+            module.cast_input_dtype_enabled = False
+    return model

@@ -32,7 +32,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from tunelab.config import RunConfig
 from tunelab.errors import TunelabError
 from tunelab.files import file_sha256
-from tunelab.models import attention_for_device, load_model, resolve_model
+from tunelab.models import adapter_inputs_uncast, attention_for_device, load_model, resolve_model
 from tunelab.quantize import quantize_base
 from tunelab.template_canary import check_recorded_template
 
@@ -177,6 +177,6 @@ def load_run(
         # the unquantized base, with outputs off by the quantization error: ~2% of the logits for int8).
         base, _ = load_model(resolve_model(cfg.model), dtype=dtype, quantize=cfg.lora.quantize_base)
         quantize_base(base, cfg.lora.quantize_base, dtype)
-        model = PeftModel.from_pretrained(base, run_dir / "adapter")
+        model = adapter_inputs_uncast(PeftModel.from_pretrained(base, run_dir / "adapter"))
     model.eval()
     return model, tokenizer, cfg
