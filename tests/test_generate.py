@@ -185,7 +185,7 @@ def test_generations_do_not_depend_on_the_batching(model_and_tokenizer):
 def test_prefill_chunks_bound_the_padding():
     from tunelab.evaluate.generate import prefill_chunks
 
-    assert prefill_chunks([10, 10, 12, 40], 8) == [range(0, 3), range(3, 4)]  # 40 would pad 3 x 28 + ...
+    assert prefill_chunks([10, 10, 12, 40], 8) == [range(0, 3), range(3, 4)]  # with 40: 4 x 40 - 72 = 88 pads
     assert prefill_chunks([10, 10, 12, 40], 1000) == [range(0, 4)]
     assert prefill_chunks([5, 6, 7], 0) == [range(0, 1), range(1, 2), range(2, 3)]
     assert prefill_chunks([5, 5, 5], 0) == [range(0, 3)]  # equal lengths: no padding, one chunk

@@ -43,7 +43,7 @@ from transformers import DynamicCache, PretrainedConfig, PreTrainedModel, PreTra
 from tunelab import attention
 from tunelab.attention import generation_kernels
 from tunelab.errors import TunelabError
-from tunelab.train.loop import Precision, body_and_head
+from tunelab.train.loop import Precision, body_and_head, reads_prefix_in_place
 
 MIN_SHARED_PREFIX = 8  # tokens; shorter common prefixes are not worth a separate pass
 
@@ -161,8 +161,7 @@ def generate(
     # prompt) is copied into every row, where one SDPA call per layer is faster than two. Measured on 300
     # Banking77 prompts: 571-token prefix, copied 197 -> in place 361 tokens/s; 13-token prefix, copied 700,
     # in place 636.
-    in_place = (prefix_len >= IN_PLACE_PREFIX and model.device.type == "cpu"
-                and getattr(model.config, "_attn_implementation", None) == attention.NAME)
+    in_place = prefix_len >= IN_PLACE_PREFIX and reads_prefix_in_place(model)
     prefix_kv = [(layer.keys, layer.values) for layer in prefix_cache.layers] if in_place else None
     cached_prefix = 0 if in_place else prefix_len  # prefix columns in each row's cache and mask
 
