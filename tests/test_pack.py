@@ -87,6 +87,24 @@ def grads(model) -> dict[str, torch.Tensor]:
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
+def assert_same_loss_sum_and_gradients(model, plain: Batch, packed: Batch) -> int:
+    """`token_loss_sum` of both layouts: equal sums, trained-token counts and gradients; returns the count."""
+    results = []
+    for batch in (plain, packed):
+        model.zero_grad(set_to_none=True)
+        loss, n = token_loss_sum(model, batch)
+        loss.backward()
+        results.append((loss.detach(), n, grads(model)))
+    model.zero_grad(set_to_none=True)
+    (plain_loss, n_plain, plain_grads), (packed_loss, n_packed, packed_grads) = results
+    assert n_packed == n_plain
+    torch.testing.assert_close(packed_loss, plain_loss, **LOSS_TOL)
+    assert packed_grads.keys() == plain_grads.keys() and len(plain_grads) > 0
+    for name in plain_grads:
+        torch.testing.assert_close(packed_grads[name], plain_grads[name], **GRAD_TOL, msg=lambda m, name=name: f"{name}: {m}")
+    return n_plain
+
+
 @pytest.mark.parametrize("pack_length", PACK_LENGTHS)
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 def test_packed_loss_and_gradients_equal_unpacked(models, batch_examples, impl, pack_length):
@@ -114,18 +132,9 @@ def test_token_loss_sum_of_packed_batch_equals_unpacked(models, batch_examples, 
     model = models[impl]
     examples, pad = batch_examples
     assert model.config.use_cache  # as load_model leaves it: the loss must not depend on this
-    results = []
-    for batch in (collate(examples, pad, share_prefix=False), collate_packed(examples, pad, 16)):
-        model.zero_grad(set_to_none=True)
-        loss, n = token_loss_sum(model, batch)
-        loss.backward()
-        results.append((loss.detach(), n, grads(model)))
-    (plain, n_plain, plain_grads), (packed, n_packed, packed_grads) = results
-    assert n_packed == n_plain == sum(e.trained_tokens for e in examples) - sum(e.labels[0] != IGNORE_INDEX for e in examples)
-    torch.testing.assert_close(packed, plain, **LOSS_TOL)
-    for name in plain_grads:
-        torch.testing.assert_close(packed_grads[name], plain_grads[name], **GRAD_TOL, msg=lambda m, name=name: f"{name}: {m}")
-    model.zero_grad(set_to_none=True)
+    n = assert_same_loss_sum_and_gradients(model, collate(examples, pad, share_prefix=False),
+                                           collate_packed(examples, pad, 16))
+    assert n == sum(e.trained_tokens for e in examples) - sum(e.labels[0] != IGNORE_INDEX for e in examples)
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
@@ -256,19 +265,9 @@ def test_rows_packed_behind_a_shared_prefix_keep_every_example(prefixed_examples
 def test_packed_behind_prefix_loss_and_gradients_equal_unpacked(models, prefixed_examples, impl, pack_length):
     model = models[impl]
     examples, pad = prefixed_examples
-    results = []
-    for batch in (collate(examples, pad, share_prefix=False), collate_packed(examples, pad, pack_length)):
-        model.zero_grad(set_to_none=True)
-        loss, n = token_loss_sum(model, batch)
-        loss.backward()
-        results.append((loss.detach(), n, grads(model)))
-    (plain, n_plain, plain_grads), (packed, n_packed, packed_grads) = results
-    assert n_packed == n_plain > 0
-    torch.testing.assert_close(packed, plain, **LOSS_TOL)
-    assert packed_grads.keys() == plain_grads.keys() and len(plain_grads) > 0
-    for name in plain_grads:
-        torch.testing.assert_close(packed_grads[name], plain_grads[name], **GRAD_TOL, msg=lambda m, name=name: f"{name}: {m}")
-    model.zero_grad(set_to_none=True)
+    packed = collate_packed(examples, pad, pack_length)
+    assert packed.shared_prefix == len(PREFIX)
+    assert assert_same_loss_sum_and_gradients(model, collate(examples, pad, share_prefix=False), packed) > 0
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
