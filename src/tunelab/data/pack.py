@@ -32,6 +32,12 @@ model, because a 2D mask switches transformers' packed detection off.
 The forward must also pass `use_cache=False`: with a KV cache (LlamaConfig's
 default `use_cache=True` creates one) transformers skips the detection and the
 examples of a row silently attend each other.
+
+When every example starts with the same untrained tokens (a system prompt), rows are
+laid out differently: the prefix once at the head of each row, the remainders packed
+behind it with positions continuing after it, and an explicit block mask built from
+`segment_ids` (`_packed_behind_prefix`, `prefix_block_mask`). The prefix is then
+computed once per step, as on the padded path.
 """
 
 from __future__ import annotations
