@@ -55,7 +55,7 @@ def generation_kernels():
 
 @contextlib.contextmanager
 def behind_shared_prefix(layers: list[tuple[torch.Tensor, torch.Tensor]]):
-    """Within `with`: every query also attends these keys/values, ahead of its own cache (batched generation).
+    """Within `with`: every query also attends these keys/values, ahead of its own (generation, evaluation losses).
 
     `layers[i]` is layer i's (keys, values), each (1, Hkv, P, D): a prompt prefix all rows share,
     computed once. The KV cache and the attention mask then cover only what follows the prefix,

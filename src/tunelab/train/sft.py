@@ -33,6 +33,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tunelab.config import RunConfig
 from tunelab.data.batches import Batch, collate, length_grouped_order
+from tunelab.data.pack import collate_packed
 from tunelab.data.prepare import PreparedData, prepare_data
 from tunelab.data.tokenize import TokenizedExample
 from tunelab.models import ResolvedModel, attach_lora, load_model, resolve_model, unfreeze_all, weights_fingerprint
@@ -180,12 +181,9 @@ class Setup:
         # FSDP: no shared-prefix pass. Its decoder layers run twice per step, and the prefix's output lives
         # only in the KV cache, where FSDP's pre-backward hook never sees it: backward would find the layer's
         # gathered weights already freed.
-        share_prefix = not self.sharded
         if t.packing:
-            from tunelab.data.pack import collate_packed
-
-            return collate_packed(examples, self.tokenizer.pad_token_id, self.pack_length, share_prefix=share_prefix)
-        return collate(examples, self.tokenizer.pad_token_id, share_prefix=share_prefix)
+            return collate_packed(examples, self.tokenizer.pad_token_id, self.pack_length, share_prefix=not self.sharded)
+        return collate(examples, self.tokenizer.pad_token_id, share_prefix=not self.sharded)
 
     @property
     def pack_length(self) -> int:
