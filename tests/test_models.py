@@ -61,17 +61,37 @@ def test_attach_lora_freezes_base_and_starts_as_identity(tiny_model_dir):
 
 
 @pytest.mark.parametrize("use_dora", [False, True])
-def test_attach_lora_skips_the_input_cast_for_plain_lora_only(tiny_model_dir, use_dora):
+def test_attach_lora_skips_the_input_cast(tiny_model_dir, use_dora):
     from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from tunelab.dora import RowNormDoraLayer
 
     model, _ = load_model(resolve_model(str(tiny_model_dir)), dtype=torch.bfloat16)
     model = attach_lora(model, LoraConfig(rank=4, alpha=8, use_dora=use_dora))
     layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
-    # DoRA keeps PEFT's cast: its weight norm is computed in the input's dtype (fp32 with the cast)
-    assert layers and all(m.cast_input_dtype_enabled is use_dora for m in layers)
+    assert layers and not any(m.cast_input_dtype_enabled for m in layers)
+    magnitudes = [m for m in model.modules() if isinstance(m, RowNormDoraLayer)]
+    assert len(magnitudes) == (len(layers) if use_dora else 0)  # DoRA gets the dtype-free norm
 
 
-def test_adapter_inputs_uncast_is_bitwise_the_same_under_bf16_autocast(tiny_model_dir):
+def test_peft_dora_layers_keep_the_input_cast(tiny_model_dir):
+    """PEFT's own DoRA norm is computed in the input's dtype: a layer still holding it keeps the cast."""
+    from peft import get_peft_model
+    from peft import LoraConfig as PeftLoraConfig
+    from peft.tuners.lora.dora import DoraLinearLayer
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from tunelab.models import _input_dtype_free
+
+    model, _ = load_model(resolve_model(str(tiny_model_dir)), dtype=torch.bfloat16)
+    model = get_peft_model(model, PeftLoraConfig(r=4, target_modules="all-linear", use_dora=True))
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    assert layers and all(type(m.lora_magnitude_vector["default"]) is DoraLinearLayer for m in layers)
+    assert not any(_input_dtype_free(m) for m in layers)
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_adapter_inputs_uncast_is_bitwise_the_same_under_bf16_autocast(tiny_model_dir, use_dora):
     """PEFT's bf16 -> fp32 cast of each adapted layer's input (undone by autocast) is skipped: nothing changes."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -83,7 +103,7 @@ def test_adapter_inputs_uncast_is_bitwise_the_same_under_bf16_autocast(tiny_mode
     for cast in (True, False):
         torch.manual_seed(0)
         model, _ = load_model(resolve_model(str(tiny_model_dir)), dtype=torch.bfloat16)
-        model = attach_lora(model, LoraConfig(rank=4, alpha=8))
+        model = attach_lora(model, LoraConfig(rank=4, alpha=8, use_dora=use_dora))
         for m in model.modules():
             if isinstance(m, BaseTunerLayer):
                 m.cast_input_dtype_enabled = cast

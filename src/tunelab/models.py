@@ -32,6 +32,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from tunelab import attention
 from tunelab.config import DEFAULT_MODEL, LoraConfig
+from tunelab.dora import RowNormDoraLayer, use_row_norm_dora
 from tunelab.errors import TunelabError
 from tunelab.quantize import quantization_config
 
@@ -192,7 +193,8 @@ def attach_lora(model: PreTrainedModel, lora: LoraConfig) -> PeftModel:
 
 
 def adapter_inputs_uncast(model: PeftModel) -> PeftModel:
-    """Switch off PEFT's cast of each adapted layer's input to the adapter's dtype; returns the model.
+    """Give DoRA layers the row-norm forward, then switch off PEFT's cast of each adapted
+    layer's input to the adapter's dtype; returns the model.
 
     Why: PEFT casts the input of every LoRA layer to its weights' dtype (fp32 here) before
     lora_A, and under bf16 autocast lora_A casts it straight back to bf16: two copies of the
@@ -200,10 +202,19 @@ def adapter_inputs_uncast(model: PeftModel) -> PeftModel:
     bf16 is exact). Measured on this CPU, SmolLM2 LoRA batch 16: 533 -> 588 tokens/s. In fp32
     the input already has the adapter's dtype and nothing changes. Every forward of a bf16
     base runs under autocast (`Precision.autocast`); without it lora_A would raise a dtype error,
-    never compute silently in another precision. DoRA layers keep the cast: PEFT computes their
-    weight norm in the input's dtype, fp32 with it, bf16 without.
+    never compute silently in another precision. PEFT's own DoRA layer needs the cast (it
+    computes its weight norm in the input's dtype); `tunelab.dora`'s does not, so DoRA layers
+    lose the cast once they have it, and any other variant keeps it.
     """
+    use_row_norm_dora(model)
     for module in model.modules():
-        if isinstance(module, BaseTunerLayer) and not getattr(module, "lora_variant", None):  # plain LoRA only
+        if isinstance(module, BaseTunerLayer) and _input_dtype_free(module):
             module.cast_input_dtype_enabled = False
     return model
+
+
+def _input_dtype_free(module: BaseTunerLayer) -> bool:
+    """True when no adapter of this layer computes anything in its input's dtype."""
+    variants = getattr(module, "lora_variant", None) or {}
+    magnitudes = getattr(module, "lora_magnitude_vector", None) or {}
+    return all(name in magnitudes and isinstance(magnitudes[name], RowNormDoraLayer) for name in variants)

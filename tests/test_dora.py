@@ -1,0 +1,183 @@
+"""tunelab.dora: DoRA's weight norm by the row-norm identity equals PEFT's own layer."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+
+import pytest
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import get_peft_model
+from peft.tuners.lora.dora import DoraLinearLayer
+from torch import nn
+
+from tunelab.dora import RowNormDoraLayer, use_row_norm_dora
+from tunelab.models import load_model, resolve_model
+
+
+def _randomised(model: nn.Module, seed: int = 1) -> nn.Module:
+    """Non-zero lora_B and magnitudes away from the base norms, so every term of the norm counts."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+            elif "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.2 * torch.rand(p.shape, generator=gen))
+    return model
+
+
+def _peft_dora(tiny_model_dir, dropout: float = 0.0) -> nn.Module:
+    model, _ = load_model(resolve_model(str(tiny_model_dir)), dtype=torch.float32)
+    config = PeftLoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear", use_dora=True)
+    return _randomised(get_peft_model(model, config))
+
+
+def _loss_and_grads(model: nn.Module, ids: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.train()
+    model.zero_grad()
+    torch.manual_seed(seed)  # the same dropout masks on both sides
+    logits = model(input_ids=ids).logits
+    loss = logits.float().log_softmax(-1)[..., :50].mean()
+    loss.backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["no-dropout", "dropout"])
+def test_row_norm_dora_matches_peft_outputs_and_gradients(tiny_model_dir, dropout):
+    ids = torch.randint(0, 200, (3, 14), generator=torch.Generator().manual_seed(0))
+    peft_model = _peft_dora(tiny_model_dir, dropout)
+    ours = copy.deepcopy(peft_model)
+    assert use_row_norm_dora(ours) == sum(type(m) is DoraLinearLayer for m in peft_model.modules()) > 0
+
+    peft_logits, peft_grads = _loss_and_grads(peft_model, ids)
+    logits, grads = _loss_and_grads(ours, ids)
+    torch.testing.assert_close(logits, peft_logits, rtol=1e-5, atol=1e-5)
+    assert grads.keys() == peft_grads.keys()
+    assert any("lora_magnitude_vector" in n for n in grads) and any("lora_A" in n for n in grads)
+    for name in grads:
+        torch.testing.assert_close(grads[name], peft_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _layer_with_bias(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(24, 40, bias=True), nn.ReLU(), nn.Linear(40, 8, bias=True))
+    return _randomised(get_peft_model(net, PeftLoraConfig(r=4, lora_alpha=16, target_modules=["0", "2"], use_dora=True)))
+
+
+def test_weight_norm_equals_the_norm_of_the_adapted_weight_with_a_bias():
+    """The identity against PEFT's materialised norm ||W + s·BA|| per row, on layers with a bias."""
+    model = _layer_with_bias(0)
+    use_row_norm_dora(model)
+    checked = 0
+    for module in model.modules():
+        if hasattr(module, "lora_magnitude_vector") and "default" in module.lora_magnitude_vector:
+            dora = module.lora_magnitude_vector["default"]
+            assert isinstance(dora, RowNormDoraLayer)
+            base, lora_a, lora_b = module.get_base_layer(), module.lora_A["default"], module.lora_B["default"]
+            scaling = module.scaling["default"]
+            expected = torch.linalg.norm(base.weight + scaling * lora_b.weight @ lora_a.weight, dim=1)
+            got = dora.weight_norm(lora_a, lora_b, scaling, base, torch.float32)
+            torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+            checked += 1
+    assert checked == 2
+
+
+def test_bias_layers_give_peft_outputs():
+    x = torch.randn(5, 24, generator=torch.Generator().manual_seed(3))
+    peft_model = _layer_with_bias(1)
+    ours = copy.deepcopy(peft_model)
+    use_row_norm_dora(ours)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), peft_model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_training_mode_rereads_a_changed_base():
+    """The base's row norms are cached, and forgotten when training (re)starts, like PEFT's own cache."""
+    model = _layer_with_bias(2)
+    use_row_norm_dora(model)
+    x = torch.randn(4, 24)
+    model.eval()
+    with torch.no_grad():
+        model(x)
+        layer = model.base_model.model[0]
+        layer.get_base_layer().weight.mul_(2)
+        model.train()
+        got = model(x)
+        reference = copy.deepcopy(model)
+        for module in reference.modules():
+            if type(module) is RowNormDoraLayer:
+                module.__class__ = DoraLinearLayer  # PEFT's own forward, reading the base afresh
+        torch.testing.assert_close(got, reference(x), rtol=1e-5, atol=1e-6)
+
+
+def test_state_dict_and_saved_adapter_are_peft_s(tmp_path):
+    peft_model = _layer_with_bias(4)
+    ours = copy.deepcopy(peft_model)
+    use_row_norm_dora(ours)
+    assert ours.state_dict().keys() == peft_model.state_dict().keys()
+    ours.save_pretrained(tmp_path / "ours")
+    peft_model.save_pretrained(tmp_path / "peft")
+    assert sorted(p.name for p in (tmp_path / "ours").iterdir()) == sorted(p.name for p in (tmp_path / "peft").iterdir())
+    from safetensors.torch import load_file
+
+    saved, reference = load_file(tmp_path / "ours" / "adapter_model.safetensors"), load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    assert saved.keys() == reference.keys() and all(torch.equal(saved[k], reference[k]) for k in saved)
+
+
+def test_bf16_norm_stays_close_to_the_fp32_norm(tiny_model_dir):
+    """Under bf16 autocast `W Aᵀ` comes out in bf16; the norm still agrees with fp32 to well under bf16's step."""
+    model = _peft_dora(tiny_model_dir)
+    use_row_norm_dora(model)
+    for module in model.modules():
+        if hasattr(module, "lora_magnitude_vector") and "default" in module.lora_magnitude_vector:
+            args = (module.lora_A["default"], module.lora_B["default"], module.scaling["default"], module.get_base_layer())
+            exact = module.lora_magnitude_vector["default"].weight_norm(*args, torch.float32)
+            module.lora_magnitude_vector["default"]._base_row_sq = None
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                approx = module.lora_magnitude_vector["default"].weight_norm(*args, torch.bfloat16)
+            assert approx.dtype == torch.float32
+            torch.testing.assert_close(approx, exact, rtol=2e-3, atol=1e-4)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="nf4 needs bitsandbytes")
+def test_row_norm_dora_over_a_4bit_base_matches_peft(tiny_model_dir):
+    """The base layer itself computes W Aᵀ, so a 4-bit base needs no dequantised weight per step."""
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.quantize import quantization_config
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32,
+                                                quantization_config=quantization_config("nf4", torch.float32))
+    peft_model = _randomised(get_peft_model(base, PeftLoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                                  use_dora=True)))
+    ids = torch.randint(0, 200, (2, 10), generator=torch.Generator().manual_seed(0))
+    peft_logits, peft_grads = _loss_and_grads(peft_model, ids)
+    assert use_row_norm_dora(peft_model) > 0  # the same model, now with the row-norm forward
+    logits, grads = _loss_and_grads(peft_model, ids)
+    torch.testing.assert_close(logits, peft_logits, rtol=1e-3, atol=1e-3)
+    for name in grads:
+        torch.testing.assert_close(grads[name], peft_grads[name], rtol=1e-2, atol=1e-4, msg=name)
+
+
+def test_scaled_combine_gradients_are_exact():
+    """The hand-written backward of `scale·(base + s·lora)` against autograd's numerical gradient."""
+    from tunelab.dora import _ScaleAdapted
+
+    gen = torch.Generator().manual_seed(0)
+    base, lora = (torch.randn(2, 3, 5, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    scale = torch.rand(5, generator=gen, dtype=torch.float64).add(0.5).requires_grad_()
+    assert torch.autograd.gradcheck(lambda b, l, g: _ScaleAdapted.apply(b, l, g, 1.7), (base, lora, scale))
+
+
+def test_bf16_combine_keeps_small_magnitude_changes():
+    """A scale of 1.002, which bf16 would round to 1, still moves the output."""
+    from tunelab.dora import _ScaleAdapted
+
+    base = torch.randn(64, 8).to(torch.bfloat16)
+    lora = torch.zeros_like(base)
+    out_one = _ScaleAdapted.apply(base, lora, torch.ones(8), 2.0)
+    out_nudged = _ScaleAdapted.apply(base, lora, torch.full((8,), 1 + 2e-3), 2.0)
+    assert out_one.dtype == torch.bfloat16 and torch.equal(out_one, base)
+    assert (out_nudged != out_one).any()
