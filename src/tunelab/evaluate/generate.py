@@ -39,10 +39,12 @@ from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.cache_utils import DynamicLayer
 
 from tunelab import attention
 from tunelab.attention import generation_kernels
 from tunelab.errors import TunelabError
+from tunelab.evaluate.kv_cache import reserved_cache
 from tunelab.train.loop import Precision, body_and_head, reads_prefix_in_place
 
 MIN_SHARED_PREFIX = 8  # tokens; shorter common prefixes are not worth a separate pass
@@ -286,6 +288,7 @@ def _prefill(
     prefix_cache: DynamicCache | None,
     pad_id: int,
     precision: Precision,
+    reserve: int,  # decode steps to come: slots kept free in every layer's cache (see kv_cache)
 ) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
     """The prompt pass: (KV cache of the whole batch, first-token logits (B, vocab), attention mask (B, C + W)).
 
@@ -299,8 +302,7 @@ def _prefill(
         cache row   [ P P P | 0 0 0 s s ]   mask [1 1 1 | 0 0 0 1 1]
     """
     width = max(len(s) for s in suffixes)
-    keys: list[list[torch.Tensor]] = [[] for _ in range(config.num_hidden_layers)]
-    values: list[list[torch.Tensor]] = [[] for _ in range(config.num_hidden_layers)]
+    buffers: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer: (B, Hkv, C + W + reserve, D) keys, values
     logits: list[torch.Tensor] = []
     for rows in prefill_chunks([len(s) for s in suffixes], PREFILL_MAX_PADDING):
         chunk = suffixes[rows.start : rows.stop]
@@ -321,24 +323,28 @@ def _prefill(
             # (Through a PEFT wrapper, transformers' `logits_to_keep` slice became a batched matmul that
             # copied the whole 49,152 x 576 head weight per row: 4x slower generation.)
             logits.append(head(hidden[:, -1].contiguous()))
-        for layer, cached in enumerate(cache.layers):
-            keys[layer].append(_widen(cached.keys, cached_prefix, width - chunk_width))
-            values[layer].append(_widen(cached.values, cached_prefix, width - chunk_width))
+        if not buffers:
+            buffers = [_cache_buffers(layer, len(suffixes), cached_prefix + width + reserve) for layer in cache.layers]
+        for (key_buffer, value_buffer), cached in zip(buffers, cache.layers):
+            _place(key_buffer[rows.start : rows.stop], cached.keys, cached_prefix, width - chunk_width)
+            _place(value_buffer[rows.start : rows.stop], cached.values, cached_prefix, width - chunk_width)
     _, suffix_mask = _left_padded(suffixes, width, pad_id)
     mask = torch.cat([torch.ones((len(suffixes), cached_prefix), dtype=torch.long), suffix_mask], dim=1)
-    merged = DynamicCache(config=config)
-    for layer in range(config.num_hidden_layers):
-        merged.update(torch.cat(keys[layer]), torch.cat(values[layer]), layer)
-    return merged, torch.cat(logits), mask
+    return reserved_cache(config, buffers, cached_prefix + width), torch.cat(logits), mask
 
 
-def _widen(kv: torch.Tensor, prefix_len: int, extra: int) -> torch.Tensor:
-    """(b, Hkv, P + w, D) -> (b, Hkv, P + w + extra, D): `extra` zero (masked) slots between prefix and suffix."""
-    if extra == 0:
-        return kv
-    b, heads, _, dim = kv.shape
-    gap = kv.new_zeros((b, heads, extra, dim))
-    return torch.cat([kv[:, :, :prefix_len], gap, kv[:, :, prefix_len:]], dim=2)
+def _cache_buffers(layer: DynamicLayer, rows: int, slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    _, heads, _, dim = layer.keys.shape
+    return tuple(kv.new_empty((rows, heads, slots, dim)) for kv in (layer.keys, layer.values))  # type: ignore[return-value]
+
+
+def _place(dest: torch.Tensor, kv: torch.Tensor, prefix_len: int, gap: int) -> None:
+    """Copy a chunk's (b, Hkv, P + w, D) cache into the batch's buffer rows: the prefix, then `gap`
+    zero (masked) slots, then the suffix, so every row ends at the batch's width."""
+    end = kv.shape[2] + gap
+    dest[:, :, :prefix_len] = kv[:, :, :prefix_len]
+    dest[:, :, prefix_len : prefix_len + gap].zero_()  # masked, but must be finite: 0 x NaN would poison the sum
+    dest[:, :, prefix_len + gap : end] = kv[:, :, prefix_len:]
 
 
 def _generate_batch(
@@ -359,7 +365,7 @@ def _generate_batch(
 ) -> list[tuple[list[int], bool]]:
     b = len(suffixes)
     cache, logits, mask = _prefill(body, head, config, suffixes, prefix_len, cached_prefix, prefix_cache, pad_id,
-                                   precision)
+                                   precision, reserve=max_new_tokens)
     positions = torch.tensor([[prefix_len + len(s) - 1] for s in suffixes])  # (B, 1): each row's last prompt token
 
     new_tokens: list[list[int]] = [[] for _ in range(b)]
