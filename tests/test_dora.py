@@ -172,12 +172,19 @@ def test_scaled_combine_gradients_are_exact():
 
 
 def test_bf16_combine_keeps_small_magnitude_changes():
-    """A scale of 1.002, which bf16 would round to 1, still moves the output."""
+    """A scale of 1 + 1e-4 (below bf16's half step) moves the bf16 output as PEFT's fp32 sum,
+    rounded once, does; rounding `base + s·lora` before scaling would round it away."""
     from tunelab.dora import _ScaleAdapted
 
-    base = torch.randn(64, 8).to(torch.bfloat16)
-    lora = torch.zeros_like(base)
-    out_one = _ScaleAdapted.apply(base, lora, torch.ones(8), 2.0)
-    out_nudged = _ScaleAdapted.apply(base, lora, torch.full((8,), 1 + 2e-3), 2.0)
-    assert out_one.dtype == torch.bfloat16 and torch.equal(out_one, base)
-    assert (out_nudged != out_one).any()
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(256, 512, generator=gen).to(torch.bfloat16)
+    lora = (0.1 * torch.randn(256, 512, generator=gen)).to(torch.bfloat16)
+    scale = torch.full((512,), 1 + 1e-4)
+    unscaled = _ScaleAdapted.apply(base, lora, torch.ones(512), 2.0)
+    scaled = _ScaleAdapted.apply(base, lora, scale, 2.0)
+    peft = ((scale - 1) * base.float() + scale * lora.float() * 2.0 + base.float()).to(torch.bfloat16)
+    assert scaled.dtype == torch.bfloat16
+    moved_by_peft = peft != unscaled
+    assert moved_by_peft.float().mean() > 0.01  # the scale does move PEFT's output
+    assert (scaled[moved_by_peft] != unscaled[moved_by_peft]).float().mean() > 0.9
+    assert (scaled != peft).float().mean() < 0.02

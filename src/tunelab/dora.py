@@ -19,9 +19,9 @@ norm no longer depends on the input's dtype (see `tunelab.models.adapter_inputs_
 
 The output is combined in one step as well. PEFT adds `(g-1)·base + g·s·lora` to the
 base output, with `g = m / norm`: in fp32 under bf16 autocast, about six activation-sized
-tensors per layer forward and more in backward. Written as `g·(base + s·lora)` it is
-two kernels forward and three backward (`_ScaleAdapted`), taken so that small magnitude
-updates are not rounded away before the output is.
+tensors per layer forward and more in backward. `_ScaleAdapted` forms `g·(base + s·lora)`
+in two kernels forward, rounding once so that small magnitude updates are not rounded
+away (its docstring says why that matters).
 
 PEFT offers no such path, hence the hand-written identity; `tests/test_dora.py` checks it
 against PEFT's own layer (outputs, gradients, a 4-bit base, reload).
@@ -91,34 +91,42 @@ class RowNormDoraLayer(DoraLinearLayer):
 
 
 class _ScaleAdapted(torch.autograd.Function):
-    """`scale·(base + scaling·lora)` per output column, in two kernels forward and three
-    backward. Hand-written because eager autograd would keep an fp32 copy of every
+    """`scale·(base + scaling·lora)` per output column, in two kernels forward and four or
+    five backward. Hand-written because eager autograd would keep an fp32 copy of every
     intermediate (see the module docstring).
 
-    The product is taken as `x + x·(scale - 1)` (`addcmul`): `scale - 1` is small, so in
-    bf16 it keeps its relative precision, and addcmul rounds once, as an fp32 product
-    would; measured on (640, 1536) bf16, 154 us against 381 us for an fp32 product written
-    to bf16, with the same error.
+    Rounding matters in bf16. DoRA's scale is `1 + δ` with δ often below bf16's half step
+    (2^-9). Rounding `base + s·lora` to bf16 and then scaling rounds δ away on every element
+    (the sum is on bf16's grid, and moving it by less than half a step rounds back), so the
+    magnitudes stop acting on the forward pass: on the demo data, 32 steps, the validation
+    loss was 0.674 against PEFT's 0.653. PEFT rounds its fp32 sum once, where δ survives on
+    average. Here `scale·base` is computed in fp32 inside one `addcmul` onto the bf16 LoRA
+    term and rounded once (validation loss 0.649); measured on (640, 1536): 696 us against
+    300 us for the version that loses δ and 5,619 us for PEFT's fp32 expression. Gradients
+    stay in bf16: there a relative error of δ is noise, not a lost signal.
     """
 
     @staticmethod
     def forward(ctx: Any, base: torch.Tensor, lora: torch.Tensor, scale: torch.Tensor, scaling: float) -> torch.Tensor:
-        summed = torch.add(base, lora, alpha=scaling)
-        deviation = (scale - 1).to(summed.dtype)
-        ctx.save_for_backward(summed, deviation)
+        deviation = (scale - 1).to(base.dtype)  # δ: small, so bf16 keeps its relative precision (backward)
+        lora_scale = (scale * scaling).to(base.dtype)
+        out = torch.empty_like(base)
+        torch.addcmul(lora * lora_scale, base, scale, out=out)  # s·scale·lora + scale·base, in fp32, rounded once
+        ctx.save_for_backward(base, lora, deviation, lora_scale)
         ctx.scale_dtype = scale.dtype
         ctx.scaling = scaling
-        return torch.addcmul(summed, summed, deviation)
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor):
-        summed, deviation = ctx.saved_tensors
-        grad_summed = torch.addcmul(grad_out, grad_out, deviation)
-        grad_lora = grad_summed * ctx.scaling if ctx.needs_input_grad[1] else None
+        base, lora, deviation, lora_scale = ctx.saved_tensors
+        grad_base = torch.addcmul(grad_out, grad_out, deviation)  # grad·scale
+        grad_lora = grad_out * lora_scale if ctx.needs_input_grad[1] else None
         grad_scale = None
         if ctx.needs_input_grad[2]:
+            summed = torch.add(base, lora, alpha=ctx.scaling)
             grad_scale = (grad_out * summed).flatten(0, -2).sum(0, dtype=torch.float32).to(ctx.scale_dtype)
-        return grad_summed, grad_lora, grad_scale, None
+        return grad_base, grad_lora, grad_scale, None
 
 
 class RowNormDoraVariant(DoraLinearVariant):
