@@ -54,7 +54,8 @@ class RowNormDoraLayer(DoraLinearLayer):
     def weight_norm(self, lora_A: nn.Linear, lora_B: nn.Linear, scaling: float, base_layer: nn.Module,
                     dtype: torch.dtype) -> torch.Tensor:
         """`||W + scaling·BA||` per output row, fp32, shape (out_features,)."""
-        if getattr(self, "_base_row_sq", None) is None:
+        cached = getattr(self, "_base_row_sq", None)
+        if cached is None or cached.device != lora_A.weight.device:  # first use, or the model moved since
             self._base_row_sq = dequantize_module_weight(base_layer).float().pow(2).sum(dim=1)
         a = lora_A.weight
         w_at = base_layer(a.to(dtype))  # (r, out) = A Wᵀ (+ bias), in the base's own precision
