@@ -33,6 +33,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from tunelab import attention
 from tunelab.config import DEFAULT_MODEL, LoraConfig
 from tunelab.dora import RowNormDoraLayer, use_row_norm_dora
+from tunelab.fused_lora import use_fused_lora
 from tunelab.errors import TunelabError
 from tunelab.quantize import quantization_config
 
@@ -193,8 +194,9 @@ def attach_lora(model: PreTrainedModel, lora: LoraConfig) -> PeftModel:
 
 
 def adapter_inputs_uncast(model: PeftModel) -> PeftModel:
-    """Give DoRA layers the row-norm forward, then switch off PEFT's cast of each adapted
-    layer's input to the adapter's dtype; returns the model.
+    """Give plain LoRA layers the fused forward (`tunelab.fused_lora`) and DoRA layers the
+    row-norm forward, then switch off PEFT's cast of each adapted layer's input to the
+    adapter's dtype; returns the model.
 
     Why: PEFT casts the input of every LoRA layer to its weights' dtype (fp32 here) before
     lora_A, and under bf16 autocast lora_A casts it straight back to bf16: two copies of the
@@ -206,6 +208,7 @@ def adapter_inputs_uncast(model: PeftModel) -> PeftModel:
     computes its weight norm in the input's dtype); `tunelab.dora`'s does not, so DoRA layers
     lose the cast once they have it, and any other variant keeps it.
     """
+    use_fused_lora(model)
     use_row_norm_dora(model)
     for module in model.modules():
         if isinstance(module, BaseTunerLayer) and _input_dtype_free(module):

@@ -1,0 +1,115 @@
+"""LoRA's update added to the base output in one matrix product: fewer passes over the activations.
+
+PEFT adds a LoRA adapter to a layer's output as `result + lora_B(lora_A(x)) * scaling`:
+forward, the rank-r product writes a new output-sized tensor, the scaling reads and
+writes it again and the sum a third time; backward, autograd repeats that pattern (a
+scaled copy of the gradient, then the input gradient of the adapter as a new tensor
+added to the base's). The adapter's own arithmetic is ~3% of the layer's, yet on this
+CPU those passes made an adapted layer of SmolLM2 cost about twice the frozen base
+layer alone (batch 16, q_proj fwd+bwd: 1.16 ms base, 2.37 ms with PEFT's adapter).
+
+`_AddLora` does the same arithmetic with the scaling folded into B (an r-wide matrix)
+and the sum done by the matrix product itself (`addmm_` into the base output):
+
+    forward:  h = x Aᵀ                      (M, r)
+              result += h (s·B)ᵀ            in place, one pass
+    backward: g_h = g (s·B)                 (M, r)
+              g_x = g_h A                   the adapter's share of the input gradient
+              g_A = g_hᵀ x,  g_B = s·gᵀ h   the adapter's weight gradients
+              g_result = g                  passed through, not copied
+
+Only the class of PEFT's plain `lora.Linear` changes (`FusedLoraLinear`), and only its
+forward, and only where the fused path computes what PEFT's does: one active adapter,
+no DoRA or other variant, no dropout while training, no bias on B, not merged. Anything
+else takes PEFT's own forward. Parameters, adapter files and merging stay PEFT's.
+PEFT has no such path (its forward is written for every variant at once), hence this
+module. `tests/test_fused_lora.py` checks outputs and gradients against PEFT's forward.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from peft.tuners.lora.layer import Linear as LoraLinear
+from torch import nn
+
+
+class _AddLora(torch.autograd.Function):
+    """`result + scaling · (x Aᵀ) Bᵀ`, written into `result` (the base layer's fresh output)."""
+
+    @staticmethod
+    def forward(ctx: Any, result: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                scaling: float) -> torch.Tensor:
+        dtype = result.dtype  # the compute dtype: under autocast the base output's, as PEFT's adapter output
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # (M, in); a view when x is already in the compute dtype
+        a_c = a.to(dtype)  # (r, in)
+        b_scaled = (b * scaling).to(dtype)  # (out, r): the scaling costs an r-wide matrix, not the output
+        h = x2 @ a_c.t()  # (M, r)
+        result.view(-1, result.shape[-1]).addmm_(h, b_scaled.t())
+        ctx.mark_dirty(result)
+        ctx.save_for_backward(x2, a_c, b_scaled, h)
+        ctx.scaling = scaling
+        ctx.x_meta = (x.shape, x.dtype)
+        ctx.param_dtypes = (a.dtype, b.dtype)
+        return result
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x2, a_c, b_scaled, h = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1]).to(b_scaled.dtype)  # (M, out)
+        g_h = g @ b_scaled  # (M, r)
+        _, needs_x, needs_a, needs_b, _ = ctx.needs_input_grad
+        x_shape, x_dtype = ctx.x_meta
+        grad_x = (g_h @ a_c).view(x_shape).to(x_dtype) if needs_x else None
+        grad_a = (g_h.t() @ x2).to(ctx.param_dtypes[0]) if needs_a else None
+        grad_b = (g.t() @ h).to(ctx.param_dtypes[1]).mul_(ctx.scaling) if needs_b else None
+        return grad, grad_x, grad_a, grad_b, None
+
+
+class FusedLoraLinear(LoraLinear):
+    """PEFT's LoRA `Linear`, whose forward adds a plain adapter by `_AddLora` (see the module docstring)."""
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        adapter = None if args or kwargs else self._fusable_adapter(x)
+        if adapter is None:
+            return super().forward(x, *args, **kwargs)
+        result = self.base_layer(x)
+        lora_a, lora_b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
+        if not result.is_contiguous() or result.dtype != _compute_dtype(x):
+            return super().forward(x)  # not expected from a linear layer; PEFT's path handles anything
+        return _AddLora.apply(result, x, lora_a, lora_b, self.scaling[adapter])
+
+    def _fusable_adapter(self, x: torch.Tensor) -> str | None:
+        """The one active adapter, when `_AddLora` computes what PEFT's forward would; otherwise None."""
+        if self.disable_adapters or self.merged:
+            return None
+        active = [name for name in self.active_adapters if name in self.lora_A]
+        if len(active) != 1:
+            return None
+        name = active[0]
+        if name in self.lora_variant or self.lora_B[name].bias is not None:
+            return None
+        dropout = self.lora_dropout[name]
+        if self.training and isinstance(dropout, nn.Dropout) and dropout.p > 0:
+            return None
+        # Without autocast PEFT computes the adapter in its weights' dtype (its input cast, or a dtype error):
+        # fused only when that is also the input's dtype.
+        if not torch.is_autocast_enabled(x.device.type) and self.lora_A[name].weight.dtype != x.dtype:
+            return None
+        return name
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+def use_fused_lora(model: nn.Module) -> int:
+    """Give every plain PEFT LoRA `Linear` of `model` the fused forward, in place; returns how many."""
+    swapped = 0
+    for module in model.modules():
+        if type(module) is LoraLinear:
+            module.__class__ = FusedLoraLinear
+            swapped += 1
+    return swapped

@@ -1,0 +1,173 @@
+"""tunelab.fused_lora: the fused LoRA forward equals PEFT's own, and steps aside where it would not."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import get_peft_model
+from peft.tuners.lora.layer import Linear as LoraLinear
+from torch import nn
+
+from tunelab import fused_lora
+from tunelab.fused_lora import FusedLoraLinear, use_fused_lora
+from tunelab.models import load_model, resolve_model
+from tunelab.quantize import quantize_base
+
+
+def _peft_lora(tiny_model_dir, dtype: torch.dtype = torch.float32, dropout: float = 0.0, alpha: float = 8,
+               **config: object) -> nn.Module:
+    model, _ = load_model(resolve_model(str(tiny_model_dir)), dtype=dtype)
+    peft_config = PeftLoraConfig(r=4, lora_alpha=alpha, lora_dropout=dropout, target_modules="all-linear", **config)
+    torch.manual_seed(0)  # the same lora_A on every call
+    model = get_peft_model(model, peft_config, autocast_adapter_dtype=True)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # lora_B starts at 0: give it values so the adapter's whole path counts
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    return model
+
+
+def _loss_and_grads(model: nn.Module, ids: torch.Tensor, autocast: bool = False,
+                    seed: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.train()
+    model.zero_grad()
+    torch.manual_seed(seed)  # the same dropout masks on both sides
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        logits = model(input_ids=ids).logits
+    loss = logits.float().log_softmax(-1)[..., :50].mean()
+    loss.backward()
+    return logits.detach().float(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _count_fused_calls(monkeypatch) -> list[int]:
+    calls = [0]
+    apply = fused_lora._AddLora.apply
+
+    def counting(*args):
+        calls[0] += 1
+        return apply(*args)
+
+    monkeypatch.setattr(fused_lora._AddLora, "apply", counting)
+    return calls
+
+
+IDS = torch.randint(0, 200, (3, 14), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("alpha", [8, 6], ids=["scaling-2", "scaling-1.5"])
+def test_fused_lora_matches_peft_outputs_and_gradients_in_fp32(tiny_model_dir, monkeypatch, alpha):
+    peft_model = _peft_lora(tiny_model_dir, alpha=alpha)
+    ours = copy.deepcopy(peft_model)
+    assert use_fused_lora(ours) == sum(type(m) is LoraLinear for m in peft_model.modules()) > 0
+    calls = _count_fused_calls(monkeypatch)
+
+    peft_logits, peft_grads = _loss_and_grads(peft_model, IDS)
+    assert calls[0] == 0
+    logits, grads = _loss_and_grads(ours, IDS)
+    assert calls[0] == sum(isinstance(m, FusedLoraLinear) for m in ours.modules())  # every layer took the fused path
+    torch.testing.assert_close(logits, peft_logits, rtol=1e-5, atol=1e-5)
+    assert grads.keys() == peft_grads.keys() and any("lora_A" in n for n in grads) and any("lora_B" in n for n in grads)
+    for name in grads:
+        torch.testing.assert_close(grads[name], peft_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_fused_lora_under_bf16_autocast_is_as_close_to_fp32_as_peft(tiny_model_dir):
+    """bf16 base, fp32 adapters, bf16 autocast (how tunelab trains on AMX): both sides round, differently
+    (the fused sum rounds once, PEFT's three times), so each is held to the fp32 result, not to the other."""
+    reference_logits, reference_grads = _loss_and_grads(_peft_lora(tiny_model_dir), IDS)
+    peft_model = _peft_lora(tiny_model_dir, dtype=torch.bfloat16)
+    for m in peft_model.modules():
+        if isinstance(m, LoraLinear):
+            m.cast_input_dtype_enabled = False  # as tunelab.models.adapter_inputs_uncast leaves them
+    ours = copy.deepcopy(peft_model)
+    use_fused_lora(ours)
+    peft_logits, peft_grads = _loss_and_grads(peft_model, IDS, autocast=True)
+    logits, grads = _loss_and_grads(ours, IDS, autocast=True)
+
+    def error(x: torch.Tensor, reference: torch.Tensor) -> float:
+        return float((x - reference).norm() / reference.norm())
+
+    assert error(logits, reference_logits) <= 1.1 * error(peft_logits, reference_logits)
+    assert grads.keys() == peft_grads.keys() == reference_grads.keys()
+    ours_errors, peft_errors = [], []
+    for name in grads:
+        assert grads[name].dtype == torch.float32, name  # adapter gradients keep the adapters' dtype
+        ours_errors.append(error(grads[name], reference_grads[name]))
+        peft_errors.append(error(peft_grads[name], reference_grads[name]))
+        assert ours_errors[-1] < 1.5 * peft_errors[-1] + 5e-3, (name, ours_errors[-1], peft_errors[-1])
+    assert sum(ours_errors) <= 1.1 * sum(peft_errors)  # no worse overall (here: ~20% better)
+
+
+def test_fused_lora_matches_peft_over_an_int8_base(tiny_model_dir, monkeypatch):
+    model, _ = load_model(resolve_model(str(tiny_model_dir)), dtype=torch.float32)
+    quantize_base(model, "int8", torch.float32)
+    peft_model = get_peft_model(model, PeftLoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(2))
+    ours = copy.deepcopy(peft_model)
+    assert use_fused_lora(ours) > 0
+    calls = _count_fused_calls(monkeypatch)
+    peft_logits, peft_grads = _loss_and_grads(peft_model, IDS)
+    logits, grads = _loss_and_grads(ours, IDS)
+    assert calls[0] > 0
+    torch.testing.assert_close(logits, peft_logits, rtol=1e-5, atol=1e-5)
+    for name in grads:
+        torch.testing.assert_close(grads[name], peft_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_dropout_dora_merged_and_disabled_adapters_take_peft_path(tiny_model_dir, monkeypatch):
+    calls = _count_fused_calls(monkeypatch)
+
+    # Dropout while training: PEFT's forward, bitwise (the same masks from the same seed).
+    peft_model = _peft_lora(tiny_model_dir, dropout=0.3)
+    ours = copy.deepcopy(peft_model)
+    use_fused_lora(ours)
+    assert torch.equal(_loss_and_grads(ours, IDS)[0], _loss_and_grads(peft_model, IDS)[0])
+    assert calls[0] == 0
+    ours.eval()  # no dropout at evaluation: the fused path again
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=IDS).logits, peft_model.eval()(input_ids=IDS).logits,
+                                   rtol=1e-5, atol=1e-5)
+    assert calls[0] > 0
+
+    # DoRA layers are LoRA Linears with a variant: they keep their own forward.
+    calls[0] = 0
+    dora = _peft_lora(tiny_model_dir, use_dora=True)
+    use_fused_lora(dora)
+    _loss_and_grads(dora, IDS)
+    assert calls[0] == 0
+
+    # Disabled and merged adapters: the base output, as PEFT gives it.
+    ours = copy.deepcopy(peft_model).eval()
+    use_fused_lora(ours)
+    with torch.no_grad(), ours.disable_adapter():
+        plain = ours(input_ids=IDS).logits
+        assert calls[0] == 0
+    with torch.no_grad():
+        adapted = ours(input_ids=IDS).logits
+        ours.merge_adapter()
+        calls[0] = 0
+        merged = ours(input_ids=IDS).logits
+    assert calls[0] == 0
+    assert not torch.allclose(plain, adapted, atol=1e-3)
+    torch.testing.assert_close(merged, adapted, rtol=1e-4, atol=1e-4)
+
+
+def test_fused_lora_saves_the_same_adapter(tiny_model_dir, tmp_path):
+    """Only the forward changes: the PEFT adapter files hold the same tensors under the same names."""
+    from safetensors.torch import load_file
+
+    peft_model = _peft_lora(tiny_model_dir)
+    ours = copy.deepcopy(peft_model)
+    use_fused_lora(ours)
+    peft_model.save_pretrained(tmp_path / "peft")
+    ours.save_pretrained(tmp_path / "ours")
+    a = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
