@@ -100,6 +100,7 @@ def _mean_tokens(tokenizer, rows) -> float:
 
 
 def run_tunelab(args: argparse.Namespace) -> dict:
+    import matmul_replay  # beside this script
     import torch
 
     from tunelab.config import LoraConfig
@@ -144,8 +145,19 @@ def run_tunelab(args: argparse.Namespace) -> dict:
             trained += batch.trained_tokens
             counted += len(micro)
     seconds = time.perf_counter() - started
+    peak_rss_mb = _peak_rss_mb()  # before the replay below allocates anything
+
+    def timed_steps_again() -> None:  # the same micro-batches, forward and backward: the same products
+        for micro in stream[args.warmup : total]:
+            batch = (collate_packed(micro, tokenizer.pad_token_id, pack_length) if args.method == "packed"
+                     else collate(micro, tokenizer.pad_token_id))
+            backward_on(model, [batch], precision)
+            optimizer.zero_grad(set_to_none=True)
+
+    calls = matmul_replay.record(timed_steps_again)
     return {"seconds": seconds, "tokens": tokens, "trained_tokens": trained, "examples": counted,
-            "peak_rss_mb": _peak_rss_mb(), "setting": f"pack_length {pack_length}" if args.method == "packed" else ""}
+            "peak_rss_mb": peak_rss_mb, "setting": f"pack_length {pack_length}" if args.method == "packed" else "",
+            "matmul_seconds": matmul_replay.replay_seconds(calls), "matmul_flops": sum(c.flops for c in calls)}
 
 
 def run_trl(args: argparse.Namespace) -> dict:
@@ -283,6 +295,12 @@ def summarize(ours: dict, trl: dict, bf16_peak: float) -> dict:
             f"{name}_setting": None if failed else r["setting"],
             f"{name}_error": r.get("error"),
         }
+    if "matmul_seconds" in ours:  # tunelab's step, its matrix products replayed alone (bench/matmul_replay.py)
+        row |= {
+            "tunelab_matmul_share": ours["matmul_seconds"] / ours["seconds"],
+            "tunelab_matmul_gflops": ours["matmul_flops"] / ours["matmul_seconds"] / 1e9,
+            "tunelab_mfu_ceiling": ours["tokens"] * fpt / ours["matmul_seconds"] / 1e9 / bf16_peak,
+        }
     both = len(ok) == 2
     row["ratio"] = ours["tokens_per_s"] / trl["tokens_per_s"] if both else None
     row["rss_ratio"] = ours["peak_rss_mb"] / trl["peak_rss_mb"] if both else None
@@ -351,6 +369,11 @@ def main() -> None:
     }
     print_table(rows)
     print(f"ratio = tunelab / TRL tokens/s; bf16 matmul peak {bf16_peak:.0f} GFLOP/s, fp32 {fp32_peak:.0f}")
+    for method, row in rows.items():
+        if row.get("tunelab_mfu_ceiling"):
+            print(f"{method} tunelab: matrix products {100 * row['tunelab_matmul_share']:.0f}% of the step, at "
+                  f"{row['tunelab_matmul_gflops']:.0f} GFLOP/s; with nothing else taking time, MFU would be "
+                  f"{100 * row['tunelab_mfu_ceiling']:.1f}%")
     for method, row in rows.items():
         for side in ("trl", "tunelab"):
             if row[f"{side}_setting"]:
