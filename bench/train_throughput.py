@@ -20,7 +20,7 @@ result row each; a method is a branch of each side's model setup or collate:
     lora     the work above.
     dora     LoRA with use_dora=True on both sides (PEFT's DoRA).
     int8     a frozen 8-bit base. tunelab: its built-in int8 (Int8Linear: int8 weights, one
-             scale per row; load_model + quantize_base, as sft.setup does). TRL: the model
+             scale per row; load_model + quantize_base, as train.setup does). TRL: the model
              loaded with BitsAndBytesConfig(load_in_8bit=True), what a TRL user does for an
              8-bit base (bitsandbytes LLM.int8 Linear8bitLt; it trains on CPU with
              bitsandbytes 0.50.2. Where it cannot, the row says "failed" with the error,
@@ -110,7 +110,8 @@ def run_tunelab(args: argparse.Namespace) -> dict:
     from tunelab.models import attach_lora, load_model, resolve_model
     from tunelab.quantize import quantize_base
     from tunelab.train.loop import choose_precision, make_optimizer
-    from tunelab.train.sft import backward_on, epoch_stream
+    from tunelab.train.setup import epoch_stream
+    from tunelab.train.sft import backward_on
 
     torch.manual_seed(0)
     precision = choose_precision("auto")

@@ -26,7 +26,7 @@ def test_local_rows_split_a_global_micro_batch_without_overlap():
 def test_parallel_choice_shards_full_tuning_and_refuses_to_shard_an_adapter(tmp_path):
     from tunelab.config import RunConfig
     from tunelab.errors import TunelabError
-    from tunelab.train.sft import choose_parallel
+    from tunelab.train.setup import choose_parallel
 
     def cfg(tuning: str, parallel: str) -> RunConfig:
         return RunConfig.model_validate({"data": {"path": str(tmp_path / "d.jsonl")}, "tuning": tuning,

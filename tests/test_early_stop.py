@@ -59,7 +59,7 @@ def test_without_a_plateau_it_runs_to_the_end_and_marks_the_lowest_loss(classifi
     result = train(cfg, Console(stderr=True, quiet=True))
     logged = _logged(result.run.path)
     vals = [(r["val_loss"], r["step"]) for r in logged if "loss" in r and "val_loss" in r]
-    from tunelab.train.sft import epoch_stream
+    from tunelab.train.setup import epoch_stream
 
     planned = len(epoch_stream(result.data.train, 8, 3, seed=cfg.train.seed))
     assert [r["step"] for r in logged if "loss" in r] == list(range(1, planned + 1))  # no early stop

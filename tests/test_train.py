@@ -14,7 +14,8 @@ from tunelab.data.records import Conversation, Message
 from tunelab.data.tokenize import TokenizedExample, tokenize_conversations
 from tunelab.models import attach_lora, load_model, resolve_model
 from tunelab.train.loop import choose_precision
-from tunelab.train.sft import backward_on, epoch_stream
+from tunelab.train.setup import epoch_stream
+from tunelab.train.sft import backward_on
 
 
 def metrics(run_path):

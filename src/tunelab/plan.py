@@ -26,7 +26,8 @@ from tunelab.config import RunConfig
 from tunelab.evaluate.evaluation import evaluate_run
 from tunelab.evaluate.generate import AUTO_MAX_ROWS
 from tunelab.train.loop import validation_loss
-from tunelab.train.sft import backward_on, setup
+from tunelab.train.setup import setup
+from tunelab.train.sft import backward_on
 
 DEFAULT_PRICE_PER_HOUR = 0.10  # USD; about a 2-vCPU cloud VM. Pass your own with --price-per-hour.
 

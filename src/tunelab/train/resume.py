@@ -15,7 +15,7 @@ No pickle anywhere. A checkpoint folder is written under a temporary name and re
 only when whole, so a crash mid-write leaves a `.step-*` folder that resume ignores.
 
 The data order needs no saving: the run's micro-batch stream is a pure function of
-the data, the config and the seed (`sft.epoch_stream`), so resuming at step k
+the data, the config and the seed (`setup.epoch_stream`), so resuming at step k
 rebuilds it and continues with micro-batch k's group.
 """
 
