@@ -171,3 +171,25 @@ def test_fused_lora_saves_the_same_adapter(tiny_model_dir, tmp_path):
     a = load_file(tmp_path / "peft" / "adapter_model.safetensors")
     b = load_file(tmp_path / "ours" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fused_forward_sees_each_optimizer_update(tiny_model_dir):
+    """After a (fused) AdamW step the fused forward uses the new adapter weights, as PEFT's does.
+
+    (The fused optimizer updates in place without bumping tensors' version counters, so
+    nothing derived from the weights may be cached across steps by version.)"""
+    from tunelab.train.loop import make_optimizer
+
+    ours = _peft_lora(tiny_model_dir)
+    use_fused_lora(ours)
+    optimizer, _ = make_optimizer(ours, 1e-1, 0.0, total_steps=10, warmup_steps=0)
+    for _ in range(2):
+        _loss_and_grads(ours, IDS)
+        optimizer.step()
+        reference = copy.deepcopy(ours)
+        for m in reference.modules():
+            if isinstance(m, FusedLoraLinear):
+                m.__class__ = LoraLinear  # PEFT's own forward, same weights
+        with torch.no_grad():
+            torch.testing.assert_close(ours.eval()(input_ids=IDS).logits, reference.eval()(input_ids=IDS).logits,
+                                       rtol=1e-5, atol=1e-5)

@@ -153,3 +153,23 @@ def test_no_shared_prefix_when_rows_differ_from_the_start(tiny_tokenizer):
     c = TokenizedExample([8, 2, 3, 4, 5, 6, 7], [-100] * 5 + [6, 7], "c")
     assert shared_prefix_length([a, c]) == 0
     assert shared_prefix_length([a]) == 0
+
+
+def test_optimizer_is_fused_and_updates_like_the_plain_adamw():
+    """make_optimizer's fused AdamW (one kernel for all tensors) gives the per-tensor AdamW's update."""
+    from tunelab.train.loop import make_optimizer
+
+    models = [torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 3)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    fused, _ = make_optimizer(models[0], 1e-2, 0.1, total_steps=10, warmup_steps=0)
+    plain = torch.optim.AdamW(models[1].parameters(), lr=1e-2, weight_decay=0.1, betas=(0.9, 0.999), foreach=False)
+    assert fused.defaults["fused"] and not plain.defaults["fused"]
+    x = torch.randn(8, 6, generator=torch.Generator().manual_seed(0))
+    for _ in range(3):
+        for model, optimizer in zip(models, (fused, plain)):
+            model(x).pow(2).sum().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert not torch.equal(models[0][0].weight, torch.nn.Linear(6, 5).weight)

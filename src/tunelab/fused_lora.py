@@ -36,35 +36,34 @@ from torch import nn
 
 
 class _AddLora(torch.autograd.Function):
-    """`result + scaling · (x Aᵀ) Bᵀ`, written into `result` (the base layer's fresh output)."""
+    """`result + (x Aᵀ) (s·B)ᵀ`, written into `result` (the base layer's fresh output).
+
+    `a_c`, `b_scaled`: A and s·B in the compute dtype; `a`, `b`: the parameters themselves,
+    which receive the gradients.
+    """
 
     @staticmethod
-    def forward(ctx: Any, result: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                scaling: float) -> torch.Tensor:
-        dtype = result.dtype  # the compute dtype: under autocast the base output's, as PEFT's adapter output
-        x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # (M, in); a view when x is already in the compute dtype
-        a_c = a.to(dtype)  # (r, in)
-        b_scaled = (b * scaling).to(dtype)  # (out, r): the scaling costs an r-wide matrix, not the output
+    def forward(ctx: Any, result: torch.Tensor, x: torch.Tensor, a_c: torch.Tensor, b_scaled: torch.Tensor,
+                a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1]).to(result.dtype)  # (M, in); a view when x is already in the compute dtype
         h = x2 @ a_c.t()  # (M, r)
         result.view(-1, result.shape[-1]).addmm_(h, b_scaled.t())
         ctx.mark_dirty(result)
         ctx.save_for_backward(x2, a_c, b_scaled, h)
-        ctx.scaling = scaling
-        ctx.x_meta = (x.shape, x.dtype)
-        ctx.param_dtypes = (a.dtype, b.dtype)
+        ctx.scaling, ctx.x_meta, ctx.param_dtypes = scaling, (x.shape, x.dtype), (a.dtype, b.dtype)
         return result
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x2, a_c, b_scaled, h = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1]).to(b_scaled.dtype)  # (M, out)
-        g_h = g @ b_scaled  # (M, r)
-        _, needs_x, needs_a, needs_b, _ = ctx.needs_input_grad
+        g_h = g @ b_scaled  # (M, r): the scaling is in b_scaled
+        _, needs_x, _, _, needs_a, needs_b, _ = ctx.needs_input_grad
         x_shape, x_dtype = ctx.x_meta
         grad_x = (g_h @ a_c).view(x_shape).to(x_dtype) if needs_x else None
         grad_a = (g_h.t() @ x2).to(ctx.param_dtypes[0]) if needs_a else None
         grad_b = (g.t() @ h).to(ctx.param_dtypes[1]).mul_(ctx.scaling) if needs_b else None
-        return grad, grad_x, grad_a, grad_b, None
+        return grad, grad_x, None, None, grad_a, grad_b, None
 
 
 class FusedLoraLinear(LoraLinear):
@@ -75,10 +74,12 @@ class FusedLoraLinear(LoraLinear):
         if adapter is None:
             return super().forward(x, *args, **kwargs)
         result = self.base_layer(x)
-        lora_a, lora_b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
         if not result.is_contiguous() or result.dtype != _compute_dtype(x):
             return super().forward(x)  # not expected from a linear layer; PEFT's path handles anything
-        return _AddLora.apply(result, x, lora_a, lora_b, self.scaling[adapter])
+        a, b, scaling = self.lora_A[adapter].weight, self.lora_B[adapter].weight, self.scaling[adapter]
+        with torch.no_grad():  # the operands in the compute dtype; `_AddLora` gives A and B their gradients
+            a_c, b_scaled = a.to(result.dtype), (b * scaling).to(result.dtype)
+        return _AddLora.apply(result, x, a_c, b_scaled, a, b, scaling)
 
     def _fusable_adapter(self, x: torch.Tensor) -> str | None:
         """The one active adapter, when `_AddLora` computes what PEFT's forward would; otherwise None."""

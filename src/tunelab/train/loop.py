@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 from peft import PeftModel
 from transformers import (
     DynamicCache, PreTrainedModel, get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup,
@@ -190,6 +191,10 @@ def make_optimizer(
     """AdamW over trainable parameters (fp32) with linear warmup, then cosine or linear decay to 0."""
     params = [p for p in model.parameters() if p.requires_grad]
     assert params and all(p.dtype == torch.float32 for p in params), "trainable parameters must be fp32"
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999))
+    # fused: one kernel over every parameter instead of ~6 per parameter. For SmolLM2's 420 LoRA
+    # tensors on this CPU: 21 -> 4 ms per step, the same update within 1 ulp. FSDP's shards are
+    # DTensors, which the fused kernel does not take: they keep the default implementation.
+    fused = all(not isinstance(p, DTensor) and p.device.type in ("cpu", "cuda") for p in params)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999), fused=fused or None)
     decay = {"cosine": get_cosine_schedule_with_warmup, "linear": get_linear_schedule_with_warmup}[schedule]
     return optimizer, decay(optimizer, warmup_steps, total_steps)
