@@ -155,6 +155,43 @@ def test_no_shared_prefix_when_rows_differ_from_the_start(tiny_tokenizer):
     assert shared_prefix_length([a]) == 0
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_prefix_row_and_cached_prefix_equal_the_plain_forward(tiny_model_dir, monkeypatch, packed):
+    """Both ways of computing the shared prefix once (one more row of the same forward, or a forward of its
+    own into a KV cache) give the plain forward's loss and gradients; the first is one forward."""
+    from tunelab import attention
+    from tunelab.data.pack import collate_packed
+    from tunelab.train import loop
+
+    model, tokenizer = _lora_with_random_adapter(tiny_model_dir, seed=3)
+    exs, pad = _examples(tokenizer), tokenizer.pad_token_id
+    batch = collate_packed(exs, pad, 40) if packed else collate(exs, pad)
+    plain = collate(exs, pad, share_prefix=False)
+    p, t = batch.shared_prefix, batch.input_ids.shape[1]
+    assert 4 <= p <= t - p and (batch.segment_ids is not None) == packed
+
+    forwards = []
+    hook = model.get_base_model().model.register_forward_hook(lambda *a: forwards.append(1))
+
+    def loss_and_grads(b):
+        model.zero_grad()
+        forwards.clear()
+        loss, _ = loop.token_loss_sum(model, b)
+        loss.backward()
+        return float(loss), _lora_grads(model)
+
+    expected_loss, expected_grads = loss_and_grads(plain)
+    for prefix_row in (True, False):
+        if not prefix_row:  # the other attention implementations take the KV-cache path
+            monkeypatch.setattr(attention, "NAME", "not-" + attention.NAME)
+        loss, grads = loss_and_grads(batch)
+        assert len(forwards) == (1 if prefix_row else 2)
+        assert loss == pytest.approx(expected_loss, rel=1e-5)
+        for name in expected_grads:
+            torch.testing.assert_close(grads[name], expected_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    hook.remove()
+
+
 def test_optimizer_is_fused_and_updates_like_the_plain_adamw():
     """make_optimizer's fused AdamW (one kernel for all tensors) gives the per-tensor AdamW's update."""
     from tunelab.train.loop import make_optimizer
