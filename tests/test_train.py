@@ -156,21 +156,31 @@ def test_no_shared_prefix_when_rows_differ_from_the_start(tiny_tokenizer):
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
-def test_prefix_row_and_cached_prefix_equal_the_plain_forward(tiny_model_dir, monkeypatch, packed):
-    """Both ways of computing the shared prefix once (one more row of the same forward, or a forward of its
-    own into a KV cache) give the plain forward's loss and gradients; the first is one forward."""
+@pytest.mark.parametrize("room", [True, False], ids=["in-a-row's-padding", "as-one-more-row"])
+def test_prefix_in_batch_and_cached_prefix_equal_the_plain_forward(tiny_model_dir, monkeypatch, packed, room):
+    """Both ways of computing the shared prefix once (inside the same forward, in a row's padding or as one
+    more row; or a forward of its own into a KV cache) give the plain forward's loss and gradients."""
     from tunelab import attention
     from tunelab.data.pack import collate_packed
     from tunelab.train import loop
 
     model, tokenizer = _lora_with_random_adapter(tiny_model_dir, seed=3)
     exs, pad = _examples(tokenizer), tokenizer.pad_token_id
-    batch = collate_packed(exs, pad, 40) if packed else collate(exs, pad)
+    if not room:  # rows without trailing padding: the longest example twice, differing from token 8 on
+        longest = max(exs, key=lambda e: len(e.input_ids))
+        other = list(longest.input_ids)
+        assert longest.labels[8] == -100  # a prompt token
+        other[8] = (other[8] + 1) % model.config.vocab_size
+        exs = [longest, TokenizedExample(other, longest.labels, "other")]
+    width = max(len(e.input_ids) for e in exs)
+    batch = collate_packed(exs, pad, 40 if room else width) if packed else collate(exs, pad)
     plain = collate(exs, pad, share_prefix=False)
     p, t = batch.shared_prefix, batch.input_ids.shape[1]
     assert 4 <= p <= t - p and (batch.segment_ids is not None) == packed
 
-    forwards = []
+    slots, forwards = [], []
+    real_slot = attention.prefix_in_batch
+    monkeypatch.setattr(attention, "prefix_in_batch", lambda *a: slots.append(a) or real_slot(*a))
     hook = model.get_base_model().model.register_forward_hook(lambda *a: forwards.append(1))
 
     def loss_and_grads(b):
@@ -181,15 +191,18 @@ def test_prefix_row_and_cached_prefix_equal_the_plain_forward(tiny_model_dir, mo
         return float(loss), _lora_grads(model)
 
     expected_loss, expected_grads = loss_and_grads(plain)
-    for prefix_row in (True, False):
-        if not prefix_row:  # the other attention implementations take the KV-cache path
+    for in_batch in (True, False):
+        if not in_batch:  # the other attention implementations take the KV-cache path
             monkeypatch.setattr(attention, "NAME", "not-" + attention.NAME)
         loss, grads = loss_and_grads(batch)
-        assert len(forwards) == (1 if prefix_row else 2)
+        assert len(forwards) == (1 if in_batch else 2)
         assert loss == pytest.approx(expected_loss, rel=1e-5)
         for name in expected_grads:
             torch.testing.assert_close(grads[name], expected_grads[name], rtol=1e-4, atol=1e-6, msg=name)
     hook.remove()
+    ((row, column, length),) = slots
+    rows = batch.input_ids.shape[0]
+    assert length == p and (row < rows and column > 0 if room else (row, column) == (rows, 0))
 
 
 def test_optimizer_is_fused_and_updates_like_the_plain_adamw():

@@ -43,26 +43,27 @@ _shared_prefix: contextvars.ContextVar[list[tuple[torch.Tensor, torch.Tensor]] |
     "tunelab_shared_prefix", default=None)
 
 
-# Training: the batch's last row holds a shared prompt prefix of this many tokens (see `prefix_in_last_row`).
-_prefix_row: contextvars.ContextVar[int] = contextvars.ContextVar("tunelab_prefix_row", default=0)
+# Training: (row, column, length) of a shared prompt prefix held inside the batch (see `prefix_in_batch`).
+_prefix_slot: contextvars.ContextVar[tuple[int, int, int] | None] = contextvars.ContextVar(
+    "tunelab_prefix_slot", default=None)
 
 
 @contextlib.contextmanager
-def prefix_in_last_row(prefix: int):
-    """Within `with`: the batch's last row starts with a prefix of `prefix` tokens that every row attends first.
+def prefix_in_batch(row: int, column: int, length: int):
+    """Within `with`: `row`'s columns `column`.. hold a prompt prefix of `length` tokens that every row attends first.
 
-    Each layer prepends that row's first `prefix` keys and values to every row's own, so the
-    attention covers (prefix | own) keys, under a (B, 1, T, prefix + T) mask that hides the
-    prepended copy from the prefix row itself. Gradients reach the prefix row through the
-    expand. Why: the alternative, a separate forward of the prefix into a KV cache, runs every
-    layer's ~200 kernels a second time for a dozen tokens; on this CPU that pass cost about as
-    much as the 12 x 16 tokens it saved (training, batch 16).
+    Each layer prepends those positions' keys and values to every row's own, so the attention
+    covers (prefix | own) keys, under a (B, 1, T, length + T) mask that decides who sees what (the
+    prefix's own tokens see only themselves). Gradients reach the prefix through the expand.
+    Why: the alternative, a separate forward of the prefix into a KV cache, runs every layer's
+    ~200 kernels a second time for a dozen tokens; on this CPU that pass cost about as much as
+    the 12 x 16 tokens it saved (training, batch 16).
     """
-    token = _prefix_row.set(prefix)
+    token = _prefix_slot.set((row, column, length))
     try:
         yield
     finally:
-        _prefix_row.reset(token)
+        _prefix_slot.reset(token)
 
 
 @contextlib.contextmanager
@@ -145,10 +146,11 @@ def grouped_query_attention(
     if prefix is not None:
         prefix_key, prefix_value = prefix[module.layer_idx]
         return _attention_behind_prefix(query, key, value, prefix_key, prefix_value, attention_mask, scaling), None
-    prefix_row = _prefix_row.get()
-    if prefix_row:  # (prefix keys of the last row | own keys) for every row; the mask says who sees what
-        key = torch.cat([key[-1:, :, :prefix_row].expand(key.shape[0], -1, -1, -1), key], dim=2)
-        value = torch.cat([value[-1:, :, :prefix_row].expand(value.shape[0], -1, -1, -1), value], dim=2)
+    slot = _prefix_slot.get()
+    if slot is not None:  # (the prefix's keys | own keys) for every row; the mask says who sees what
+        row, col, n = slot
+        key = torch.cat([key[row : row + 1, :, col : col + n].expand(key.shape[0], -1, -1, -1), key], dim=2)
+        value = torch.cat([value[row : row + 1, :, col : col + n].expand(value.shape[0], -1, -1, -1), value], dim=2)
     elif _generation.get() and not torch.is_grad_enabled() and dropout == 0.0:
         mask = attention_mask[:, :, :, : key.shape[-2]] if attention_mask is not None else None
         out = nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,

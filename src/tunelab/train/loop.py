@@ -119,8 +119,8 @@ def _body_with_shared_prefix(body: torch.nn.Module, batch: Batch) -> torch.Tenso
     about a third of the tokens (Banking77: 12 of 36).
 
     With tunelab's attention and a prefix no longer than the rows' remainders, the
-    prefix rides along as one more row of the same forward (`_body_with_prefix_row`);
-    otherwise it is run first, alone, into a KV cache that every row then reads.
+    prefix rides along in the same forward (`_body_with_prefix_row`); otherwise it is
+    run first, alone, into a KV cache that every row then reads.
     """
     p = batch.shared_prefix
     b, t = batch.input_ids.shape
@@ -142,34 +142,41 @@ def _body_with_shared_prefix(body: torch.nn.Module, batch: Batch) -> torch.Tenso
 
 
 def _body_with_prefix_row(body: torch.nn.Module, batch: Batch) -> torch.Tensor:
-    """One forward of B + 1 rows: the rows' remainders, then the prefix (padded to their width) as the last row.
+    """One forward with the prefix placed inside the batch: in a row's trailing padding when one has room
+    for it (packed rows usually do), else as one more row, padded to the rows' width.
 
-    Each layer prepends the last row's first P keys/values to every row's own (`attention.prefix_in_last_row`):
-    the remainders see the whole prefix and their own causal, unpadded (or same-segment, when packed) past;
-    the prefix row sees only its own causal past.
+    Each layer prepends the prefix's keys/values to every row's own (`attention.prefix_in_batch`):
+    the rows' tokens see the whole prefix and their own causal, unpadded (or same-segment, when
+    packed) past; the prefix's tokens see only their own causal past.
     """
     p = batch.shared_prefix
     b, t = batch.input_ids.shape
     w = t - p
     dtype = body.get_input_embeddings().weight.dtype
+    ids, positions = batch.input_ids[:, p:], torch.arange(p, t).expand(b, -1)  # (B, W)
     if batch.segment_ids is not None:  # rows packed behind the prefix
         allowed = prefix_block_mask(batch.segment_ids, p, dtype)[:, 0] == 0  # (B, W, P+W)
-        positions = batch.position_ids[:, p:]  # (B, W)
+        positions, free = batch.position_ids[:, p:], batch.segment_ids[:, p:] == 0
     else:
         causal = torch.ones((w, w), dtype=torch.bool).tril()  # (W, W)
         own = causal & batch.attention_mask[:, None, p:].bool()  # (B, W, W): earlier, real keys
         allowed = torch.cat([torch.ones((b, w, p), dtype=torch.bool), own], dim=2)  # (B, W, P+W)
-        positions = torch.arange(p, t).expand(b, -1)  # (B, W)
-    # The prefix row: its own causal past among its first P columns; the prepended copy hidden.
-    col = torch.arange(p + w)
-    prefix_allowed = ((col[None] >= p) & (col[None] - p <= torch.arange(w)[:, None]) & (col[None] < 2 * p))[None]
-    allowed = torch.cat([allowed, prefix_allowed])  # (B+1, W, P+W)
+        free = batch.attention_mask[:, p:] == 0
+    room = free.flip(1).long().cumprod(1).sum(1)  # (B,): trailing free columns of each row
+    row = int(room.argmax())
+    if int(room[row]) < p:  # no row has room: the prefix becomes one more row
+        row, pad = b, batch.input_ids[:1, :1].expand(1, w)  # any token id: never attended
+        ids, positions = torch.cat([ids, pad]), torch.cat([positions, torch.zeros((1, w), dtype=torch.long)])
+        allowed = torch.cat([allowed, torch.zeros((1, w, p + w), dtype=torch.bool)])
+    col = w - int(room[row]) if row < b else 0
+    ids, positions, allowed = ids.clone(), positions.clone(), allowed.clone()
+    ids[row, col : col + p] = batch.input_ids[0, :p]
+    positions[row, col : col + p] = torch.arange(p)
+    allowed[row, col : col + p] = False  # the prefix's tokens: their own causal past only
+    allowed[row, col : col + p, p + col : p + col + p] = torch.ones((p, p), dtype=torch.bool).tril()
     mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
-    filler = batch.input_ids[:1, :1].expand(1, w - p)  # never attended: any token id
-    ids = torch.cat([batch.input_ids[:, p:], torch.cat([batch.input_ids[:1, :p], filler], dim=1)])  # (B+1, W)
-    position_ids = torch.cat([positions, torch.arange(w)[None]])  # (B+1, W)
-    with attention.prefix_in_last_row(p):
-        hidden = body(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False).last_hidden_state
+    with attention.prefix_in_batch(row, col, p):
+        hidden = body(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).last_hidden_state
     return hidden[:b]  # (B, W, H)
 
 
