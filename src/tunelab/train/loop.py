@@ -119,13 +119,13 @@ def _body_with_shared_prefix(body: torch.nn.Module, batch: Batch) -> torch.Tenso
     about a third of the tokens (Banking77: 12 of 36).
 
     With tunelab's attention and a prefix no longer than the rows' remainders, the
-    prefix rides along in the same forward (`_body_with_prefix_row`); otherwise it is
+    prefix rides along in the same forward (`_body_with_prefix_in_batch`); otherwise it is
     run first, alone, into a KV cache that every row then reads.
     """
     p = batch.shared_prefix
     b, t = batch.input_ids.shape
     if getattr(body.config, "_attn_implementation", None) == attention.NAME and p <= t - p:
-        return _body_with_prefix_row(body, batch)
+        return _body_with_prefix_in_batch(body, batch)
     cache = DynamicCache(config=body.config)
     body(input_ids=batch.input_ids[:1, :p], past_key_values=cache, use_cache=True)
     cache.batch_repeat_interleave(b)  # (1, ...) -> (B, ...), differentiable
@@ -141,7 +141,7 @@ def _body_with_shared_prefix(body: torch.nn.Module, batch: Batch) -> torch.Tenso
     ).last_hidden_state
 
 
-def _body_with_prefix_row(body: torch.nn.Module, batch: Batch) -> torch.Tensor:
+def _body_with_prefix_in_batch(body: torch.nn.Module, batch: Batch) -> torch.Tensor:
     """One forward with the prefix placed inside the batch: in a row's trailing padding when one has room
     for it (packed rows usually do), else as one more row, padded to the rows' width.
 
