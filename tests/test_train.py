@@ -223,3 +223,24 @@ def test_optimizer_is_fused_and_updates_like_the_plain_adamw():
     for a, b in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
     assert not torch.equal(models[0][0].weight, torch.nn.Linear(6, 5).weight)
+
+
+def test_a_sliding_window_shorter_than_the_rows_keeps_the_kv_cache_path(tiny_model_dir):
+    """The in-batch prefix builds its own full causal masks; a model with a short sliding window needs
+    transformers' masks, so its prefix goes through the KV cache (two forwards), with the same loss."""
+    from tunelab.train import loop
+
+    model, tokenizer = _lora_with_random_adapter(tiny_model_dir, seed=3)
+    batch = collate(_examples(tokenizer), tokenizer.pad_token_id)
+    body = model.get_base_model().model
+    forwards = []
+    hook = body.register_forward_hook(lambda *a: forwards.append(1))
+    losses = {}
+    for window in (None, batch.input_ids.shape[1], batch.input_ids.shape[1] - 1):
+        body.config.sliding_window = window
+        forwards.clear()
+        with torch.no_grad():
+            losses[window] = float(loop.token_loss_sum(model, batch)[0])
+        assert len(forwards) == (2 if window == batch.input_ids.shape[1] - 1 else 1), window
+    hook.remove()
+    assert len({round(v, 4) for v in losses.values()}) == 1  # Llama ignores the window: the paths agree

@@ -120,11 +120,14 @@ def _body_with_shared_prefix(body: torch.nn.Module, batch: Batch) -> torch.Tenso
 
     With tunelab's attention and a prefix no longer than the rows' remainders, the
     prefix rides along in the same forward (`_body_with_prefix_in_batch`); otherwise it is
-    run first, alone, into a KV cache that every row then reads.
+    run first, alone, into a KV cache that every row then reads. Models with a sliding
+    window shorter than the rows also take that path: its masks are transformers' own.
     """
     p = batch.shared_prefix
     b, t = batch.input_ids.shape
-    if getattr(body.config, "_attn_implementation", None) == attention.NAME and p <= t - p:
+    window = getattr(body.config, "sliding_window", None)
+    if (getattr(body.config, "_attn_implementation", None) == attention.NAME and p <= t - p
+            and (window is None or window >= t)):
         return _body_with_prefix_in_batch(body, batch)
     cache = DynamicCache(config=body.config)
     body(input_ids=batch.input_ids[:1, :p], past_key_values=cache, use_cache=True)
