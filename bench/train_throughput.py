@@ -55,6 +55,10 @@ gradient, no weight gradient; the adapters are negligible), plus attention
 the head only at trained positions and a shared prompt prefix once per batch: skipped
 work counts as done. The bf16 and fp32 matmul peaks are measured in the same run
 (2048^3 matmuls); MFU is against the bf16 peak.
+
+tunelab's side also replays the matrix products of its timed steps alone
+(bench/matmul_replay.py): `tunelab_matmul_share` (their share of the step),
+`tunelab_matmul_gflops` and `tunelab_mfu_ceiling` (the MFU if nothing else took time).
 """
 
 from __future__ import annotations
