@@ -107,6 +107,7 @@ def run_tunelab(args: argparse.Namespace) -> dict:
     import matmul_replay  # beside this script
     import torch
 
+    from tunelab.compiled_kernels import use_compiled_kernels
     from tunelab.config import LoraConfig
     from tunelab.data.batches import collate
     from tunelab.data.pack import collate_packed
@@ -125,6 +126,9 @@ def run_tunelab(args: argparse.Namespace) -> dict:
     quantize_base(model, quantize, precision.weights_dtype)  # int8: here, in place; nf4: done while loading
     model.config.use_cache = False
     model = attach_lora(model, LoraConfig(rank=16, alpha=32, use_dora=args.method == "dora"))
+    compile_started = time.perf_counter()  # as train.setup does, before the first step
+    kernels = use_compiled_kernels(model, torch.bfloat16 if precision.bf16 else None)
+    compile_seconds = time.perf_counter() - compile_started
     total = args.warmup + args.steps
     examples, _ = tokenize_conversations(tokenizer, _rows(total * args.batch), max_length=MAX_LENGTH)
     mean = sum(e.length for e in examples) / len(examples)
@@ -162,6 +166,7 @@ def run_tunelab(args: argparse.Namespace) -> dict:
     calls = matmul_replay.record(timed_steps_again)
     return {"seconds": seconds, "tokens": tokens, "trained_tokens": trained, "examples": counted,
             "peak_rss_mb": peak_rss_mb, "setting": f"pack_length {pack_length}" if args.method == "packed" else "",
+            "compile_seconds": compile_seconds, "kernels": kernels.describe(),
             "matmul_seconds": matmul_replay.replay_seconds(calls), "matmul_flops": sum(c.flops for c in calls)}
 
 
@@ -306,6 +311,8 @@ def summarize(ours: dict, trl: dict, bf16_peak: float) -> dict:
             "tunelab_matmul_gflops": ours["matmul_flops"] / ours["matmul_seconds"] / 1e9,
             "tunelab_mfu_ceiling": ours["tokens"] * fpt / ours["matmul_seconds"] / 1e9 / bf16_peak,
         }
+    if "compile_seconds" in ours:  # paid once before the first step (tunelab.compiled_kernels), not in the timing
+        row |= {"tunelab_compile_seconds": ours["compile_seconds"], "tunelab_kernels": ours["kernels"]}
     both = len(ok) == 2
     row["ratio"] = ours["tokens_per_s"] / trl["tokens_per_s"] if both else None
     row["rss_ratio"] = ours["peak_rss_mb"] / trl["peak_rss_mb"] if both else None

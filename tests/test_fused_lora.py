@@ -43,15 +43,15 @@ def _loss_and_grads(model: nn.Module, ids: torch.Tensor, autocast: bool = False,
     return logits.detach().float(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def _count_fused_calls(monkeypatch) -> list[int]:
+def _count_fused_calls(monkeypatch, only: type | None = None) -> list[int]:
+    """Calls of the fused paths (`_LoraLinear`: base + adapter; `_AddLora`: adapter onto the base's output)."""
     calls = [0]
-    apply = fused_lora._AddLora.apply
+    for function in (only,) if only else (fused_lora._LoraLinear, fused_lora._AddLora):
+        def counting(*args, _apply=function.apply):
+            calls[0] += 1
+            return _apply(*args)
 
-    def counting(*args):
-        calls[0] += 1
-        return apply(*args)
-
-    monkeypatch.setattr(fused_lora._AddLora, "apply", counting)
+        monkeypatch.setattr(function, "apply", counting)
     return calls
 
 
@@ -63,7 +63,7 @@ def test_fused_lora_matches_peft_outputs_and_gradients_in_fp32(tiny_model_dir, m
     peft_model = _peft_lora(tiny_model_dir, alpha=alpha)
     ours = copy.deepcopy(peft_model)
     assert use_fused_lora(ours) == sum(type(m) is LoraLinear for m in peft_model.modules()) > 0
-    calls = _count_fused_calls(monkeypatch)
+    calls = _count_fused_calls(monkeypatch, only=fused_lora._LoraLinear)  # plain linear bases: one node each
 
     peft_logits, peft_grads = _loss_and_grads(peft_model, IDS)
     assert calls[0] == 0
@@ -112,13 +112,48 @@ def test_fused_lora_matches_peft_over_an_int8_base(tiny_model_dir, monkeypatch):
                 p.normal_(0, 0.3, generator=torch.Generator().manual_seed(2))
     ours = copy.deepcopy(peft_model)
     assert use_fused_lora(ours) > 0
-    calls = _count_fused_calls(monkeypatch)
+    calls = _count_fused_calls(monkeypatch, only=fused_lora._AddLora)  # a quantized base keeps its own forward
     peft_logits, peft_grads = _loss_and_grads(peft_model, IDS)
     logits, grads = _loss_and_grads(ours, IDS)
     assert calls[0] > 0
     torch.testing.assert_close(logits, peft_logits, rtol=1e-5, atol=1e-5)
     for name in grads:
         torch.testing.assert_close(grads[name], peft_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_fused_lora_over_a_linear_with_bias_matches_peft(monkeypatch):
+    """Qwen2's q/k/v have a bias: the one-node path adds it (and the input gradient) as PEFT does, in fp32
+    exactly; under bf16 autocast both round, so each is held to the fp32 result."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(12, 20, bias=True), nn.Tanh(), nn.Linear(20, 7, bias=True))
+    peft_model = get_peft_model(base, PeftLoraConfig(r=3, lora_alpha=6, target_modules=["0", "2"]))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(3))
+    ours = copy.deepcopy(peft_model)
+    assert use_fused_lora(ours) == 2
+    calls = _count_fused_calls(monkeypatch, only=fused_lora._LoraLinear)
+    x = torch.randn(2, 5, 12, generator=torch.Generator().manual_seed(4))
+
+    def run(model: nn.Module, autocast: bool) -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = model(xi)
+        y.float().square().sum().backward()
+        return {"output": y.detach().float(), "input grad": xi.grad.clone()} | {
+            n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    reference, fp32 = run(peft_model, False), run(ours, False)
+    assert calls[0] == 2 and fp32.keys() == reference.keys() and len(reference) == 2 + 4
+    for name in reference:  # the output, the input gradient (the base's plus the adapter's), 4 adapter gradients
+        torch.testing.assert_close(fp32[name], reference[name], rtol=1e-5, atol=1e-5, msg=name)
+    peft_bf16, ours_bf16 = run(peft_model, True), run(ours, True)
+    for name in reference:
+        def error(result: dict[str, torch.Tensor]) -> float:
+            return float((result[name] - reference[name]).norm() / reference[name].norm())
+        assert error(ours_bf16) <= 1.5 * error(peft_bf16) + 5e-3, (name, error(ours_bf16), error(peft_bf16))
 
 
 def test_dropout_dora_merged_and_disabled_adapters_take_peft_path(tiny_model_dir, monkeypatch):

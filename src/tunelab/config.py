@@ -122,6 +122,10 @@ class TrainConfig(_Strict):
         "auto", description="auto: bf16 autocast where the hardware runs it fast (AMX CPU, CUDA), else fp32."
     )
     threads: int | None = Field(None, ge=1, description="CPU threads for torch; None = torch's default.")
+    compile_kernels: bool = Field(
+        True, description="Fuse each RMSNorm and gated-MLP activation with torch.compile (about 6 s once, at "
+        "setup); where torch.compile cannot run, they stay eager and the run log says why."
+    )
     schedule: Literal["cosine", "linear"] = Field("cosine", description="Decay after warmup: cosine or linear, to 0.")
     packing: bool = Field(
         False,

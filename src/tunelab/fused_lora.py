@@ -66,6 +66,41 @@ class _AddLora(torch.autograd.Function):
         return grad, grad_x, None, None, grad_a, grad_b, None
 
 
+class _LoraLinear(torch.autograd.Function):
+    """`x Wᵀ (+ bias) + (x Aᵀ) (s·B)ᵀ` for a frozen plain `nn.Linear` base: the base product and the
+    adapter in one autograd node.
+
+    Why beside `_AddLora`: with the base layer as its own node, autograd computes the base's
+    input gradient `g W` and the adapter's `g_h A` as two tensors and adds them (one more
+    output-sized pass and allocation per adapted layer, 210 per SmolLM2 step). Here the
+    adapter's share is accumulated into the base's by `addmm_`. Operands in the compute dtype:
+    `w`, `bias`, `a_c`, `b_scaled`; `a`, `b`: the LoRA parameters, which receive the gradients.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, a_c: torch.Tensor,
+                b_scaled: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1]).to(w.dtype)  # (M, in)
+        result = x2 @ w.t() if bias is None else torch.addmm(bias, x2, w.t())  # (M, out)
+        h = x2 @ a_c.t()  # (M, r)
+        result.addmm_(h, b_scaled.t())
+        ctx.save_for_backward(x2, w, a_c, b_scaled, h)
+        ctx.scaling, ctx.x_meta, ctx.param_dtypes = scaling, (x.shape, x.dtype), (a.dtype, b.dtype)
+        return result.view(*x.shape[:-1], w.shape[0])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x2, w, a_c, b_scaled, h = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1]).to(w.dtype)  # (M, out)
+        g_h = g @ b_scaled  # (M, r): the scaling is in b_scaled
+        needs_x, _, _, _, _, needs_a, needs_b, _ = ctx.needs_input_grad
+        x_shape, x_dtype = ctx.x_meta
+        grad_x = (g @ w).addmm_(g_h, a_c).view(x_shape).to(x_dtype) if needs_x else None
+        grad_a = (g_h.t() @ x2).to(ctx.param_dtypes[0]) if needs_a else None
+        grad_b = (g.t() @ h).to(ctx.param_dtypes[1]).mul_(ctx.scaling) if needs_b else None
+        return grad_x, None, None, None, None, grad_a, grad_b, None
+
+
 class FusedLoraLinear(LoraLinear):
     """PEFT's LoRA `Linear`, whose forward adds a plain adapter by `_AddLora` (see the module docstring)."""
 
@@ -73,10 +108,17 @@ class FusedLoraLinear(LoraLinear):
         adapter = None if args or kwargs else self._fusable_adapter(x)
         if adapter is None:
             return super().forward(x, *args, **kwargs)
-        result = self.base_layer(x)
+        a, b, scaling = self.lora_A[adapter].weight, self.lora_B[adapter].weight, self.scaling[adapter]
+        base = self.base_layer
+        if _frozen_plain_linear(base) and not base._forward_hooks and not base._forward_pre_hooks:
+            dtype = _compute_dtype(x)
+            with torch.no_grad():  # the operands in the compute dtype (a view, not a copy, when already in it)
+                w, a_c, b_scaled = base.weight.to(dtype), a.to(dtype), (b * scaling).to(dtype)
+                bias = None if base.bias is None else base.bias.to(dtype)
+            return _LoraLinear.apply(x, w, bias, a_c, b_scaled, a, b, scaling)
+        result = base(x)
         if not result.is_contiguous() or result.dtype != _compute_dtype(x):
             return super().forward(x)  # not expected from a linear layer; PEFT's path handles anything
-        a, b, scaling = self.lora_A[adapter].weight, self.lora_B[adapter].weight, self.scaling[adapter]
         with torch.no_grad():  # the operands in the compute dtype; `_AddLora` gives A and B their gradients
             a_c, b_scaled = a.to(result.dtype), (b * scaling).to(result.dtype)
         return _AddLora.apply(result, x, a_c, b_scaled, a, b, scaling)
@@ -99,6 +141,12 @@ class FusedLoraLinear(LoraLinear):
         if not torch.is_autocast_enabled(x.device.type) and self.lora_A[name].weight.dtype != x.dtype:
             return None
         return name
+
+
+def _frozen_plain_linear(layer: nn.Module) -> bool:
+    """An `nn.Linear` itself (not a quantized subclass) whose weight and bias train nothing."""
+    return type(layer) is nn.Linear and not layer.weight.requires_grad and (
+        layer.bias is None or not layer.bias.requires_grad)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:

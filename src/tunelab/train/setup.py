@@ -15,6 +15,7 @@ from peft import PeftModel
 from rich.console import Console
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from tunelab.compiled_kernels import use_compiled_kernels
 from tunelab.config import RunConfig
 from tunelab.data.batches import Batch, collate, length_grouped_order
 from tunelab.data.pack import collate_packed
@@ -169,6 +170,11 @@ def setup(cfg: RunConfig, console: Console, world: World = World()) -> Setup:
             f"{'DoRA' if cfg.lora.use_dora else 'LoRA'}{' (rsLoRA scaling)' if cfg.lora.use_rslora else ''} "
             f"r={cfg.lora.rank} alpha={cfg.lora.alpha:g} on {cfg.lora.target_modules}"
         )
+    if t.compile_kernels:
+        started = time.perf_counter()
+        kernels = use_compiled_kernels(model, torch.bfloat16 if precision.bf16 else None)
+        timings["compile"] = time.perf_counter() - started
+        console.print(f"[bold]kernels[/]: {kernels.describe()}")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     console.print(f"[bold]model[/]: {cfg.model} + {method} ({trainable / 1e6:.2f}M trainable parameters)"
                   + (f"; DPO beta {cfg.dpo.beta:g}, reference = the base (adapter off)" if cfg.objective == "dpo" else ""))

@@ -30,6 +30,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from tunelab.compiled_kernels import restore_eager
 from tunelab.config import RunConfig
 from tunelab.data.batches import Batch
 from tunelab.data.prepare import PreparedData
@@ -254,6 +255,7 @@ def train(cfg: RunConfig, console: Console | None = None, resume: Path | None = 
     final_val = validate(s) if data.validation else None
     if final_val is not None:
         console.print(f"[bold]validation[/]: {describe_validation(final_val)}")
+    restore_eager(model)  # evaluation and serving run the model's own forwards, as a loaded run does
     model.eval()
     # Sharded weights are gathered whole (every process takes part) for rank 0 to save.
     state = distributed.full_state_dict(model) if s.sharded else None
