@@ -18,8 +18,8 @@ from tunelab.models import attach_lora
 
 def _llama(**overrides) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2, **overrides)
+    config = LlamaConfig(**{"vocab_size": 97, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+                            "num_attention_heads": 4, "num_key_value_heads": 2, "initializer_range": 0.2, **overrides})
     return LlamaForCausalLM(config)
 
 
@@ -134,3 +134,21 @@ def test_training_setup_compiles_unless_switched_off(make_config, classification
             assert len(swapped) == 5 + 2 and "kernels: torch.compile fuses 5 RMSNorm and 2 gated-MLP" in log
         else:
             assert not swapped and "kernels:" not in log
+
+
+def test_a_forward_without_gradients_rounds_exactly_like_one_with_them():
+    """DPO's reference log-probs (no gradients) must equal the policy's at initialisation, bit for bit,
+    in bf16 too: the compiled inference graph and the training graph round alike."""
+    model = _llama(vocab_size=301).bfloat16()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.model.layers[0].self_attn.q_proj.weight.requires_grad_(True)  # something trains: a training graph
+    use_compiled_kernels(model, torch.bfloat16)
+    for length in (7, 13):
+        ids = torch.randint(0, 301, (4, length), generator=torch.Generator().manual_seed(length))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            with_grad = model(ids).logits
+            with torch.no_grad():
+                without = model(ids).logits
+        assert with_grad.requires_grad and not without.requires_grad
+        assert torch.equal(with_grad, without)
