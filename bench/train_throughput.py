@@ -11,7 +11,11 @@ LoRA r=16 alpha=32 dropout 0 on all linear layers, AdamW lr 2e-4, batch --batch
 examples, max length 128, --warmup steps not timed, then --steps timed steps.
 
 TRL is given its best fair settings on this CPU: bf16 autocast (bf16=True), no
-gradient checkpointing (TRL 1.x turns it on by default; memory is ample here).
+gradient checkpointing (TRL 1.x turns it on by default; memory is ample here), no
+torch_compile (it compiles the whole model: minutes on 2 cores, and again for new
+sequence lengths, which 8 steps cannot pay back). tunelab's side sets up as
+train.setup does, with the RMSNorm and MLP activations compiled (tunelab.compiled_kernels)
+before the untimed warm-up; the compile's seconds are reported (`tunelab_compile_seconds`).
 Except for `packed`, both sides train on padded rows.
 
 --method (repeatable or comma-separated; default lora) picks what both sides do, one

@@ -120,8 +120,7 @@ class CompiledKernels:
     def describe(self) -> str:
         if self.unavailable:
             return f"eager ({self.unavailable})"
-        return (f"torch.compile fuses {self.norms} RMSNorm and {self.mlps} gated-MLP activations "
-                "(the first step compiles them)")
+        return f"torch.compile fuses {self.norms} RMSNorm and {self.mlps} gated-MLP activations"
 
 
 def use_compiled_kernels(model: nn.Module, autocast_dtype: torch.dtype | None) -> CompiledKernels:

@@ -2,11 +2,14 @@
 
 The estimate comes from measuring this machine, not from constants:
 
-1. the run's own setup (model load, data read, split, tokenize) is timed for real;
+1. the run's own setup (model load, data read, split, tokenize, the compiled kernels'
+   probe) is timed for real;
 2. a probe runs `probe_steps` real optimizer steps (after one untimed warm-up step) on
    the run's own first micro-batches, and gives seconds per real input token; the
    run's total real tokens (known after tokenizing) times that is the training time;
-3. one validation pass is timed and multiplied by the number of validations;
+3. one validation pass is timed (after one untimed batch, which compiles the kernels'
+   graph without gradients, as the run's first validation does) and multiplied by the
+   number of validations;
 4. evaluation is probed on one generation batch of test prompts per contender (128
    rows with `eval.batch_size: auto`) and scaled to the rows the run will evaluate.
 
@@ -22,6 +25,7 @@ from typing import Any
 
 from rich.console import Console
 
+from tunelab.compiled_kernels import restore_eager
 from tunelab.config import RunConfig
 from tunelab.evaluate.evaluation import evaluate_run
 from tunelab.evaluate.generate import AUTO_MAX_ROWS
@@ -61,6 +65,8 @@ def make_plan(
 
     # Validation: one timed pass, times the number of passes the run makes.
     validations = (s.steps - 1) // t.eval_every + 1 if t.eval_every else 1
+    if s.val_batches:  # untimed: the compiled kernels' graph without gradients compiles once, on the first pass
+        validation_loss(s.model, s.val_batches[:1], s.precision)
     val_started = time.perf_counter()
     if s.val_batches:
         validation_loss(s.model, s.val_batches, s.precision)
@@ -70,6 +76,7 @@ def make_plan(
     # the forgetting probe is a fixed cost, timed whole.
     eval_seconds, eval_rows = 0.0, 0
     split = getattr(s.data, "split", None)
+    restore_eager(s.model)  # as training leaves the model for evaluation
     if split is not None and split.test and cfg.tuning == "lora":
         eval_rows = min(cfg.eval.max_rows or len(split.test), len(split.test))
         # One whole generation batch: per-row cost falls with rows per batch (a decode step's fixed cost is

@@ -174,7 +174,8 @@ def setup(cfg: RunConfig, console: Console, world: World = World()) -> Setup:
         started = time.perf_counter()
         kernels = use_compiled_kernels(model, torch.bfloat16 if precision.bf16 else None)
         timings["compile"] = time.perf_counter() - started
-        console.print(f"[bold]kernels[/]: {kernels.describe()}")
+        console.print(f"[bold]kernels[/]: {kernels.describe()}"
+                      + ("" if kernels.unavailable else f" (compiled in {timings['compile']:.1f} s)"))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     console.print(f"[bold]model[/]: {cfg.model} + {method} ({trainable / 1e6:.2f}M trainable parameters)"
                   + (f"; DPO beta {cfg.dpo.beta:g}, reference = the base (adapter off)" if cfg.objective == "dpo" else ""))
