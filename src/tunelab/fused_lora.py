@@ -18,6 +18,11 @@ and the sum done by the matrix product itself (`addmm_` into the base output):
               g_A = g_hᵀ x,  g_B = s·gᵀ h   the adapter's weight gradients
               g_result = g                  passed through, not copied
 
+Over a frozen plain `nn.Linear` base, `_LoraLinear` goes one step further: the base
+product and the adapter in one autograd node, so backward accumulates the adapter's
+input gradient into the base's (`(g W).addmm_(g_h, A)`) instead of autograd adding two
+tensors. A quantized base (int8, NF4) keeps its own forward, and `_AddLora` adds onto it.
+
 Only the class of PEFT's plain `lora.Linear` changes (`FusedLoraLinear`), and only its
 forward, and only where the fused path computes what PEFT's does: one active adapter,
 no DoRA or other variant, no dropout while training, no bias on B, not merged. Anything
@@ -61,9 +66,15 @@ class _AddLora(torch.autograd.Function):
         _, needs_x, _, _, needs_a, needs_b, _ = ctx.needs_input_grad
         x_shape, x_dtype = ctx.x_meta
         grad_x = (g_h @ a_c).view(x_shape).to(x_dtype) if needs_x else None
-        grad_a = (g_h.t() @ x2).to(ctx.param_dtypes[0]) if needs_a else None
-        grad_b = (g.t() @ h).to(ctx.param_dtypes[1]).mul_(ctx.scaling) if needs_b else None
-        return grad, grad_x, None, None, grad_a, grad_b, None
+        return grad, grad_x, None, None, *_adapter_grads(ctx, g, g_h, x2, h, needs_a, needs_b), None
+
+
+def _adapter_grads(ctx: Any, g: torch.Tensor, g_h: torch.Tensor, x2: torch.Tensor, h: torch.Tensor,
+                   needs_a: bool, needs_b: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """LoRA's weight gradients in the parameters' dtypes: `g_A = g_hᵀ x`, `g_B = s·gᵀ h`."""
+    grad_a = (g_h.t() @ x2).to(ctx.param_dtypes[0]) if needs_a else None
+    grad_b = (g.t() @ h).to(ctx.param_dtypes[1]).mul_(ctx.scaling) if needs_b else None
+    return grad_a, grad_b
 
 
 class _LoraLinear(torch.autograd.Function):
@@ -96,13 +107,12 @@ class _LoraLinear(torch.autograd.Function):
         needs_x, _, _, _, _, needs_a, needs_b, _ = ctx.needs_input_grad
         x_shape, x_dtype = ctx.x_meta
         grad_x = (g @ w).addmm_(g_h, a_c).view(x_shape).to(x_dtype) if needs_x else None
-        grad_a = (g_h.t() @ x2).to(ctx.param_dtypes[0]) if needs_a else None
-        grad_b = (g.t() @ h).to(ctx.param_dtypes[1]).mul_(ctx.scaling) if needs_b else None
-        return grad_x, None, None, None, None, grad_a, grad_b, None
+        return grad_x, None, None, None, None, *_adapter_grads(ctx, g, g_h, x2, h, needs_a, needs_b), None
 
 
 class FusedLoraLinear(LoraLinear):
-    """PEFT's LoRA `Linear`, whose forward adds a plain adapter by `_AddLora` (see the module docstring)."""
+    """PEFT's LoRA `Linear`, whose forward computes a plain adapter by `_LoraLinear` (over a frozen
+    `nn.Linear`) or `_AddLora` (over any other base, e.g. int8); see the module docstring."""
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         adapter = None if args or kwargs else self._fusable_adapter(x)
