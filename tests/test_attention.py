@@ -125,3 +125,35 @@ def test_cached_decoding_behind_a_shared_prefix_equals_full_forward(gqa_model):
                              use_cache=True).logits  # (2, 1, V)
         assert cache.get_seq_length() == 5  # the rows' own tokens only
     torch.testing.assert_close(torch.cat([first, step], dim=1), full, rtol=1e-4, atol=1e-5)
+
+
+def test_softmax_saving_rounded_has_the_softmax_gradient():
+    """In float64 nothing is rounded: the hand-written backward is the softmax's own (gradcheck)."""
+    from tunelab.attention import _SoftmaxSavingRounded
+
+    scores = torch.randn(2, 3, 5, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda s: _SoftmaxSavingRounded.apply(s, torch.float64), (scores,))
+
+
+def test_softmax_saving_rounded_in_bf16_keeps_only_the_rounded_probabilities():
+    """Same forward as softmax-in-fp32-then-cast, bit for bit; backward within bf16's rounding of the
+    eager one; and what it keeps for backward is the bf16 output alone (no fp32 copy)."""
+    from tunelab.attention import softmax_saving_rounded
+
+    scores = (torch.randn(4, 3, 48, 40, generator=torch.Generator().manual_seed(0)) * 3).bfloat16()
+    grad = torch.randn(4, 3, 48, 40, generator=torch.Generator().manual_seed(1)).bfloat16()
+    eager_in = scores.clone().requires_grad_()
+    eager = torch.softmax(eager_in, dim=-1, dtype=torch.float32).to(torch.bfloat16)
+    eager.backward(grad)
+    saved: list[torch.Tensor] = []
+    ours_in = scores.clone().requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        ours = softmax_saving_rounded(ours_in, torch.bfloat16)
+    ours.backward(grad)
+    assert torch.equal(ours, eager)
+    assert [t.dtype for t in saved] == [torch.bfloat16] and saved[0].shape == scores.shape
+    reference = scores.float().requires_grad_()
+    torch.softmax(reference, dim=-1).backward(grad.float())
+    error = (ours_in.grad.float() - reference.grad).norm() / reference.grad.norm()
+    eager_error = (eager_in.grad.float() - reference.grad).norm() / reference.grad.norm()
+    assert error < 1e-2 and error <= 2 * eager_error + 1e-3, (float(error), float(eager_error))
