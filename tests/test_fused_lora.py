@@ -228,3 +228,14 @@ def test_fused_forward_sees_each_optimizer_update(tiny_model_dir):
         with torch.no_grad():
             torch.testing.assert_close(ours.eval()(input_ids=IDS).logits, reference.eval()(input_ids=IDS).logits,
                                        rtol=1e-5, atol=1e-5)
+
+
+def test_a_bf16_base_without_autocast_still_refuses_fp32_input():
+    """The one-node path never casts the base's weight: what the base layer would refuse, it refuses."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(8, 6, bias=False))
+    peft_model = get_peft_model(base, PeftLoraConfig(r=2, lora_alpha=4, target_modules=["0"]))
+    peft_model.base_model.model[0].base_layer.to(torch.bfloat16)  # the frozen base in bf16, the adapter fp32
+    assert use_fused_lora(peft_model) == 1
+    with pytest.raises(RuntimeError, match="dtype"):
+        peft_model(torch.randn(3, 8))

@@ -160,8 +160,8 @@ class _SoftmaxSavingRounded(torch.autograd.Function):
 
 def softmax_saving_rounded(scores: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Softmax over the last axis, computed in fp32 and returned in `dtype` (see `_SoftmaxSavingRounded`)."""
-    if dtype == torch.float32 or dtype == torch.float64:  # nothing rounded: autograd's own softmax is the same
-        return torch.softmax(scores, dim=-1, dtype=torch.float32 if dtype == torch.float32 else dtype).to(dtype)
+    if dtype in (torch.float32, torch.float64):  # nothing rounded: autograd's own softmax is the same
+        return torch.softmax(scores, dim=-1, dtype=dtype)
     return _SoftmaxSavingRounded.apply(scores, dtype)
 
 

@@ -62,16 +62,20 @@ def _norm_kernel(cls: type) -> Callable[..., torch.Tensor]:
     return _compiled_forwards[cls]
 
 
-class CompiledNorm(nn.Module):
-    """Mixin put in front of an RMSNorm class: the same forward, compiled."""
+class _Compiled(nn.Module):
+    """What `_swap` puts in front of a module's own class; `_eager_class` is that class."""
 
     _eager_class: type
+
+
+class CompiledNorm(_Compiled):
+    """Mixin put in front of an RMSNorm class: the same forward, compiled."""
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         return _norm_kernel(self._eager_class)(self, hidden_states)
 
 
-class CompiledGatedMlp(nn.Module):
+class CompiledGatedMlp(_Compiled):
     """Mixin put in front of a Llama-family MLP class: `act_fn(gate) * up` compiled."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
@@ -108,8 +112,8 @@ def _swap(module: nn.Module, mixin: type) -> None:
 def restore_eager(model: nn.Module) -> None:
     """Undo `use_compiled_kernels`: every swapped module gets its own class back."""
     for module in model.modules():
-        if isinstance(module, (CompiledNorm, CompiledGatedMlp)):
-            module.__class__ = type(module)._eager_class
+        if isinstance(module, _Compiled):
+            module.__class__ = module._eager_class
 
 
 @dataclass(frozen=True)
@@ -127,16 +131,17 @@ class CompiledKernels:
 def use_compiled_kernels(model: nn.Module, autocast_dtype: torch.dtype | None) -> CompiledKernels:
     """Swap in the compiled forwards, in place, after a probe that compile works here.
 
-    The probe runs each kernel forward and backward on a copy of one module with a small
+    The probe runs each kernel forward and backward on a copy of one module per class, with a small
     input (under the run's autocast), so a missing compiler is found now, not mid-step;
     its compile is the one the first step would have paid.
     """
-    norms = [m for m in model.modules() if is_rms_norm(m) and not isinstance(m, CompiledNorm)]
-    mlps = [m for m in model.modules() if is_gated_mlp(m) and not isinstance(m, CompiledGatedMlp)]
+    norms = [m for m in model.modules() if is_rms_norm(m) and not isinstance(m, _Compiled)]
+    mlps = [m for m in model.modules() if is_gated_mlp(m) and not isinstance(m, _Compiled)]
     if not norms and not mlps:
         return CompiledKernels(0, 0, "no RMSNorm or gated MLP in this model")
     try:
-        _probe(norms[:1], mlps[:1], autocast_dtype)
+        # One module of each class: each norm class compiles its own forward.
+        _probe(list({type(m): m for m in norms}.values()), list({type(m): m for m in mlps}.values()), autocast_dtype)
     except Exception as error:  # noqa: BLE001 - any compile failure means: stay eager, and say why
         reason = f"torch.compile unavailable here: {type(error).__name__}: {str(error).splitlines()[0][:160]}"
         log.warning("%s; RMSNorm and MLP activations stay eager", reason)

@@ -120,14 +120,17 @@ class FusedLoraLinear(LoraLinear):
             return super().forward(x, *args, **kwargs)
         a, b, scaling = self.lora_A[adapter].weight, self.lora_B[adapter].weight, self.scaling[adapter]
         base = self.base_layer
-        if _frozen_plain_linear(base) and not base._forward_hooks and not base._forward_pre_hooks:
-            dtype = _compute_dtype(x)
-            with torch.no_grad():  # the operands in the compute dtype (a view, not a copy, when already in it)
-                w, a_c, b_scaled = base.weight.to(dtype), a.to(dtype), (b * scaling).to(dtype)
+        dtype = _compute_dtype(x)
+        # The base's weight already in the compute dtype (bf16 under autocast): never a silent cast that
+        # the base layer itself would have refused.
+        if (_frozen_plain_linear(base) and base.weight.dtype == dtype and not base._forward_hooks
+                and not base._forward_pre_hooks):
+            with torch.no_grad():  # the operands in the compute dtype (no copy where already in it)
+                w, a_c, b_scaled = base.weight, a.to(dtype), (b * scaling).to(dtype)
                 bias = None if base.bias is None else base.bias.to(dtype)
             return _LoraLinear.apply(x, w, bias, a_c, b_scaled, a, b, scaling)
         result = base(x)
-        if not result.is_contiguous() or result.dtype != _compute_dtype(x):
+        if not result.is_contiguous() or result.dtype != dtype:
             return super().forward(x)  # not expected from a linear layer; PEFT's path handles anything
         with torch.no_grad():  # the operands in the compute dtype; `_AddLora` gives A and B their gradients
             a_c, b_scaled = a.to(result.dtype), (b * scaling).to(result.dtype)

@@ -33,8 +33,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from tunelab import attention
 from tunelab.config import DEFAULT_MODEL, LoraConfig
 from tunelab.dora import RowNormDoraLayer, use_row_norm_dora
-from tunelab.fused_lora import use_fused_lora
 from tunelab.errors import TunelabError
+from tunelab.fused_lora import use_fused_lora
 from tunelab.quantize import quantization_config
 
 log = logging.getLogger(__name__)
