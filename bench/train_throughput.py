@@ -36,8 +36,8 @@ result row each; a method is a branch of each side's model setup or collate:
              QLoRA paper's recipe); tunelab keeps them fp32. The LM head stays unquantized
              on both sides.
     packed   padding-free packing. tunelab: each step's examples collated by collate_packed
-             into rows of pack_length = max(max_length, ceil(batch x mean tokens / 4)), as
-             Setup.pack_length computes it. TRL: SFTConfig(packing=True) (strategy "bfd": the
+             into rows as wide as the step's longest example (train.pack_length's default,
+             row_capacity in tunelab/data/pack.py). TRL: SFTConfig(packing=True) (strategy "bfd": the
              dataset is packed into sequences of at most max_length tokens, and each batch is
              flattened into one padding-free row with position_ids and no attention mask;
              transformers derives a block-diagonal causal mask from the position_ids, so it
@@ -69,7 +69,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import resource
@@ -135,8 +134,6 @@ def run_tunelab(args: argparse.Namespace) -> dict:
     compile_seconds = time.perf_counter() - compile_started
     total = args.warmup + args.steps
     examples, _ = tokenize_conversations(tokenizer, _rows(total * args.batch), max_length=MAX_LENGTH)
-    mean = sum(e.length for e in examples) / len(examples)
-    pack_length = max(MAX_LENGTH, math.ceil(args.batch * mean / 4))  # as Setup.pack_length
     stream = epoch_stream(examples, args.batch, 1.0, seed=0)
     optimizer, scheduler = make_optimizer(model, 2e-4, 0.0, total, 0)
     model.train()
@@ -145,7 +142,7 @@ def run_tunelab(args: argparse.Namespace) -> dict:
         if step == args.warmup:
             started = time.perf_counter()
         if args.method == "packed":
-            batch = collate_packed(micro, tokenizer.pad_token_id, pack_length)
+            batch = collate_packed(micro, tokenizer.pad_token_id)  # rows as wide as the longest example
         else:
             batch = collate(micro, tokenizer.pad_token_id)
         backward_on(model, [batch], precision)
@@ -162,14 +159,14 @@ def run_tunelab(args: argparse.Namespace) -> dict:
 
     def timed_steps_again() -> None:  # the same micro-batches, forward and backward: the same products
         for micro in stream[args.warmup : total]:
-            batch = (collate_packed(micro, tokenizer.pad_token_id, pack_length) if args.method == "packed"
+            batch = (collate_packed(micro, tokenizer.pad_token_id) if args.method == "packed"
                      else collate(micro, tokenizer.pad_token_id))
             backward_on(model, [batch], precision)
             optimizer.zero_grad(set_to_none=True)
 
     calls = matmul_replay.record(timed_steps_again)
     return {"seconds": seconds, "tokens": tokens, "trained_tokens": trained, "examples": counted,
-            "peak_rss_mb": peak_rss_mb, "setting": f"pack_length {pack_length}" if args.method == "packed" else "",
+            "peak_rss_mb": peak_rss_mb, "setting": "rows as wide as the longest example" if args.method == "packed" else "",
             "compile_seconds": compile_seconds, "kernels": kernels.describe(),
             "matmul_seconds": matmul_replay.replay_seconds(calls), "matmul_flops": sum(c.flops for c in calls)}
 

@@ -11,14 +11,14 @@ import torch
 import torch.nn.functional as F
 
 from tunelab.data.batches import Batch, collate
-from tunelab.data.pack import collate_packed, pack_layout, pack_summary
+from tunelab.data.pack import collate_packed, pack_layout, pack_summary, packed_rows
 from tunelab.data.tokenize import IGNORE_INDEX, TokenizedExample
 from tunelab.errors import TunelabError
 from tunelab.train.loop import token_loss_sum
 
 IMPLEMENTATIONS = ["tunelab_gqa", "eager", "sdpa"]
-# 1: every example in its own row; 8: three examples are longer than a row; 16: several per row; 64: one row.
-PACK_LENGTHS = [1, 8, 16, 64]
+# None (the default): rows as wide as the longest example (12 tokens); 16: wider, several per row; 64: one row.
+PACK_LENGTHS = [None, 16, 64]
 LOSS_TOL = dict(rtol=1e-5, atol=1e-5)  # fp32 sums of ~10 cross-entropies of ~6 nats
 GRAD_TOL = dict(rtol=1e-4, atol=1e-5)
 
@@ -53,12 +53,12 @@ def batch_examples(tiny_tokenizer) -> tuple[list[TokenizedExample], int]:
     return make_examples(len(tiny_tokenizer), tiny_tokenizer.pad_token_id), tiny_tokenizer.pad_token_id
 
 
-def spans(examples: list[TokenizedExample], pack_length: int | None) -> list[tuple[int, int, int]]:
-    """(row, start, length) of each example, in input order; pack_length None means plain `collate`."""
-    if pack_length is None:
+def spans(examples: list[TokenizedExample], pack_length: int | None | str) -> list[tuple[int, int, int]]:
+    """(row, start, length) of each example, in input order; pack_length "plain" means plain `collate`."""
+    if pack_length == "plain":
         return [(i, 0, len(e.input_ids)) for i, e in enumerate(examples)]
     where: dict[int, tuple[int, int, int]] = {}
-    for r, row in enumerate(pack_layout([len(e.input_ids) for e in examples], pack_length)):
+    for r, row in enumerate(packed_rows([len(e.input_ids) for e in examples], pack_length)[0]):
         start = 0
         for i in row:
             where[i] = (r, start, len(examples[i].input_ids))
@@ -111,8 +111,8 @@ def test_packed_loss_and_gradients_equal_unpacked(models, batch_examples, impl, 
     model = models[impl]
     examples, pad = batch_examples
     results = []
-    for layout in (None, pack_length):
-        batch = collate(examples, pad, share_prefix=False) if layout is None else collate_packed(examples, pad, layout)
+    for layout in ("plain", pack_length):
+        batch = collate(examples, pad, share_prefix=False) if layout == "plain" else collate_packed(examples, pad, layout)
         model.zero_grad(set_to_none=True)
         losses = per_example_loss(model, batch, spans(examples, layout))  # (N,)
         losses.sum().backward()
@@ -172,7 +172,9 @@ def test_packed_batch_keeps_every_example_and_token_count(batch_examples, pack_l
     assert packed.shared_prefix == 0
     assert packed.position_ids.shape == packed.input_ids.shape == packed.labels.shape == packed.attention_mask.shape
     longest = max(len(e.input_ids) for e in examples)
-    assert packed.input_ids.shape[1] <= max(pack_length, longest)  # only an oversize example widens a row
+    assert packed.input_ids.shape[1] <= max(pack_length or 0, longest)
+    if pack_length is None:  # the default: rows exactly as wide as the longest example
+        assert packed.input_ids.shape[1] == longest
     # Cut each row where positions restart: every real segment is one example, each exactly once.
     found = []
     for r in range(packed.input_ids.shape[0]):
@@ -184,8 +186,8 @@ def test_packed_batch_keeps_every_example_and_token_count(batch_examples, pack_l
                 continue
             assert packed.position_ids[r, s:e].tolist() == list(range(e - s))
             found.append((packed.input_ids[r, s:e].tolist(), packed.labels[r, s:e].tolist()))
-        if sum(packed.attention_mask[r].tolist()) > pack_length:
-            assert len(starts) - 1 - int(packed.attention_mask[r, -1] == 0) == 1  # an oversize example is alone
+        # A row holds at most pack_length tokens, or as many as the longest example where that is longer.
+        assert sum(packed.attention_mask[r].tolist()) <= max(pack_length or 0, longest)
     expected = [(e.input_ids, [IGNORE_INDEX] + e.labels[1:]) for e in examples]
     assert sorted(found) == sorted(expected)
 
@@ -210,6 +212,17 @@ def test_layout_is_first_fit_decreasing_and_deterministic():
         pack_layout([3], 0)
 
 
+def test_rows_fill_up_to_the_longest_example_when_it_is_wider_than_pack_length():
+    # 9 > 8 widens the batch to 9 anyway: rows of at most 9 hold 4 + 3 + 2 in one row, not [4, 3] and [2].
+    assert packed_rows([9, 4, 3, 2], 8) == ([[0], [1, 2, 3]], 9)
+    assert packed_rows([9, 4, 3, 2], None) == ([[0], [1, 2, 3]], 9)
+    assert packed_rows([9, 4, 3, 2], 16) == ([[0, 1, 2], [3]], 16)
+    ex = [TokenizedExample(list(range(1, n + 1)), [IGNORE_INDEX] + list(range(2, n + 1)), str(n)) for n in (9, 4, 3, 2)]
+    assert collate_packed(ex, 0, 8).input_ids.shape == (2, 9)
+    # Behind a shared prefix the remainders are packed: prefix 1 + remainders [8, 3, 2, 1] -> [8], [3, 2, 1].
+    assert packed_rows([9, 4, 3, 2], None, prefix=1) == ([[0], [1, 2, 3]], 9)
+
+
 def test_pack_summary_reports_fill():
     ex = [TokenizedExample([1] * n, [1] * n, str(n)) for n in (5, 3, 4)]
     summary = pack_summary([ex, ex[:1]], pack_length=8)
@@ -218,6 +231,17 @@ def test_pack_summary_reports_fill():
     assert (summary.real_tokens, summary.packed_slots, summary.padded_slots) == (17, 21, 20)
     assert summary.fill == pytest.approx(17 / 21)
     assert "3 rows" in summary.describe()
+
+
+@pytest.mark.parametrize("pack_length", [None, 12, 24])
+def test_pack_summary_counts_what_collate_packed_lays_out(prefixed_examples, pack_length):
+    examples, pad = prefixed_examples
+    for share_prefix in (True, False):
+        packed = collate_packed(examples, pad, pack_length, share_prefix=share_prefix)
+        summary = pack_summary([examples], pack_length, share_prefix=share_prefix)
+        assert summary.rows == packed.input_ids.shape[0]
+        assert summary.packed_slots == packed.input_ids.numel()
+        assert summary.real_tokens == int(packed.attention_mask.sum())  # the prefix once per row
 
 
 PREFIX = [3, 4, 5, 6, 7]  # a "system prompt" every example starts with, never trained
@@ -234,7 +258,7 @@ def prefixed_examples(tiny_tokenizer) -> tuple[list[TokenizedExample], int]:
     return out, tiny_tokenizer.pad_token_id
 
 
-@pytest.mark.parametrize("pack_length", [1, 12, 24, 100])
+@pytest.mark.parametrize("pack_length", [None, 12, 24, 100])
 def test_rows_packed_behind_a_shared_prefix_keep_every_example(prefixed_examples, pack_length):
     examples, pad = prefixed_examples
     plain, packed = collate(examples, pad, share_prefix=False), collate_packed(examples, pad, pack_length)
@@ -260,7 +284,7 @@ def test_rows_packed_behind_a_shared_prefix_keep_every_example(prefixed_examples
     assert rows_alone.segment_ids is None and rows_alone.shared_prefix == 0  # FSDP's layout: the plain packing
 
 
-@pytest.mark.parametrize("pack_length", [1, 12, 24, 100])
+@pytest.mark.parametrize("pack_length", [None, 12, 24, 100])
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 def test_packed_behind_prefix_loss_and_gradients_equal_unpacked(models, prefixed_examples, impl, pack_length):
     model = models[impl]

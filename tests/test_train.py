@@ -172,8 +172,9 @@ def test_prefix_in_batch_and_cached_prefix_equal_the_plain_forward(tiny_model_di
         assert longest.labels[8] == -100  # a prompt token
         other[8] = (other[8] + 1) % model.config.vocab_size
         exs = [longest, TokenizedExample(other, longest.labels, "other")]
-    width = max(len(e.input_ids) for e in exs)
-    batch = collate_packed(exs, pad, 40 if room else width) if packed else collate(exs, pad)
+    elif packed:  # remainders of 10 and 43 tokens after the 27-token prefix: the 10's row has room for it
+        exs = [min(exs, key=lambda e: len(e.input_ids)), max(exs, key=lambda e: len(e.input_ids))]
+    batch = collate_packed(exs, pad) if packed else collate(exs, pad)
     plain = collate(exs, pad, share_prefix=False)
     p, t = batch.shared_prefix, batch.input_ids.shape[1]
     assert 4 <= p <= t - p and (batch.segment_ids is not None) == packed

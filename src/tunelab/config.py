@@ -133,7 +133,9 @@ class TrainConfig(_Strict):
         "attention never crosses an example boundary.",
     )
     pack_length: int | None = Field(
-        None, ge=8, description="Tokens per packed row; None = batch_size x the mean example length."
+        None, ge=8, description="Most tokens per packed row (a longer example still gets a row as wide as "
+        "itself); None = rows as wide as each micro-batch's longest example, the fastest on CPU, where a "
+        "packed row's attention is dense over the whole row."
     )
     parallel: Literal["auto", "ddp", "fsdp"] = Field(
         "auto",

@@ -18,7 +18,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from tunelab.compiled_kernels import use_compiled_kernels
 from tunelab.config import RunConfig
 from tunelab.data.batches import Batch, collate, length_grouped_order
-from tunelab.data.pack import collate_packed
+from tunelab.data.pack import collate_packed, pack_summary
 from tunelab.data.prepare import PreparedData, prepare_data
 from tunelab.data.tokenize import TokenizedExample
 from tunelab.errors import TunelabError
@@ -79,14 +79,8 @@ class Setup:
         # only in the KV cache, where FSDP's pre-backward hook never sees it: backward would find the layer's
         # gathered weights already freed.
         if t.packing:
-            return collate_packed(examples, self.tokenizer.pad_token_id, self.pack_length, share_prefix=not self.sharded)
+            return collate_packed(examples, self.tokenizer.pad_token_id, t.pack_length, share_prefix=not self.sharded)
         return collate(examples, self.tokenizer.pad_token_id, share_prefix=not self.sharded)
-
-    @property
-    def pack_length(self) -> int:
-        t = self.cfg.train
-        mean = self.data.report["tokens_per_example"]["mean"]
-        return t.pack_length or max(self.cfg.data.max_length, math.ceil(t.batch_size * mean / 4))
 
     def local_step(self, step: int) -> tuple[list[Batch | PairBatch], list[float]]:
         """This process's micro-batches of optimizer step `step` (1-based), and their weights (0 = a stand-in)."""
@@ -205,5 +199,8 @@ def setup(cfg: RunConfig, console: Console, world: World = World()) -> Setup:
     s = Setup(model, tokenizer, data, precision, resolved, stream, steps, optimizer, scheduler, val_batches,
               cfg, choices, world, timings, loss_module)
     if t.packing:
-        console.print(f"[bold]packing[/]: the examples of each micro-batch in rows of at most {s.pack_length} tokens")
+        width = (f"at most {t.pack_length} tokens (or the longest example)" if t.pack_length
+                 else "as wide as the micro-batch's longest example")
+        summary = pack_summary(stream, t.pack_length, share_prefix=not s.sharded)
+        console.print(f"[bold]packing[/]: rows {width}; {summary.describe()}")
     return s
