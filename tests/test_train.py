@@ -201,7 +201,8 @@ def test_prefix_in_batch_and_cached_prefix_equal_the_plain_forward(tiny_model_di
         for name in expected_grads:
             torch.testing.assert_close(grads[name], expected_grads[name], rtol=1e-4, atol=1e-6, msg=name)
     hook.remove()
-    ((row, column, length),) = slots
+    ((row, column, length, width),) = slots
+    assert width == batch.input_ids.shape[1] - p
     rows = batch.input_ids.shape[0]
     assert length == p and (row < rows and column > 0 if room else (row, column) == (rows, 0))
 

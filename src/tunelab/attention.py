@@ -43,27 +43,32 @@ _shared_prefix: contextvars.ContextVar[list[tuple[torch.Tensor, torch.Tensor]] |
     "tunelab_shared_prefix", default=None)
 
 
-# Training: (row, column, length) of a shared prompt prefix held inside the batch (see `prefix_in_batch`).
-_prefix_slot: contextvars.ContextVar[tuple[int, int, int] | None] = contextvars.ContextVar(
-    "tunelab_prefix_slot", default=None)
+# Training: the keyword argument (passed through the model to every layer's attention) that holds the flat
+# positions row * width + column of a shared prompt prefix inside the batch (see `prefix_in_batch`).
+PREFIX_POSITIONS = "tunelab_prefix_positions"
 
 
-@contextlib.contextmanager
-def prefix_in_batch(row: int, column: int, length: int):
-    """Within `with`: `row`'s columns `column`.. hold a prompt prefix of `length` tokens that every row attends first.
+def prefix_in_batch(row: int, column: int, length: int, width: int) -> dict[str, torch.Tensor]:
+    """Keyword arguments for the model's forward: `row`'s columns `column`.. of a batch `width` wide hold a
+    prompt prefix of `length` tokens that every row attends first.
 
     Each layer prepends those positions' keys and values to every row's own, so the attention
     covers (prefix | own) keys, under a (B, 1, T, length + T) mask that decides who sees what (the
-    prefix's own tokens see only themselves). Gradients reach the prefix through the expand.
+    prefix's own tokens see only themselves). Gradients reach the prefix through the gather.
     Why: the alternative, a separate forward of the prefix into a KV cache, runs every layer's
     ~200 kernels a second time for a dozen tokens; on this CPU that pass cost about as much as
     the 12 x 16 tokens it saved (training, batch 16).
+    Why a tensor passed as an argument, not a context variable: torch.compile traces a tensor
+    argument into the graph (one graph for every batch), but stops at a context variable.
     """
-    token = _prefix_slot.set((row, column, length))
-    try:
-        yield
-    finally:
-        _prefix_slot.reset(token)
+    return {PREFIX_POSITIONS: row * width + column + torch.arange(length)}
+
+
+def _prefix_rows(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """(B, Hkv, L, D) keys or values -> (B, Hkv, P, D): the prefix's, at flat `positions` (row * L + column), for every row."""
+    b, hkv, length, d = x.shape
+    flat = x.transpose(1, 2).reshape(b * length, hkv, d)  # a view when x is laid out (B, L, Hkv, D), as projected
+    return flat.index_select(0, positions).transpose(0, 1)[None].expand(b, -1, -1, -1)
 
 
 @contextlib.contextmanager
@@ -175,16 +180,19 @@ def grouped_query_attention(
     dropout: float = 0.0,
     **kwargs: object,
 ) -> tuple[torch.Tensor, None]:
-    prefix = _shared_prefix.get()
+    positions = kwargs.get(PREFIX_POSITIONS)
+    # The context variables serve forwards without gradients (evaluation, generation), which run eager; a layer
+    # under torch.compile is a training layer (`compiled_kernels.use_compiled_layers`, `eager_layers`), and
+    # reading a context variable would break its graph in two.
+    compiling = torch.compiler.is_compiling()
+    prefix = None if positions is not None or compiling else _shared_prefix.get()
     if prefix is not None:
         prefix_key, prefix_value = prefix[module.layer_idx]
         return _attention_behind_prefix(query, key, value, prefix_key, prefix_value, attention_mask, scaling), None
-    slot = _prefix_slot.get()
-    if slot is not None:  # (the prefix's keys | own keys) for every row; the mask says who sees what
-        row, col, n = slot
-        key = torch.cat([key[row : row + 1, :, col : col + n].expand(key.shape[0], -1, -1, -1), key], dim=2)
-        value = torch.cat([value[row : row + 1, :, col : col + n].expand(value.shape[0], -1, -1, -1), value], dim=2)
-    elif _generation.get() and not torch.is_grad_enabled() and dropout == 0.0:
+    if positions is not None:  # (the prefix's keys | own keys) for every row; the mask says who sees what
+        key = torch.cat([_prefix_rows(key, positions), key], dim=2)
+        value = torch.cat([_prefix_rows(value, positions), value], dim=2)
+    elif not compiling and _generation.get() and not torch.is_grad_enabled() and dropout == 0.0:
         mask = attention_mask[:, :, :, : key.shape[-2]] if attention_mask is not None else None
         out = nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
                                                          enable_gqa=True)  # (B, H, T, D)

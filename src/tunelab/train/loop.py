@@ -20,6 +20,7 @@ from transformers import (
 )
 
 from tunelab import attention
+from tunelab.compiled_kernels import eager_layers
 from tunelab.data.batches import Batch
 from tunelab.data.pack import prefix_block_mask
 from tunelab.data.tokenize import IGNORE_INDEX
@@ -178,8 +179,8 @@ def _body_with_prefix_in_batch(body: torch.nn.Module, batch: Batch) -> torch.Ten
     allowed[row, col : col + p] = False  # the prefix's tokens: their own causal past only
     allowed[row, col : col + p, p + col : p + col + p] = torch.ones((p, p), dtype=torch.bool).tril()
     mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
-    with attention.prefix_in_batch(row, col, p):
-        hidden = body(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).last_hidden_state
+    hidden = body(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
+                  **attention.prefix_in_batch(row, col, p, w)).last_hidden_state
     return hidden[:b]  # (B, W, H)
 
 
@@ -210,7 +211,7 @@ def validation_sums(
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64)
     for batch in batches:
-        with precision.autocast():
+        with precision.autocast(), eager_layers(model):  # compiled layers: no second graph for a few batches
             logits, targets = trained_logits(model, batch, prefix_kv)
         sums += torch.tensor([
             float(F.cross_entropy(logits, targets, reduction="sum")),
