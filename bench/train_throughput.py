@@ -14,8 +14,12 @@ TRL is given its best fair settings on this CPU: bf16 autocast (bf16=True), no
 gradient checkpointing (TRL 1.x turns it on by default; memory is ample here), no
 torch_compile (it compiles the whole model: minutes on 2 cores, and again for new
 sequence lengths, which 8 steps cannot pay back). tunelab's side sets up as
-train.setup does, with the RMSNorm and MLP activations compiled (tunelab.compiled_kernels)
-before the untimed warm-up; the compile's seconds are reported (`tunelab_compile_seconds`).
+train.setup does for a run long enough to pay for compiling (train.compile_layers: auto
+compiles from 300,000 tokens to train; this benchmark's few steps measure the speed such
+a run trains at): the RMSNorm and MLP activations compiled (tunelab.compiled_kernels), and
+for lora and packed the whole decoder layers too, before the untimed warm-up; the
+compile's seconds are reported (`tunelab_compile_seconds`) and are not in the timing.
+--no-compile-layers keeps the layers eager (what a shorter run gets).
 Except for `packed`, both sides train on padded rows.
 
 --method (repeatable or comma-separated; default lora) picks what both sides do, one
@@ -110,7 +114,7 @@ def run_tunelab(args: argparse.Namespace) -> dict:
     import matmul_replay  # beside this script
     import torch
 
-    from tunelab.compiled_kernels import use_compiled_kernels
+    from tunelab.compiled_kernels import use_compiled_kernels, use_compiled_layers
     from tunelab.config import LoraConfig
     from tunelab.data.batches import collate
     from tunelab.data.pack import collate_packed
@@ -129,22 +133,29 @@ def run_tunelab(args: argparse.Namespace) -> dict:
     quantize_base(model, quantize, precision.weights_dtype)  # int8: here, in place; nf4: done while loading
     model.config.use_cache = False
     model = attach_lora(model, LoraConfig(rank=16, alpha=32, use_dora=args.method == "dora"))
-    compile_started = time.perf_counter()  # as train.setup does, before the first step
-    kernels = use_compiled_kernels(model, torch.bfloat16 if precision.bf16 else None)
-    compile_seconds = time.perf_counter() - compile_started
     total = args.warmup + args.steps
     examples, _ = tokenize_conversations(tokenizer, _rows(total * args.batch), max_length=MAX_LENGTH)
     stream = epoch_stream(examples, args.batch, 1.0, seed=0)
-    optimizer, scheduler = make_optimizer(model, 2e-4, 0.0, total, 0)
     model.train()
+
+    def collate_step(micro):
+        return (collate_packed(micro, tokenizer.pad_token_id) if args.method == "packed"  # rows as wide as the longest
+                else collate(micro, tokenizer.pad_token_id))
+
+    compile_started = time.perf_counter()  # as train.setup does, before the first step
+    kernels = use_compiled_kernels(model, torch.bfloat16 if precision.bf16 else None)
+    layers = args.compile_layers and args.method in ("lora", "packed") and not kernels.unavailable
+    if layers:  # as setup._compile_layers: compile on one forward + backward, then drop its gradients
+        use_compiled_layers(list(model.get_base_model().model.layers))
+        backward_on(model, [collate_step(stream[0])], precision)
+        model.zero_grad(set_to_none=True)
+    compile_seconds = time.perf_counter() - compile_started
+    optimizer, scheduler = make_optimizer(model, 2e-4, 0.0, total, 0)
     tokens = trained = counted = 0
     for step, micro in enumerate(stream[:total]):
         if step == args.warmup:
             started = time.perf_counter()
-        if args.method == "packed":
-            batch = collate_packed(micro, tokenizer.pad_token_id)  # rows as wide as the longest example
-        else:
-            batch = collate(micro, tokenizer.pad_token_id)
+        batch = collate_step(micro)
         backward_on(model, [batch], precision)
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         optimizer.step()
@@ -159,15 +170,15 @@ def run_tunelab(args: argparse.Namespace) -> dict:
 
     def timed_steps_again() -> None:  # the same micro-batches, forward and backward: the same products
         for micro in stream[args.warmup : total]:
-            batch = (collate_packed(micro, tokenizer.pad_token_id) if args.method == "packed"
-                     else collate(micro, tokenizer.pad_token_id))
+            batch = collate_step(micro)
             backward_on(model, [batch], precision)
             optimizer.zero_grad(set_to_none=True)
 
     calls = matmul_replay.record(timed_steps_again)
     return {"seconds": seconds, "tokens": tokens, "trained_tokens": trained, "examples": counted,
             "peak_rss_mb": peak_rss_mb, "setting": "rows as wide as the longest example" if args.method == "packed" else "",
-            "compile_seconds": compile_seconds, "kernels": kernels.describe(),
+            "compile_seconds": compile_seconds,
+            "kernels": kernels.describe() + ("; whole decoder layers compiled" if layers else ""),
             "matmul_seconds": matmul_replay.replay_seconds(calls), "matmul_flops": sum(c.flops for c in calls)}
 
 
@@ -280,7 +291,8 @@ def flops_per_token(mean_length: float) -> float:
 def run_side(side: str, method: str, args: argparse.Namespace) -> dict:
     """One side's run in its own process: its result, or {"error": why} (the last lines of its stderr)."""
     cmd = [sys.executable, __file__, "--side", side, "--method", method, "--steps", str(args.steps),
-           "--warmup", str(args.warmup), "--batch", str(args.batch)]
+           "--warmup", str(args.warmup), "--batch", str(args.batch),
+           "--compile-layers" if args.compile_layers else "--no-compile-layers"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
     if line is None:
@@ -343,6 +355,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps per side and round")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--batch", type=int, default=16, help="examples per step, both sides")
+    parser.add_argument("--compile-layers", action=argparse.BooleanOptionalAction, default=True,
+                        help="tunelab: compile whole decoder layers for lora and packed (train.compile_layers)")
     parser.add_argument("--rounds", type=int, default=1, help="alternating rounds; each side's best is kept")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--side", choices=["tunelab", "trl"], help=argparse.SUPPRESS)  # child process

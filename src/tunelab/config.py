@@ -126,6 +126,12 @@ class TrainConfig(_Strict):
         True, description="Fuse each RMSNorm and gated-MLP activation with torch.compile (about 6 s once, at "
         "setup); where torch.compile cannot run, they stay eager and the run log says why."
     )
+    compile_layers: bool | Literal["auto"] = Field(
+        "auto", description="Compile each whole decoder layer (LoRA, attention, MLP) with torch.compile: about "
+        "1.25x the training speed on CPU for ~35 s of compile at the first step. auto: on for LoRA SFT of a "
+        "Llama-family model in one process when the run trains on at least 300,000 tokens (the compile pays "
+        "for itself well before); the run log says why it is on or off."
+    )
     schedule: Literal["cosine", "linear"] = Field("cosine", description="Decay after warmup: cosine or linear, to 0.")
     packing: bool = Field(
         False,

@@ -126,14 +126,16 @@ class FusedLoraLinear(LoraLinear):
         if (_frozen_plain_linear(base) and base.weight.dtype == dtype and not base._forward_hooks
                 and not base._forward_pre_hooks):
             with torch.no_grad():  # the operands in the compute dtype (no copy where already in it)
-                w, a_c, b_scaled = base.weight, a.to(dtype), (b * scaling).to(dtype)
+                # detach: never `a` itself as a second input (torch.compile cannot trace a Function given one
+                # tensor twice, which fp32 training would do)
+                w, a_c, b_scaled = base.weight, a.detach().to(dtype), (b * scaling).to(dtype)
                 bias = None if base.bias is None else base.bias.to(dtype)
             return _LoraLinear.apply(x, w, bias, a_c, b_scaled, a, b, scaling)
         result = base(x)
         if not result.is_contiguous() or result.dtype != dtype:
             return super().forward(x)  # not expected from a linear layer; PEFT's path handles anything
         with torch.no_grad():  # the operands in the compute dtype; `_AddLora` gives A and B their gradients
-            a_c, b_scaled = a.to(result.dtype), (b * scaling).to(result.dtype)
+            a_c, b_scaled = a.detach().to(result.dtype), (b * scaling).to(result.dtype)  # detach: as above
         return _AddLora.apply(result, x, a_c, b_scaled, a, b, scaling)
 
     def _fusable_adapter(self, x: torch.Tensor) -> str | None:

@@ -15,7 +15,9 @@ from peft import PeftModel
 from rich.console import Console
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from tunelab.compiled_kernels import use_compiled_kernels
+from tunelab.compiled_kernels import (
+    LAYER_COMPILE_TOKENS, CompiledKernels, is_llama_layer, restore_eager, use_compiled_kernels, use_compiled_layers,
+)
 from tunelab.config import RunConfig
 from tunelab.data.batches import Batch, collate, length_grouped_order
 from tunelab.data.pack import collate_packed, pack_summary
@@ -28,7 +30,7 @@ from tunelab.train import auto, distributed
 from tunelab.train.auto import Choice
 from tunelab.train.distributed import World
 from tunelab.train.dpo import PairBatch, PreparedPairs, TokenizedPair, collate_pairs, prepare_preference_data, require_adapter
-from tunelab.train.loop import Precision, choose_precision, make_optimizer
+from tunelab.train.loop import Precision, body_and_head, choose_precision, make_optimizer, trained_logits
 
 Example = TokenizedExample | TokenizedPair  # one row of SFT, or one preference pair of DPO
 
@@ -164,6 +166,7 @@ def setup(cfg: RunConfig, console: Console, world: World = World()) -> Setup:
             f"{'DoRA' if cfg.lora.use_dora else 'LoRA'}{' (rsLoRA scaling)' if cfg.lora.use_rslora else ''} "
             f"r={cfg.lora.rank} alpha={cfg.lora.alpha:g} on {cfg.lora.target_modules}"
         )
+    kernels = None
     if t.compile_kernels:
         started = time.perf_counter()
         kernels = use_compiled_kernels(model, torch.bfloat16 if precision.bf16 else None)
@@ -198,9 +201,71 @@ def setup(cfg: RunConfig, console: Console, world: World = World()) -> Setup:
     )
     s = Setup(model, tokenizer, data, precision, resolved, stream, steps, optimizer, scheduler, val_batches,
               cfg, choices, world, timings, loss_module)
+    _compile_layers(s, kernels, console)
     if t.packing:
         width = (f"at most {t.pack_length} tokens (or the longest example)" if t.pack_length
                  else "as wide as the micro-batch's longest example")
         summary = pack_summary(stream, t.pack_length, share_prefix=not s.sharded)
         console.print(f"[bold]packing[/]: rows {width}; {summary.describe()}")
     return s
+
+
+def _why_layers_stay_eager(s: Setup, kernels: CompiledKernels | None) -> str | None:
+    """Why `train.compile_layers` leaves the decoder layers eager in this run, or None to compile them."""
+    cfg, t = s.cfg, s.cfg.train
+    if t.compile_layers is False:
+        return "off in the config"
+    if kernels is None or kernels.unavailable:
+        return "torch.compile is off or unavailable (see kernels)"
+    if cfg.objective != "sft" or cfg.tuning != "lora" or cfg.lora.use_dora or cfg.lora.quantize_base != "none":
+        return "compiled layers are measured and tested for LoRA SFT over a bf16/fp32 base only"
+    if s.world.active:  # each process would compile on the run's 2 cores at once, and DDP's hooks see the probe
+        return "several processes"
+    layers = decoder_layers(s.model)
+    if not layers or not all(is_llama_layer(layer) for layer in layers):
+        return "not a Llama-family decoder (its layers have not been traced here)"
+    if t.compile_layers == "auto" and _tokens_to_train(s) < LAYER_COMPILE_TOKENS:
+        return (f"auto: {_tokens_to_train(s):,} tokens to train, under {LAYER_COMPILE_TOKENS:,}: the ~35 s compile would cost "
+                "about what it saves (train.compile_layers: true compiles anyway)")
+    return None
+
+
+def _tokens_to_train(s: Setup) -> int:
+    """Input tokens over every micro-batch of the run (SFT examples)."""
+    return sum(len(e.input_ids) for mb in s.stream for e in mb)
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The transformer body's decoder layers (`model.layers`), or [] for a body without that list."""
+    body, _ = body_and_head(model)
+    layers = getattr(body, "layers", None)
+    return list(layers) if isinstance(layers, torch.nn.ModuleList) else []
+
+
+def _compile_layers(s: Setup, kernels: CompiledKernels | None, console: Console) -> None:
+    """Compile the whole decoder layers (`compiled_kernels.use_compiled_layers`) when it pays, and pay the compile
+    now: one forward and backward of the first micro-batch, whose gradients are then dropped."""
+    why = _why_layers_stay_eager(s, kernels)
+    if why is not None:
+        console.print(f"[bold]layers[/]: eager ({why})")
+        return
+    layers = decoder_layers(s.model)
+    started = time.perf_counter()
+    use_compiled_layers(layers)
+    s.model.train()  # the mode every step runs in (a graph is specialised to it)
+    try:
+        batch = s.collate(s.stream[0])
+        with s.precision.autocast():
+            logits, targets = trained_logits(s.model, batch)
+        torch.nn.functional.cross_entropy(logits, targets, reduction="sum").backward()
+    except Exception as error:  # noqa: BLE001 - a layer that cannot compile trains eager, and the log says why
+        for layer in layers:
+            restore_eager(layer)
+        console.print(f"[bold]layers[/]: eager (torch.compile failed: {type(error).__name__}: "
+                      f"{str(error).splitlines()[0][:160] if str(error) else ''})")
+        return
+    finally:
+        s.model.zero_grad(set_to_none=True)
+    s.timings["compile_layers"] = time.perf_counter() - started
+    console.print(f"[bold]layers[/]: torch.compile fuses each of the {len(layers)} decoder layers "
+                  f"({_tokens_to_train(s):,} tokens to train; compiled in {s.timings['compile_layers']:.1f} s)")
