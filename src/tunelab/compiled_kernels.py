@@ -123,16 +123,18 @@ def restore_eager(model: nn.Module) -> None:
 # Whole decoder layers (`use_compiled_layers`): one graph per layer class, forward and backward, with the
 # LoRA products, rotary embedding, attention and residuals in it. Measured on the 2-core AMX CPU (SmolLM2,
 # LoRA r16, batch 16 of Banking77, steady state): 867 -> 1,099 tokens/s against the kernels above, for a
-# compile of ~35 s (Inductor's cache empty; ~20 s warm) on the first step. Why not always: that compile
-# outweighs the gain on short runs (see `decide_compiled_layers`).
-LAYER_COMPILE_TOKENS = 300_000  # 'auto' compiles layers from this many tokens to train (the compile's ~2x break-even)
+# compile of 34-51 s with Inductor's cache empty, 14-17 s warm. Why not always: that compile outweighs
+# the gain on short runs (`train.setup._why_layers_stay_eager`). At the demo's ~1,100 tokens/s and a 1.2x
+# gain, a cold compile is paid back after ~220,000 tokens; 'auto' starts a little above that.
+LAYER_COMPILE_TOKENS = 300_000
 
 
 def is_llama_layer(layer: nn.Module) -> bool:
     """A decoder layer of the Llama family: attention, a gated MLP and RMSNorms (what has been traced here)."""
-    return (hasattr(layer, "self_attn") and is_gated_mlp(getattr(layer, "mlp", None) or nn.Module())
-            and all(is_rms_norm(getattr(layer, n, None) or nn.Module())
-                    for n in ("input_layernorm", "post_attention_layernorm")))
+    mlp = getattr(layer, "mlp", None)
+    norms = [getattr(layer, name, None) for name in ("input_layernorm", "post_attention_layernorm")]
+    return (hasattr(layer, "self_attn") and isinstance(mlp, nn.Module) and is_gated_mlp(mlp)
+            and all(isinstance(n, nn.Module) and is_rms_norm(n) for n in norms))
 
 
 def use_compiled_layers(layers: list[nn.Module]) -> None:
