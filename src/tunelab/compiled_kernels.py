@@ -123,7 +123,7 @@ def restore_eager(model: nn.Module) -> None:
 # Whole decoder layers (`use_compiled_layers`): one graph per layer class, forward and backward, with the
 # LoRA products, rotary embedding, attention and residuals in it. Measured on the 2-core AMX CPU (SmolLM2,
 # LoRA r16, batch 16 of Banking77, steady state): 867 -> 1,099 tokens/s against the kernels above, for a
-# compile of 34-51 s with Inductor's cache empty, 14-17 s warm. Why not always: that compile outweighs
+# compile of ~34 s with Inductor's cache empty, 14-17 s warm. Why not always: that compile outweighs
 # the gain on short runs (`train.setup._why_layers_stay_eager`). At the demo's ~1,100 tokens/s and a 1.2x
 # gain, a cold compile is paid back after ~220,000 tokens; 'auto' starts a little above that.
 LAYER_COMPILE_TOKENS = 300_000
