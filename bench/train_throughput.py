@@ -122,7 +122,7 @@ def run_tunelab(args: argparse.Namespace) -> dict:
     from tunelab.models import attach_lora, load_model, resolve_model
     from tunelab.quantize import quantize_base
     from tunelab.train.loop import choose_precision, make_optimizer
-    from tunelab.train.setup import epoch_stream
+    from tunelab.train.setup import decoder_layers, epoch_stream
     from tunelab.train.sft import backward_on
 
     torch.manual_seed(0)
@@ -146,7 +146,7 @@ def run_tunelab(args: argparse.Namespace) -> dict:
     kernels = use_compiled_kernels(model, torch.bfloat16 if precision.bf16 else None)
     layers = args.compile_layers and args.method in ("lora", "packed") and not kernels.unavailable
     if layers:  # as setup._compile_layers: compile on one forward + backward, then drop its gradients
-        use_compiled_layers(list(model.get_base_model().model.layers))
+        use_compiled_layers(decoder_layers(model))
         backward_on(model, [collate_step(stream[0])], precision)
         model.zero_grad(set_to_none=True)
     compile_seconds = time.perf_counter() - compile_started

@@ -59,7 +59,7 @@ def make_plan(
             probe_seconds += time.perf_counter() - step_started
             probe_tokens += sum(b.real_tokens for b in batches)
     seconds_per_token = probe_seconds / max(probe_tokens, 1)
-    total_tokens = sum(len(e.input_ids) for mb in s.stream for e in mb)
+    total_tokens = s.tokens_to_train
     trained_tokens = sum(e.trained_tokens for mb in s.stream for e in mb)
     train_seconds = total_tokens * seconds_per_token
 

@@ -69,6 +69,11 @@ class Setup:
     loss_module: torch.nn.Module  # what a step calls: the model's loss, DDP-wrapped or FSDP-sharded under several processes
 
     @property
+    def tokens_to_train(self) -> int:
+        """Input tokens over every micro-batch of the run (SFT examples; what `plan` and `compile_layers` weigh)."""
+        return sum(len(e.input_ids) for mb in self.stream for e in mb)
+
+    @property
     def sharded(self) -> bool:
         return distributed.is_sharded(self.loss_module)
 
@@ -224,15 +229,10 @@ def _why_layers_stay_eager(s: Setup, kernels: CompiledKernels | None) -> str | N
     layers = decoder_layers(s.model)
     if not layers or not all(is_llama_layer(layer) for layer in layers):
         return "not a Llama-family decoder (its layers have not been traced here)"
-    if t.compile_layers == "auto" and _tokens_to_train(s) < LAYER_COMPILE_TOKENS:
-        return (f"auto: {_tokens_to_train(s):,} tokens to train, under {LAYER_COMPILE_TOKENS:,}: the ~35 s compile would cost "
+    if t.compile_layers == "auto" and s.tokens_to_train < LAYER_COMPILE_TOKENS:
+        return (f"auto: {s.tokens_to_train:,} tokens to train, under {LAYER_COMPILE_TOKENS:,}: the ~35 s compile would cost "
                 "about what it saves (train.compile_layers: true compiles anyway)")
     return None
-
-
-def _tokens_to_train(s: Setup) -> int:
-    """Input tokens over every micro-batch of the run (SFT examples)."""
-    return sum(len(e.input_ids) for mb in s.stream for e in mb)
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -268,4 +268,4 @@ def _compile_layers(s: Setup, kernels: CompiledKernels | None, console: Console)
         s.model.zero_grad(set_to_none=True)
     s.timings["compile_layers"] = time.perf_counter() - started
     console.print(f"[bold]layers[/]: torch.compile fuses each of the {len(layers)} decoder layers "
-                  f"({_tokens_to_train(s):,} tokens to train; compiled in {s.timings['compile_layers']:.1f} s)")
+                  f"({s.tokens_to_train:,} tokens to train; compiled in {s.timings['compile_layers']:.1f} s)")
