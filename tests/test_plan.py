@@ -43,3 +43,33 @@ def test_train_dry_run_prints_the_plan_as_json(classification_csv, tmp_path, mak
     plan = json.loads(out.stdout)
     assert plan["steps"] > 0 and plan["estimate_seconds"]["total"] > 0
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_plan_counts_a_dpo_run(make_config, tmp_path):
+    """Preference pairs: tokens are both rows of every pair, as the run's steps count them."""
+    from test_methods import _pairs_file
+
+    from tunelab.train.sft import train
+
+    cfg = make_config(_pairs_file(tmp_path), data={"format": "chosen_rejected"},
+                      train={"epochs": 1, "batch_size": 4, "eval_every": 0, "val_rows": 4})
+    cfg = cfg.model_copy(update={"objective": "dpo"})
+    plan = make_plan(cfg, Console(stderr=True, quiet=True), probe_steps=1)
+    steps = [json.loads(x) for x in (train(cfg).run.path / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert plan["objective"] == "dpo" and plan["steps"] == len(steps)
+    assert plan["tokens"]["total"] == sum(s["tokens"] for s in steps)
+    assert plan["estimate_seconds"]["train"] > 0 and plan["estimate_seconds"]["validation"] > 0
+
+
+def test_plan_table_for_dpo_counts_per_pair(make_config, tmp_path):
+    import yaml
+
+    from test_methods import _pairs_file
+
+    cfg = make_config(_pairs_file(tmp_path), data={"format": "chosen_rejected"}, train={"epochs": 1, "batch_size": 4})
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_copy(update={"objective": "dpo"}).model_dump(mode="json")))
+    out = subprocess.run([sys.executable, "-m", "tunelab", "plan", str(path)], capture_output=True, text=True,
+                         cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "/pair)" in out.stdout and "/example)" not in out.stdout

@@ -193,7 +193,8 @@ def plan(
     table.add_column("value", justify="right", no_wrap=True)
     table.add_column("how")
     table.add_row("rows", f"{sum(result['rows'].values()):,}", " / ".join(f"{k} {v:,}" for k, v in result["rows"].items()))
-    table.add_row("tokens", f"{tok['total']:,}", f"{tok['trained']:,} trained ({tok['trained_per_example']:.1f}/example)")
+    unit = "pair" if result["objective"] == "dpo" else "example"  # DPO's counts are per pair: both rows
+    table.add_row("tokens", f"{tok['total']:,}", f"{tok['trained']:,} trained ({tok['trained_per_example']:.1f}/{unit})")
     for name, hp in result["hyperparameters"].items():
         table.add_row(name.replace("_", " "), f"{hp['value']:g}", hp["why"])
     table.add_row("steps", f"{result['steps']:,}", "")

@@ -19,6 +19,7 @@ only the in-memory copy that is thrown away afterwards.
 
 from __future__ import annotations
 
+import dataclasses
 import resource
 import time
 from typing import Any
@@ -29,9 +30,8 @@ from tunelab.compiled_kernels import restore_eager
 from tunelab.config import RunConfig
 from tunelab.evaluate.evaluation import evaluate_run
 from tunelab.evaluate.generate import AUTO_MAX_ROWS
-from tunelab.train.loop import validation_loss
 from tunelab.train.setup import setup
-from tunelab.train.sft import backward_on
+from tunelab.train.sft import backward_on, validate
 
 DEFAULT_PRICE_PER_HOUR = 0.10  # USD; about a 2-vCPU cloud VM. Pass your own with --price-per-hour.
 
@@ -52,7 +52,7 @@ def make_plan(
     for i, group in enumerate(probe):
         step_started = time.perf_counter()
         batches = [s.collate(mb) for mb in group]
-        backward_on(s.model, batches, s.precision)
+        backward_on(s.loss_module, batches, s.precision)  # the run's loss: SFT or DPO
         s.optimizer.step()
         s.optimizer.zero_grad(set_to_none=True)
         if i > 0 or len(probe) == 1:  # the first step warms caches and allocators: not timed
@@ -66,10 +66,10 @@ def make_plan(
     # Validation: one timed pass, times the number of passes the run makes.
     validations = (s.steps - 1) // t.eval_every + 1 if t.eval_every else 1
     if s.val_batches:  # untimed: the compiled kernels' graph without gradients compiles once, on the first pass
-        validation_loss(s.model, s.val_batches[:1], s.precision)
+        validate(dataclasses.replace(s, val_batches=s.val_batches[:1]))
     val_started = time.perf_counter()
     if s.val_batches:
-        validation_loss(s.model, s.val_batches, s.precision)
+        validate(s)  # the run's own validation (SFT: loss and token accuracy; DPO: loss and rewards)
     validation_seconds = (time.perf_counter() - val_started) * validations if s.val_batches else 0.0
 
     # Evaluation: one batch per contender (generation + reference loss), scaled to the rows evaluated;
@@ -92,6 +92,7 @@ def make_plan(
     total = setup_seconds + train_seconds + validation_seconds + eval_seconds
     rep = s.data.report
     return {
+        "objective": cfg.objective,
         "rows": rep["splits"],
         "train_rows_used": rep["train_rows_used"],
         "tokens": {"total": total_tokens, "trained": trained_tokens,

@@ -54,6 +54,11 @@ class TokenizedExample:
         """Tokens in the row (what length grouping sorts by)."""
         return len(self.input_ids)
 
+    @property
+    def input_tokens(self) -> int:
+        """Real input tokens this example puts through the model (as a step's `real_tokens` counts them)."""
+        return len(self.input_ids)
+
 
 def end_of_turn_token(tokenizer: PreTrainedTokenizerBase) -> str:
     """The token that closes an assistant turn: what generation stops on."""

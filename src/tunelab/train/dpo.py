@@ -77,6 +77,11 @@ class TokenizedPair:
     def trained_tokens(self) -> int:
         return self.chosen.trained_tokens + self.rejected.trained_tokens
 
+    @property
+    def input_tokens(self) -> int:
+        """Real input tokens of both rows: a pair goes through the model twice (as `PairBatch.real_tokens`)."""
+        return len(self.chosen.input_ids) + len(self.rejected.input_ids)
+
 
 @dataclass
 class PreparedPairs:
@@ -128,7 +133,7 @@ def prepare_preference_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase,
             f"all {len(train_rows)} training pairs have a row longer than data.max_length={cfg.max_length} tokens",
             fix="raise data.max_length or shorten the examples", where=str(cfg.path),
         )
-    lengths = [len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in train]  # per pair: both rows
+    lengths = [p.input_tokens for p in train]  # per pair: both rows
     trained = [p.chosen.trained_tokens + p.rejected.trained_tokens for p in train]
     report = {
         "path": str(cfg.path),

@@ -70,8 +70,9 @@ class Setup:
 
     @property
     def tokens_to_train(self) -> int:
-        """Input tokens over every micro-batch of the run (SFT examples; what `plan` and `compile_layers` weigh)."""
-        return sum(len(e.input_ids) for mb in self.stream for e in mb)
+        """Input tokens over every micro-batch of the run (DPO: both rows of each pair); what `plan` and
+        `compile_layers` weigh."""
+        return sum(e.input_tokens for mb in self.stream for e in mb)
 
     @property
     def sharded(self) -> bool:
