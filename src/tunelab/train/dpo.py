@@ -134,7 +134,7 @@ def prepare_preference_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase,
             fix="raise data.max_length or shorten the examples", where=str(cfg.path),
         )
     lengths = [p.input_tokens for p in train]  # per pair: both rows
-    trained = [p.chosen.trained_tokens + p.rejected.trained_tokens for p in train]
+    trained = [p.trained_tokens for p in train]
     report = {
         "path": str(cfg.path),
         "sha256": file_sha256(Path(cfg.path)),
