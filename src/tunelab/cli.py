@@ -370,7 +370,16 @@ def data_split(
         print_split(result, Console(soft_wrap=True))
 
 
+# Verbs that load a model and run it: these run on tcmalloc when the system has it (see tunelab.allocator).
+MODEL_VERBS = frozenset({"demo", "train", "plan", "eval", "chat"})
+
+
 def main() -> None:
+    if sys.argv[1:2] and sys.argv[1] in MODEL_VERBS:
+        from tunelab.allocator import relaunch_with_tcmalloc
+
+        relaunch_with_tcmalloc()  # replaces this process when it relaunches; otherwise returns
+
     import logging
     import warnings
 

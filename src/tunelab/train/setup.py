@@ -15,6 +15,7 @@ from peft import PeftModel
 from rich.console import Console
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from tunelab import allocator
 from tunelab.compiled_kernels import (
     LAYER_COMPILE_TOKENS, CompiledKernels, is_llama_layer, restore_eager, use_compiled_kernels, use_compiled_layers,
 )
@@ -179,6 +180,8 @@ def setup(cfg: RunConfig, console: Console, world: World = World()) -> Setup:
         timings["compile"] = time.perf_counter() - started
         console.print(f"[bold]kernels[/]: {kernels.describe()}"
                       + ("" if kernels.unavailable else f" (compiled in {timings['compile']:.1f} s)"))
+    if model.device.type == "cpu":
+        console.print(f"[bold]allocator[/]: {allocator.describe()}")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     console.print(f"[bold]model[/]: {cfg.model} + {method} ({trainable / 1e6:.2f}M trainable parameters)"
                   + (f"; DPO beta {cfg.dpo.beta:g}, reference = the base (adapter off)" if cfg.objective == "dpo" else ""))
