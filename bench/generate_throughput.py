@@ -14,7 +14,8 @@ tunelab: `tunelab.evaluate.generate.generate` with its defaults (length-grouped 
 sized by tokens: up to 128 short prompts, fewer long ones; shared-prefix KV cache,
 grouped-query attention), or `--batch N` rows per batch. Rounds alternate between the
 two sides, and each side's best round is reported; the ratio compares those.
-Also reported: how many rows produced the same tokens on both sides (bf16 greedy
+Both sides run in one process, on tcmalloc where the system has it (as tunelab's CLI does;
+TUNELAB_ALLOCATOR=system keeps glibc's malloc). Also reported: how many rows produced the same tokens on both sides (bf16 greedy
 decoding can flip a near-tie, so a few differences are expected, not a bug).
 """
 
@@ -29,9 +30,15 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+if __name__ == "__main__":  # as tunelab's CLI does: on tcmalloc where the system has it (both sides share it)
+    from tunelab.allocator import relaunch_with_tcmalloc
+
+    relaunch_with_tcmalloc()
+
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
+from tunelab import allocator  # noqa: E402
 from tunelab.config import DataConfig  # noqa: E402
 from tunelab.data.records import read_conversations  # noqa: E402
 from tunelab.data.split import split_conversations  # noqa: E402
@@ -112,6 +119,7 @@ def main() -> None:
     result = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
         "precision": precision.reason,
+        "allocator": allocator.active_allocator(),
         "prompt": args.prompt,
         "rows": len(prompts),
         "new_tokens": args.new_tokens,
@@ -129,7 +137,8 @@ def main() -> None:
     print(f"{'HF':10} {best['hf']:8.1f} {result['hf_tokens_per_s']:9.0f}   generate, batch 16, left padding")
     print(f"{'tunelab':10} {best['tunelab']:8.1f} {result['tunelab_tokens_per_s']:9.0f}   "
           f"{result['tunelab_batches']} batches ({result['tunelab_batch']}), shared prefix")
-    print(f"ratio {result['ratio']:.2f}x; identical generations on {same}/{len(prompts)} rows")
+    print(f"ratio {result['ratio']:.2f}x; identical generations on {same}/{len(prompts)} rows; "
+          f"{result['allocator']} malloc (TUNELAB_ALLOCATOR=system for glibc's)")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
 
