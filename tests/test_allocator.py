@@ -111,3 +111,10 @@ def test_relaunch_keeps_the_command_line(monkeypatch):
     assert Path(exe) == Path(sys.executable)
     assert argv == [sys.executable, "-X", "utf8", "-m", "tunelab", "train", "run.yaml"]
     assert env["LD_PRELOAD"].startswith(LIBRARY) and env[RELAUNCHED_VARIABLE] == "1"
+
+
+def test_an_unknown_choice_is_a_user_error():
+    env = {k: v for k, v in os.environ.items() if k != RELAUNCHED_VARIABLE} | {OPT_OUT_VARIABLE: "glibc"}
+    proc = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert "TUNELAB_ALLOCATOR='glibc' is not one of tcmalloc, system" in proc.stderr and "fix:" in proc.stderr

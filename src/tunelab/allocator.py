@@ -24,7 +24,8 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-OPT_OUT_VARIABLE = "TUNELAB_ALLOCATOR"  # "system": keep glibc's malloc
+OPT_OUT_VARIABLE = "TUNELAB_ALLOCATOR"  # "system": keep glibc's malloc; "tcmalloc" (or unset): the default
+CHOICES = ("tcmalloc", "system")
 RELAUNCHED_VARIABLE = "TUNELAB_ALLOCATOR_RELAUNCHED"  # set in the relaunched process: never relaunch twice
 # gperftools' allocator: the minimal build (Debian/Ubuntu libtcmalloc-minimal4), else the full one.
 LIBRARIES = ("tcmalloc_minimal", "tcmalloc")
@@ -78,6 +79,11 @@ def preload_env(environ: Mapping[str, str], library: str) -> dict[str, str]:
 def relaunch_with_tcmalloc() -> None:
     """Replace this process by the same command with tcmalloc preloaded, when there is one to load (Linux only).
     Call it first thing, before any work: nothing done so far survives the exec."""
+    choice = os.environ.get(OPT_OUT_VARIABLE, "")
+    if choice.lower() not in ("", *CHOICES):
+        print(f"error: {OPT_OUT_VARIABLE}={choice!r} is not one of {', '.join(CHOICES)} (fix: set it to system to "
+              "keep glibc's malloc, or unset it)", file=sys.stderr)
+        sys.exit(2)
     if not sys.platform.startswith("linux"):
         return
     env = relaunch_env(os.environ, find_tcmalloc(), active_allocator())
@@ -98,5 +104,5 @@ def describe() -> str:
     if os.environ.get(OPT_OUT_VARIABLE, "").lower() == "system":
         return f"system malloc ({OPT_OUT_VARIABLE}=system)"
     if find_tcmalloc() is None and sys.platform.startswith("linux"):
-        return f"system malloc ({INSTALL_HINT} for ~20% faster CPU training)"
+        return f"system malloc ({INSTALL_HINT}: up to ~20% faster CPU training)"
     return "system malloc"
