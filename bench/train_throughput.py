@@ -369,8 +369,8 @@ def main() -> None:
     parser.add_argument("--compile-layers", action=argparse.BooleanOptionalAction, default=True,
                         help="tunelab: compile whole decoder layers for lora and packed (train.compile_layers)")
     parser.add_argument("--allocator", choices=["tcmalloc", "system"],
-                        default="tcmalloc" if allocator.find_tcmalloc() and os.environ.get(
-                            allocator.OPT_OUT_VARIABLE, "").lower() != "system" else "system",
+                        default="tcmalloc" if allocator.find_tcmalloc() and not allocator.opted_out(os.environ)
+                        else "system",
                         help="malloc of both sides' processes (default tcmalloc where the system has it, unless "
                         "TUNELAB_ALLOCATOR=system; see tunelab/allocator.py)")
     parser.add_argument("--rounds", type=int, default=1, help="alternating rounds; each side's best is kept")

@@ -35,6 +35,11 @@ INSTALL_HINT = "apt install libtcmalloc-minimal4"
 TCMALLOC_DEFAULTS = {"TCMALLOC_RELEASE_RATE": "0"}
 
 
+def opted_out(environ: Mapping[str, str]) -> bool:
+    """Whether the user asked for glibc's malloc (TUNELAB_ALLOCATOR=system)."""
+    return environ.get(OPT_OUT_VARIABLE, "").lower() == "system"
+
+
 def find_tcmalloc() -> str | None:
     """The tcmalloc library's name as the dynamic loader finds it (e.g. libtcmalloc_minimal.so.4), or None."""
     for name in LIBRARIES:
@@ -60,7 +65,7 @@ def relaunch_env(environ: Mapping[str, str], library: str | None, active: str) -
     """The environment to relaunch with tcmalloc preloaded, or None when the process should go on as it is:
     the user opted out, this already is the relaunched process, a fast allocator already runs, or there is
     no tcmalloc to load."""
-    if environ.get(OPT_OUT_VARIABLE, "").lower() == "system" or environ.get(RELAUNCHED_VARIABLE):
+    if opted_out(environ) or environ.get(RELAUNCHED_VARIABLE):
         return None
     if active != "system" or library is None:
         return None
@@ -101,7 +106,7 @@ def describe() -> str:
     active = active_allocator()
     if active != "system":
         return active
-    if os.environ.get(OPT_OUT_VARIABLE, "").lower() == "system":
+    if opted_out(os.environ):
         return f"system malloc ({OPT_OUT_VARIABLE}=system)"
     if find_tcmalloc() is None and sys.platform.startswith("linux"):
         return f"system malloc ({INSTALL_HINT}: up to ~20% faster CPU training)"

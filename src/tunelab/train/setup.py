@@ -31,7 +31,7 @@ from tunelab.train import auto, distributed
 from tunelab.train.auto import Choice
 from tunelab.train.distributed import World
 from tunelab.train.dpo import PairBatch, PreparedPairs, TokenizedPair, collate_pairs, prepare_preference_data, require_adapter
-from tunelab.train.loop import Precision, body_and_head, choose_precision, make_optimizer, trained_logits
+from tunelab.train.loop import Precision, body_and_head, choose_precision, make_optimizer
 
 Example = TokenizedExample | TokenizedPair  # one row of SFT, or one preference pair of DPO
 
@@ -257,11 +257,10 @@ def _compile_layers(s: Setup, kernels: CompiledKernels | None, console: Console)
     started = time.perf_counter()
     use_compiled_layers(layers)
     s.model.train()  # the mode every step runs in (a graph is specialised to it)
+    from tunelab.train.sft import backward_on  # (sft imports this module)
+
     try:
-        batch = s.collate(s.stream[0])
-        with s.precision.autocast():
-            logits, targets = trained_logits(s.model, batch)
-        torch.nn.functional.cross_entropy(logits, targets, reduction="sum").backward()
+        backward_on(s.loss_module, [s.collate(s.stream[0])], s.precision)  # a training step's forward and backward
     except Exception as error:  # noqa: BLE001 - a layer that cannot compile trains eager, and the log says why
         for layer in layers:
             restore_eager(layer)
