@@ -15,6 +15,8 @@ from torch import nn
 from tunelab.dora import RowNormDoraLayer, use_row_norm_dora
 from tunelab.models import load_model, resolve_model
 
+IDS = torch.randint(0, 200, (3, 14), generator=torch.Generator().manual_seed(0))
+
 
 def _randomised(model: nn.Module, seed: int = 1) -> nn.Module:
     """Non-zero lora_B and magnitudes away from the base norms, so every term of the norm counts."""
@@ -188,3 +190,153 @@ def test_bf16_combine_keeps_small_magnitude_changes():
     assert moved_by_peft.float().mean() > 0.01  # the scale does move PEFT's output
     assert (scaled[moved_by_peft] != unscaled[moved_by_peft]).float().mean() > 0.9
     assert (scaled != peft).float().mean() < 0.02
+
+
+# The fused layer (`_DoraLinear`): what `use_compiled_kernels` switches on for DoRA over a plain linear base.
+
+def _fused_dora(model: nn.Module, kernels=None) -> nn.Module:
+    """`model`'s DoRA layers on the fused path; `kernels` the eager ones (the math), unless given."""
+    from tunelab.dora import DoraKernels, combine, split_grad
+    from tunelab.fused_lora import use_fused_lora
+
+    use_fused_lora(model)
+    use_row_norm_dora(model)
+    for module in model.modules():
+        if isinstance(module, RowNormDoraLayer):
+            module.kernels = kernels or DoraKernels(combine, split_grad)
+    return model
+
+
+def _count_fused_dora(monkeypatch) -> list[int]:
+    from tunelab import dora
+
+    calls = [0]
+
+    def counting(*args, _apply=dora._DoraLinear.apply):
+        calls[0] += 1
+        return _apply(*args)
+
+    monkeypatch.setattr(dora._DoraLinear, "apply", counting)
+    return calls
+
+
+def test_fused_dora_backward_is_exact():
+    """The hand-written backward of the one-node layer against autograd's numerical gradient (float64)."""
+    from tunelab.dora import DoraKernels, _DoraLinear, combine, split_grad
+
+    gen = torch.Generator().manual_seed(0)
+    kernels = DoraKernels(combine, split_grad)
+    w = torch.randn(7, 5, generator=gen, dtype=torch.float64)
+    x = torch.randn(2, 3, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    a = torch.randn(2, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(7, 2, generator=gen, dtype=torch.float64, requires_grad=True)
+    scale = torch.rand(7, generator=gen, dtype=torch.float64).add(0.5).requires_grad_()
+
+    def layer(x, a, b, scale):
+        return _DoraLinear.apply(x, w, a.detach(), b, scale, a, 1.7, kernels)
+
+    expected = scale * (x @ w.t() + 1.7 * (x @ a.t()) @ b.t())
+    torch.testing.assert_close(layer(x, a, b, scale), expected)
+    assert torch.autograd.gradcheck(layer, (x, a, b, scale))
+
+
+def test_fused_dora_matches_peft_outputs_and_gradients(tiny_model_dir, monkeypatch):
+    peft_model = _peft_dora(tiny_model_dir)
+    ours = _fused_dora(copy.deepcopy(peft_model))
+    calls = _count_fused_dora(monkeypatch)
+    peft_logits, peft_grads = _loss_and_grads(peft_model, IDS)
+    assert calls[0] == 0
+    logits, grads = _loss_and_grads(ours, IDS)
+    assert calls[0] == sum(isinstance(m, RowNormDoraLayer) for m in ours.modules()) > 0  # every layer fused
+    torch.testing.assert_close(logits, peft_logits, rtol=1e-5, atol=1e-5)
+    assert grads.keys() == peft_grads.keys() and any("lora_magnitude_vector" in n for n in grads)
+    for name in grads:
+        torch.testing.assert_close(grads[name], peft_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_compiled_fused_dora_in_bf16_is_as_close_to_fp32_as_peft(tiny_model_dir, monkeypatch):
+    """How tunelab trains DoRA on AMX: bf16 base, fp32 adapters, bf16 autocast, the kernels compiled by
+    `use_compiled_kernels`. Both sides round (differently), so each is held to the fp32 result."""
+    from tunelab.compiled_kernels import restore_eager, use_compiled_kernels
+    from tunelab.models import adapter_inputs_uncast
+
+    reference_logits, reference_grads = _loss_and_grads(_peft_dora(tiny_model_dir), IDS)
+    peft_model = _peft_dora(tiny_model_dir)
+    peft_model.get_base_model().to(torch.bfloat16)
+    for name, p in peft_model.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.float()  # adapters stay fp32, as attach_lora keeps them
+    ours = adapter_inputs_uncast(copy.deepcopy(peft_model))
+    kernels = use_compiled_kernels(ours, torch.bfloat16)
+    assert kernels.doras == sum(isinstance(m, RowNormDoraLayer) for m in ours.modules()) > 0, kernels.describe()
+    calls = _count_fused_dora(monkeypatch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        peft_logits, peft_grads = _loss_and_grads(peft_model, IDS)
+        logits, grads = _loss_and_grads(ours, IDS)
+    assert calls[0] == kernels.doras
+
+    def error(x: torch.Tensor, reference: torch.Tensor) -> float:
+        return float((x.float() - reference).norm() / reference.norm())
+
+    assert error(logits, reference_logits) <= 1.2 * error(peft_logits, reference_logits) + 1e-3
+    assert grads.keys() == reference_grads.keys()
+    ours_errors = [error(grads[n], reference_grads[n]) for n in grads]
+    peft_errors = [error(peft_grads[n], reference_grads[n]) for n in grads]
+    assert sum(ours_errors) <= 1.2 * sum(peft_errors) + 1e-3, (ours_errors, peft_errors)
+
+    restore_eager(ours)  # back to the unfused row-norm path, with the same result
+    calls[0] = 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _loss_and_grads(ours, IDS)
+    assert calls[0] == 0
+
+
+def test_fused_combine_keeps_small_magnitude_changes():
+    """`combine` rounds `scale·base + lora` once: a scale of 1 + 1e-4 (below bf16's half step) moves the
+    output as PEFT's fp32 sum does, where scaling an already rounded bf16 output would not move it."""
+    from tunelab.dora import combine
+
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(256, 512, generator=gen).to(torch.bfloat16)
+    lora = (0.1 * torch.randn(256, 512, generator=gen)).to(torch.bfloat16)
+    scale = torch.full((512,), 1 + 1e-4)
+    unscaled, scaled = combine(base, lora, torch.ones(512)), combine(base, lora, scale)
+    peft = (scale * base.float() + lora.float()).to(torch.bfloat16)
+    assert scaled.dtype == torch.bfloat16
+    moved = peft != unscaled
+    assert moved.float().mean() > 0.01
+    assert torch.equal(scaled, peft)
+
+
+def test_fused_dora_steps_aside_for_dropout_and_a_bias(tiny_model_dir, monkeypatch):
+    """Where `_DoraLinear` would not compute what PEFT's layer does, the unfused row-norm path runs."""
+    calls = _count_fused_dora(monkeypatch)
+    peft_model = _peft_dora(tiny_model_dir, dropout=0.3)
+    ours = _fused_dora(copy.deepcopy(peft_model))
+    peft_logits, _ = _loss_and_grads(peft_model, IDS)
+    logits, _ = _loss_and_grads(ours, IDS)
+    assert calls[0] == 0
+    torch.testing.assert_close(logits, peft_logits, rtol=1e-5, atol=1e-5)
+
+    model = _layer_with_bias(0)
+    expected = model(torch.ones(2, 24))
+    assert torch.allclose(_fused_dora(model)(torch.ones(2, 24)), expected, rtol=1e-5, atol=1e-6)
+    assert calls[0] == 0
+
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="nf4 needs bitsandbytes")
+def test_fused_dora_steps_aside_for_a_4bit_base(tiny_model_dir, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.quantize import quantization_config
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32,
+                                                quantization_config=quantization_config("nf4", torch.float32))
+    nf4 = _randomised(get_peft_model(base, PeftLoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                          use_dora=True)))
+    calls = _count_fused_dora(monkeypatch)
+    expected, _ = _loss_and_grads(nf4, IDS)
+    logits, _ = _loss_and_grads(_fused_dora(nf4), IDS)
+    assert calls[0] == 0
+    torch.testing.assert_close(logits, expected, rtol=1e-3, atol=1e-3)

@@ -12,7 +12,10 @@ What is compiled, and why only that:
   formula (Llama's, Gemma's 1 + weight, ...) is what runs;
 - `act_fn(gate) * up` inside an MLP whose forward is exactly the Llama-family
   `down_proj(act_fn(gate_proj(x)) * up_proj(x))` (checked on its source, so any other
-  MLP keeps its own forward).
+  MLP keeps its own forward);
+- DoRA's two elementwise passes (`tunelab.dora.combine` and `split_grad`), which switch its
+  layers over a plain linear base to the one-node `_DoraLinear` (eager, they are five to six
+  passes with fp32 temporaries; measured in `docs/benchmarks.md`).
 The matrix products, LoRA and attention stay eager: oneDNN already runs the products, and
 PEFT's per-call Python (active adapters, dtype checks) would break a compiled graph into
 pieces, each with its own guards (tried in session 6: +9% for 68 s of compile time).
@@ -36,6 +39,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from tunelab import dora
+from tunelab.dora import DoraKernels, RowNormDoraLayer
+
 log = logging.getLogger(__name__)
 
 _GATED_MLP_SOURCE = "self.down_proj(self.act_fn(self.gate_proj(x))*self.up_proj(x))"
@@ -54,6 +60,17 @@ def _gated_kernel() -> Callable[..., torch.Tensor]:
     if _compiled_gated is None:
         _compiled_gated = torch.compile(_gated, dynamic=True)
     return _compiled_gated
+
+
+_compiled_dora: DoraKernels | None = None
+
+
+def _dora_kernels() -> DoraKernels:
+    global _compiled_dora
+    if _compiled_dora is None:
+        _compiled_dora = DoraKernels(torch.compile(dora.combine, dynamic=True),
+                                     torch.compile(dora.split_grad, dynamic=True))
+    return _compiled_dora
 
 
 def _norm_kernel(cls: type) -> Callable[..., torch.Tensor]:
@@ -118,6 +135,8 @@ def restore_eager(model: nn.Module) -> None:
             module.__class__ = module._eager_class
         if getattr(module, "_compiled_call_impl", None) is not None:
             module._compiled_call_impl = None
+        if isinstance(module, RowNormDoraLayer):
+            module.__dict__.pop("kernels", None)
 
 
 # Whole decoder layers (`use_compiled_layers`): one graph per layer class, forward and backward, with the
@@ -166,11 +185,13 @@ class CompiledKernels:
     norms: int
     mlps: int
     unavailable: str | None = None  # why everything stayed eager
+    doras: int = 0
 
     def describe(self) -> str:
         if self.unavailable:
             return f"eager ({self.unavailable})"
-        return f"torch.compile fuses {self.norms} RMSNorm and {self.mlps} gated-MLP activations"
+        doras = f" and {self.doras} DoRA layers' scaling" if self.doras else ""
+        return f"torch.compile fuses {self.norms} RMSNorm and {self.mlps} gated-MLP activations{doras}"
 
 
 def use_compiled_kernels(model: nn.Module, autocast_dtype: torch.dtype | None) -> CompiledKernels:
@@ -182,11 +203,14 @@ def use_compiled_kernels(model: nn.Module, autocast_dtype: torch.dtype | None) -
     """
     norms = [m for m in model.modules() if is_rms_norm(m) and not isinstance(m, _Compiled)]
     mlps = [m for m in model.modules() if is_gated_mlp(m) and not isinstance(m, _Compiled)]
-    if not norms and not mlps:
-        return CompiledKernels(0, 0, "no RMSNorm or gated MLP in this model")
+    doras = [m for m in model.modules() if isinstance(m, RowNormDoraLayer)]
+    if not norms and not mlps and not doras:
+        return CompiledKernels(0, 0, "no RMSNorm, gated MLP or DoRA layer in this model")
     try:
         # One module of each class: each norm class compiles its own forward.
         _probe(list({type(m): m for m in norms}.values()), list({type(m): m for m in mlps}.values()), autocast_dtype)
+        if doras:
+            _probe_dora(doras[0].weight, autocast_dtype)
     except Exception as error:  # noqa: BLE001 - any compile failure means: stay eager, and say why
         reason = f"torch.compile unavailable here: {type(error).__name__}: {str(error).splitlines()[0][:160]}"
         log.warning("%s; RMSNorm and MLP activations stay eager", reason)
@@ -195,7 +219,9 @@ def use_compiled_kernels(model: nn.Module, autocast_dtype: torch.dtype | None) -
         _swap(norm, CompiledNorm)
     for mlp in mlps:
         _swap(mlp, CompiledGatedMlp)
-    return CompiledKernels(len(norms), len(mlps))
+    for layer in doras:
+        layer.kernels = _dora_kernels()
+    return CompiledKernels(len(norms), len(mlps), doras=len(doras))
 
 
 def _probe(norms: list[nn.Module], mlps: list[nn.Module], autocast_dtype: torch.dtype | None) -> None:
@@ -211,6 +237,16 @@ def _probe(norms: list[nn.Module], mlps: list[nn.Module], autocast_dtype: torch.
         gate, up = (torch.randn(2, 3, 8, dtype=dtype, device=weight.device, requires_grad=True) for _ in range(2))
         act = copy.deepcopy(mlp.act_fn)
         _run_probe(lambda: _gated_kernel()(act, gate, up), autocast_dtype, gate.device)
+
+
+def _probe_dora(magnitude: torch.Tensor, autocast_dtype: torch.dtype | None) -> None:
+    """Both DoRA kernels once, on tensors shaped like a layer's (rows, out) output, as `_DoraLinear` calls them."""
+    kernels = _dora_kernels()
+    dtype = autocast_dtype or magnitude.dtype
+    base, lora = (torch.randn(3, 8, dtype=dtype, device=magnitude.device) for _ in range(2))
+    scale = torch.rand(8, dtype=magnitude.dtype, device=magnitude.device) + 0.5
+    with torch.no_grad():  # as inside an autograd.Function
+        kernels.split_grad(lora, kernels.combine(base, lora, scale), scale)
 
 
 def _run_probe(call: Callable[[], Any], autocast_dtype: torch.dtype | None, device: torch.device) -> None:

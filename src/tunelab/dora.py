@@ -29,7 +29,7 @@ against PEFT's own layer (outputs, gradients, a 4-bit base, reload).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import torch
 from peft.tuners.lora.dora import DoraLinearLayer
@@ -42,6 +42,7 @@ class RowNormDoraLayer(DoraLinearLayer):
     """PEFT's DoraLinearLayer whose forward computes the weight norm by the identity above."""
 
     _base_row_sq: torch.Tensor | None
+    kernels: DoraKernels | None = None  # set where compiled (`compiled_kernels`): then `fused_output` may run
 
     def train(self, mode: bool = True) -> RowNormDoraLayer:
         # Like PEFT's cache: forget the base's row norms whenever training (re)starts, so a
@@ -91,6 +92,16 @@ class RowNormDoraLayer(DoraLinearLayer):
         return _ScaleAdapted.apply(result - bias, lora_result, scale, scaling) + bias
 
 
+    def fused_output(self, x: torch.Tensor, *, lora_A: nn.Linear, lora_B: nn.Linear, scaling: float,
+                     base_layer: nn.Linear, dtype: torch.dtype) -> torch.Tensor:
+        """The layer's whole output by `_DoraLinear`, over a frozen bias-free `nn.Linear` whose weight is in
+        the compute `dtype`; needs `kernels`."""
+        assert self.kernels is not None
+        scale = self.weight / self.weight_norm(lora_A, lora_B, scaling, base_layer, dtype)
+        a_c = lora_A.weight.detach().to(dtype)  # detach: the parameter itself goes in once, for its gradient
+        return _DoraLinear.apply(x, base_layer.weight, a_c, lora_B.weight, scale, lora_A.weight, scaling, self.kernels)
+
+
 class _ScaleAdapted(torch.autograd.Function):
     """`scale·(base + scaling·lora)` per output column, in two kernels forward and four or
     five backward. Hand-written because eager autograd would keep an fp32 copy of every
@@ -128,6 +139,77 @@ class _ScaleAdapted(torch.autograd.Function):
             summed = torch.add(base, lora, alpha=ctx.scaling)
             grad_scale = (grad_out * summed).flatten(0, -2).sum(0, dtype=torch.float32).to(ctx.scale_dtype)
         return grad_base, grad_lora, grad_scale, None
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """`t` in fp32 at least (bf16 widened; fp64 kept, for gradcheck)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def combine(base: torch.Tensor, lora: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """`scale·base + lora` in fp32, rounded once to the base's dtype (`_ScaleAdapted` says why once)."""
+    return (_wide(base) * scale + _wide(lora)).to(base.dtype)
+
+
+def split_grad(grad: torch.Tensor, out: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`grad·scale` in grad's dtype (the base product's share), and `Σ_rows grad·out` in fp32 (for the scale)."""
+    wide = _wide(grad)
+    return (wide * scale).to(grad.dtype), (wide * _wide(out)).sum(0)
+
+
+class DoraKernels(NamedTuple):
+    """The two elementwise passes of `_DoraLinear`, compiled into one loop each (`tunelab.compiled_kernels`)."""
+
+    combine: Callable[..., torch.Tensor]
+    split_grad: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
+class _DoraLinear(torch.autograd.Function):
+    """A DoRA layer over a frozen plain `nn.Linear` without bias, in one autograd node:
+    `y = g·(x Wᵀ + s·(x Aᵀ) Bᵀ)`, with `g = m / ||W + s·BA||` given as `scale` (its gradient
+    reaches m through autograd; the norm is detached, as in PEFT).
+
+    Why beside `_ScaleAdapted`: PEFT's layer runs the base, then lora_A and lora_B as modules,
+    then combines; backward adds the base's and the adapter's input gradients as two tensors and
+    passes fp32 copies around. Here, as in `fused_lora._LoraLinear`:
+
+        forward:  h = x Aᵀ;  y = round(g·(x Wᵀ) + h (g·s·B)ᵀ)     g folded into B (out x r)
+        backward: G_b = G·g;  g_h = G (g·s·B)
+                  dx = G_b W + g_h A            accumulated by addmm_, one tensor
+                  dA = g_hᵀ x;  dB = g·s·(Gᵀ h)
+                  dg = Σ_rows G·y / g           y = g·(...), so this is Σ G·(x Wᵀ + s·lora)
+
+    `dg` from the output itself (which the next layer usually keeps anyway: the MLP's activation
+    saves gate and up) instead of saving the base product as `_ScaleAdapted` must. The two
+    elementwise passes are `kernels` (compiled: one loop each; measured in `docs/benchmarks.md`).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, a_c: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
+                a: torch.Tensor, scaling: float, kernels: DoraKernels) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1]).to(w.dtype)  # (M, in)
+        b_folded = (b * (scale * scaling).unsqueeze(1)).to(w.dtype)  # g·s·B, (out, r)
+        h = x2 @ a_c.t()  # (M, r)
+        out = kernels.combine(x2 @ w.t(), h @ b_folded.t(), scale)
+        ctx.save_for_backward(x2, w, a_c, b_folded, h, out, scale)
+        ctx.scaling, ctx.kernels, ctx.x_meta, ctx.param_dtypes = scaling, kernels, (x.shape, x.dtype), (a.dtype, b.dtype)
+        return out.view(*x.shape[:-1], w.shape[0])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x2, w, a_c, b_folded, h, out, scale = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1]).to(w.dtype)  # (M, out)
+        needs_x, _, _, needs_b, needs_scale, needs_a, _, _ = ctx.needs_input_grad
+        grad_base, grad_out_sum = ctx.kernels.split_grad(g, out, scale)
+        g_h = g @ b_folded  # (M, r)
+        x_shape, x_dtype = ctx.x_meta
+        grad_x = (grad_base @ w).addmm_(g_h, a_c).view(x_shape).to(x_dtype) if needs_x else None
+        grad_a = (g_h.t() @ x2).to(ctx.param_dtypes[0]) if needs_a else None
+        grad_b = None
+        if needs_b:
+            grad_b = (g.t() @ h).to(ctx.param_dtypes[1]).mul_((scale * ctx.scaling).unsqueeze(1).to(ctx.param_dtypes[1]))
+        grad_scale = (grad_out_sum / scale).to(scale.dtype) if needs_scale else None
+        return grad_x, None, None, grad_b, grad_scale, grad_a, None, None
 
 
 class RowNormDoraVariant(DoraLinearVariant):

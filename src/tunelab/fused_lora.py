@@ -25,8 +25,9 @@ tensors. A quantized base (int8, NF4) keeps its own forward, and `_AddLora` adds
 
 Only the class of PEFT's plain `lora.Linear` changes (`FusedLoraLinear`), and only its
 forward, and only where the fused path computes what PEFT's does: one active adapter,
-no DoRA or other variant, no dropout while training, no bias on B, not merged. Anything
-else takes PEFT's own forward. Parameters, adapter files and merging stay PEFT's.
+no variant (except tunelab's DoRA with its kernels compiled, which goes to the one-node
+`tunelab.dora._DoraLinear` over a bias-free plain linear base), no dropout while training,
+no bias on B, not merged. Anything else takes PEFT's own forward. Parameters, adapter files and merging stay PEFT's.
 PEFT has no such path (its forward is written for every variant at once), hence this
 module. `tests/test_fused_lora.py` checks outputs and gradients against PEFT's forward.
 """
@@ -38,6 +39,8 @@ from typing import Any
 import torch
 from peft.tuners.lora.layer import Linear as LoraLinear
 from torch import nn
+
+from tunelab.dora import RowNormDoraLayer, RowNormDoraVariant
 
 
 class _AddLora(torch.autograd.Function):
@@ -123,8 +126,14 @@ class FusedLoraLinear(LoraLinear):
         dtype = _compute_dtype(x)
         # The base's weight already in the compute dtype (bf16 under autocast): never a silent cast that
         # the base layer itself would have refused.
-        if (_frozen_plain_linear(base) and base.weight.dtype == dtype and not base._forward_hooks
-                and not base._forward_pre_hooks):
+        fusable_base = (_frozen_plain_linear(base) and base.weight.dtype == dtype and not base._forward_hooks
+                        and not base._forward_pre_hooks)
+        if adapter in self.lora_variant:  # DoRA with compiled kernels (`_fusable_adapter`)
+            if not fusable_base or base.bias is not None:
+                return super().forward(x)
+            return self.lora_magnitude_vector[adapter].fused_output(
+                x, lora_A=self.lora_A[adapter], lora_B=self.lora_B[adapter], scaling=scaling, base_layer=base, dtype=dtype)
+        if fusable_base:
             with torch.no_grad():  # the operands in the compute dtype (no copy where already in it)
                 # detach: never `a` itself as a second input (torch.compile cannot trace a Function given one
                 # tensor twice, which fp32 training would do)
@@ -146,7 +155,10 @@ class FusedLoraLinear(LoraLinear):
         if len(active) != 1:
             return None
         name = active[0]
-        if name in self.lora_variant or self.lora_B[name].bias is not None:
+        if self.lora_B[name].bias is not None:
+            return None
+        magnitude = self.lora_magnitude_vector[name] if name in self.lora_magnitude_vector else None
+        if name in self.lora_variant and not _fused_dora(self.lora_variant[name], magnitude):
             return None
         dropout = self.lora_dropout[name]
         if self.training and isinstance(dropout, nn.Dropout) and dropout.p > 0:
@@ -156,6 +168,12 @@ class FusedLoraLinear(LoraLinear):
         if not torch.is_autocast_enabled(x.device.type) and self.lora_A[name].weight.dtype != x.dtype:
             return None
         return name
+
+
+def _fused_dora(variant: object, magnitude: nn.Module | None) -> bool:
+    """tunelab's row-norm DoRA with its elementwise kernels compiled (`tunelab.dora._DoraLinear`)."""
+    return (isinstance(variant, RowNormDoraVariant) and isinstance(magnitude, RowNormDoraLayer)
+            and magnitude.kernels is not None)
 
 
 def _frozen_plain_linear(layer: nn.Module) -> bool:
