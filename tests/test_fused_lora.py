@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 
 import pytest
 import torch
@@ -119,6 +120,59 @@ def test_fused_lora_matches_peft_over_an_int8_base(tiny_model_dir, monkeypatch):
     torch.testing.assert_close(logits, peft_logits, rtol=1e-5, atol=1e-5)
     for name in grads:
         torch.testing.assert_close(grads[name], peft_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="nf4 needs bitsandbytes")
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_fused_lora_matches_peft_over_a_4bit_base(tiny_model_dir, monkeypatch, autocast):
+    """PEFT's bitsandbytes Linear4bit (QLoRA's base): the adapter added by `_AddLora`, the same numbers."""
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.quantize import quantization_config
+
+    compute = torch.bfloat16 if autocast else torch.float32
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=compute,  # as tunelab loads a 4-bit base
+                                                quantization_config=quantization_config("nf4", compute))
+    torch.manual_seed(0)
+    peft_model = get_peft_model(base, PeftLoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(2))
+    ours = copy.deepcopy(peft_model)
+    assert use_fused_lora(ours) == sum(fused_lora._is_peft_4bit(type(m)) for m in peft_model.modules()) > 0
+    calls = _count_fused_calls(monkeypatch, only=fused_lora._AddLora)
+    peft_logits, peft_grads = _loss_and_grads(peft_model, IDS, autocast=autocast)
+    assert calls[0] == 0
+    logits, grads = _loss_and_grads(ours, IDS, autocast=autocast)
+    assert calls[0] == sum(isinstance(m, fused_lora.Fused4bitLinear) for m in ours.modules())
+    assert grads.keys() == peft_grads.keys()
+    if not autocast:
+        torch.testing.assert_close(logits, peft_logits, rtol=1e-5, atol=1e-5)
+        for name in grads:
+            torch.testing.assert_close(grads[name], peft_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+        return
+    # bf16: PEFT rounds the adapter's output, its scaling and the sum; `_AddLora` rounds once. So each side is
+    # held to the same 4-bit codes computed in fp32, not to the other (as in the bf16 test above).
+    import bitsandbytes
+
+    reference = copy.deepcopy(peft_model)
+    for module in reference.modules():
+        if isinstance(module, bitsandbytes.nn.Linear4bit):
+            module.compute_dtype = torch.float32
+    for p in reference.parameters():
+        if not isinstance(p, bitsandbytes.nn.Params4bit):
+            p.data = p.data.float()
+    reference_logits, reference_grads = _loss_and_grads(reference, IDS)
+
+    def error(x: torch.Tensor, y: torch.Tensor) -> float:
+        return float((x - y).norm() / y.norm())
+
+    assert error(logits, reference_logits) <= 1.1 * error(peft_logits, reference_logits)
+    ours_errors = [error(grads[n], reference_grads[n]) for n in grads]
+    peft_errors = [error(peft_grads[n], reference_grads[n]) for n in grads]
+    assert sum(ours_errors) <= 1.1 * sum(peft_errors)
+    assert all(ours < 1.5 * peft + 5e-3 for ours, peft in zip(ours_errors, peft_errors))
 
 
 def test_fused_lora_over_a_linear_with_bias_matches_peft(monkeypatch):

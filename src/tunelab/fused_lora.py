@@ -113,39 +113,9 @@ class _LoraLinear(torch.autograd.Function):
         return grad_x, None, None, None, None, *_adapter_grads(ctx, g, g_h, x2, h, needs_a, needs_b), None
 
 
-class FusedLoraLinear(LoraLinear):
-    """PEFT's LoRA `Linear`, whose forward computes a plain adapter by `_LoraLinear` (over a frozen
-    `nn.Linear`) or `_AddLora` (over any other base, e.g. int8); see the module docstring."""
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        adapter = None if args or kwargs else self._fusable_adapter(x)
-        if adapter is None:
-            return super().forward(x, *args, **kwargs)
-        a, b, scaling = self.lora_A[adapter].weight, self.lora_B[adapter].weight, self.scaling[adapter]
-        base = self.base_layer
-        dtype = _compute_dtype(x)
-        # The base's weight already in the compute dtype (bf16 under autocast): never a silent cast that
-        # the base layer itself would have refused.
-        fusable_base = (_frozen_plain_linear(base) and base.weight.dtype == dtype and not base._forward_hooks
-                        and not base._forward_pre_hooks)
-        if adapter in self.lora_variant:  # DoRA with compiled kernels (`_fusable_adapter`)
-            if not fusable_base or base.bias is not None:
-                return super().forward(x)
-            return self.lora_magnitude_vector[adapter].fused_output(
-                x, lora_A=self.lora_A[adapter], lora_B=self.lora_B[adapter], scaling=scaling, base_layer=base, dtype=dtype)
-        if fusable_base:
-            with torch.no_grad():  # the operands in the compute dtype (no copy where already in it)
-                # detach: never `a` itself as a second input (torch.compile cannot trace a Function given one
-                # tensor twice, which fp32 training would do)
-                w, a_c, b_scaled = base.weight, a.detach().to(dtype), (b * scaling).to(dtype)
-                bias = None if base.bias is None else base.bias.to(dtype)
-            return _LoraLinear.apply(x, w, bias, a_c, b_scaled, a, b, scaling)
-        result = base(x)
-        if not result.is_contiguous() or result.dtype != dtype:
-            return super().forward(x)  # not expected from a linear layer; PEFT's path handles anything
-        with torch.no_grad():  # the operands in the compute dtype; `_AddLora` gives A and B their gradients
-            a_c, b_scaled = a.detach().to(result.dtype), (b * scaling).to(result.dtype)  # detach: as above
-        return _AddLora.apply(result, x, a_c, b_scaled, a, b, scaling)
+class _FusedAdapter:
+    """What both fused classes share: when the fused path computes what PEFT's would, and `_AddLora` onto
+    a base's output. Mixed in before a PEFT LoRA layer class."""
 
     def _fusable_adapter(self, x: torch.Tensor) -> str | None:
         """The one active adapter, when `_AddLora` computes what PEFT's forward would; otherwise None."""
@@ -169,6 +139,76 @@ class FusedLoraLinear(LoraLinear):
             return None
         return name
 
+    def _add_adapter(self, adapter: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor | None:
+        """`result + s·B(A(x))` by `_AddLora`, written into `result` (the base's fresh output); None where
+        that output is not a plain tensor in the compute dtype (not expected from a linear layer; PEFT's
+        path handles anything)."""
+        if not result.is_contiguous() or result.dtype != _compute_dtype(x) or result._base is not None:
+            return None
+        a, b, scaling = self.lora_A[adapter].weight, self.lora_B[adapter].weight, self.scaling[adapter]
+        with torch.no_grad():  # the operands in the compute dtype; `_AddLora` gives A and B their gradients
+            # detach: never `a` itself as a second input (torch.compile cannot trace a Function given one
+            # tensor twice, which fp32 training would do)
+            a_c, b_scaled = a.detach().to(result.dtype), (b * scaling).to(result.dtype)
+        return _AddLora.apply(result, x, a_c, b_scaled, a, b, scaling)
+
+
+class FusedLoraLinear(_FusedAdapter, LoraLinear):
+    """PEFT's LoRA `Linear`, whose forward computes a plain adapter by `_LoraLinear` (over a frozen
+    `nn.Linear`) or `_AddLora` (over any other base, e.g. int8); see the module docstring."""
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        adapter = None if args or kwargs else self._fusable_adapter(x)
+        if adapter is None:
+            return super().forward(x, *args, **kwargs)
+        a, b, scaling = self.lora_A[adapter].weight, self.lora_B[adapter].weight, self.scaling[adapter]
+        base = self.base_layer
+        dtype = _compute_dtype(x)
+        # The base's weight already in the compute dtype (bf16 under autocast): never a silent cast that
+        # the base layer itself would have refused.
+        fusable_base = (_frozen_plain_linear(base) and base.weight.dtype == dtype and not base._forward_hooks
+                        and not base._forward_pre_hooks)
+        if adapter in self.lora_variant:  # DoRA with compiled kernels (`_fusable_adapter`)
+            if not fusable_base or base.bias is not None:
+                return super().forward(x)
+            return self.lora_magnitude_vector[adapter].fused_output(
+                x, lora_A=self.lora_A[adapter], lora_B=self.lora_B[adapter], scaling=scaling, base_layer=base, dtype=dtype)
+        if fusable_base:
+            with torch.no_grad():  # the operands in the compute dtype (no copy where already in it)
+                w, a_c, b_scaled = base.weight, a.detach().to(dtype), (b * scaling).to(dtype)  # detach: see above
+                bias = None if base.bias is None else base.bias.to(dtype)
+            return _LoraLinear.apply(x, w, bias, a_c, b_scaled, a, b, scaling)
+        fused = self._add_adapter(adapter, x, base(x))
+        return super().forward(x) if fused is None else fused
+
+
+class Fused4bitLinear(_FusedAdapter):
+    """Put before PEFT's bitsandbytes `Linear4bit` (a 4-bit NF4/FP4 base, QLoRA): a plain adapter by
+    `_AddLora` onto the base's output. PEFT's forward clones that output first ("defensively", for a
+    view that autograd could not modify in place) and then adds the adapter in three more passes;
+    `_add_adapter` steps aside for a view. DoRA and the rest take PEFT's forward."""
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        adapter = None if args or kwargs else self._fusable_adapter(x)
+        if adapter is None or adapter in self.lora_variant:
+            return super().forward(x, *args, **kwargs)
+        fused = self._add_adapter(adapter, x, self.base_layer(x))
+        return super().forward(x) if fused is None else fused
+
+
+_fused_4bit_classes: dict[type, type] = {}
+
+
+def _is_peft_4bit(cls: type) -> bool:
+    """PEFT's LoRA layer over a bitsandbytes 4-bit base (defined only where bitsandbytes is installed)."""
+    return cls.__module__ == "peft.tuners.lora.bnb" and cls.__name__ == "Linear4bit"
+
+
+def _fused_4bit(cls: type) -> type:
+    if cls not in _fused_4bit_classes:
+        _fused_4bit_classes[cls] = type(f"Fused{cls.__name__}", (Fused4bitLinear, cls), {})
+    return _fused_4bit_classes[cls]
+
 
 def _fused_dora(variant: object, magnitude: nn.Module | None) -> bool:
     """tunelab's row-norm DoRA with its elementwise kernels compiled (`tunelab.dora._DoraLinear`)."""
@@ -188,10 +228,14 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def use_fused_lora(model: nn.Module) -> int:
-    """Give every plain PEFT LoRA `Linear` of `model` the fused forward, in place; returns how many."""
+    """Give every plain PEFT LoRA `Linear` and 4-bit `Linear4bit` of `model` the fused forward, in place;
+    returns how many."""
     swapped = 0
     for module in model.modules():
         if type(module) is LoraLinear:
             module.__class__ = FusedLoraLinear
+            swapped += 1
+        elif _is_peft_4bit(type(module)):
+            module.__class__ = _fused_4bit(type(module))
             swapped += 1
     return swapped
