@@ -152,3 +152,43 @@ def test_a_forward_without_gradients_rounds_exactly_like_one_with_them():
                 without = model(ids).logits
         assert with_grad.requires_grad and not without.requires_grad
         assert torch.equal(with_grad, without)
+
+
+def _saved_bytes_and_grads(fn, x: torch.Tensor, w: torch.Tensor) -> tuple[int, list[torch.Tensor]]:
+    """Bytes `fn` keeps from its forward for its backward, and the gradients of x and w."""
+    total = [0]
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        total[0] += t.numel() * t.element_size()
+        return t
+
+    x, w = x.detach().requires_grad_(), w.detach().requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(x, w).square().sum().backward()
+    return total[0], [x.grad, w.grad]
+
+
+def test_layers_compiled_under_the_activation_budget_keep_less_for_backward():
+    """`use_compiled_layers`' budget: the partitioner recomputes elementwise results instead of keeping them,
+    with the same gradients; the process-wide setting is left as it was."""
+    from tunelab.compiled_kernels import _within_activation_budget
+
+    # Two definitions of one layer-like chain (elementwise, product, elementwise): each compiles on its own.
+    def layer_full(x, w):
+        h = torch.nn.functional.silu(x) * x.cos()
+        return torch.tanh(h @ w) * h.sin()
+
+    def layer_budgeted(x, w):
+        h = torch.nn.functional.silu(x) * x.cos()
+        return torch.tanh(h @ w) * h.sin()
+
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(64, 32, generator=gen), torch.randn(32, 32, generator=gen)
+    before = torch._functorch.config.activation_memory_budget
+    full, full_grads = _saved_bytes_and_grads(torch.compile(layer_full, dynamic=True), x, w)
+    budgeted, grads = _saved_bytes_and_grads(_within_activation_budget(torch.compile(layer_budgeted, dynamic=True)), x, w)
+    _, eager_grads = _saved_bytes_and_grads(layer_full, x, w)
+    assert budgeted < full, (budgeted, full)
+    for got, expected in zip(grads + full_grads, eager_grads + eager_grads):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert torch._functorch.config.activation_memory_budget == before

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -119,3 +120,30 @@ def test_restore_eager_undoes_compiled_layers(compiled_run):
     model = copy.deepcopy(s.model)
     restore_eager(model)
     assert not any(_compiled(m) for m in model.modules())
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="nf4 needs bitsandbytes")
+def test_compiled_layers_over_a_4bit_base_give_the_eager_loss_and_gradients(tiny_model_dir, tmp_path):
+    """QLoRA: bitsandbytes' 4-bit matmul and the fused adapter inside each layer's graph, without a break."""
+    from conftest import classification_rows, make_run_config, write_csv
+    from tunelab.train.setup import setup
+
+    csv = write_csv(tmp_path / "intents.csv", classification_rows())
+    cfg = make_run_config(tiny_model_dir, csv, tmp_path / "runs", lora={"quantize_base": "nf4"},
+                          train={"compile_layers": True})
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    console = Console(record=True, width=300)
+    s = setup(cfg, console)
+    layers = s.model.get_base_model().model.layers
+    assert all(_compiled(layer) for layer in layers), console.export_text()
+    batch = s.collate(s.stream[1])
+    eager = copy.deepcopy(s.model)
+    restore_eager(eager)
+    loss_c, grads_c = _loss_and_grads(s.model, batch)
+    loss_e, grads_e = _loss_and_grads(eager, batch)
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-5)
+    assert grads_c.keys() == grads_e.keys() and len(grads_e) > 0
+    for name in grads_e:
+        torch.testing.assert_close(grads_c[name], grads_e[name], rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])

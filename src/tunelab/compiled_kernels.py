@@ -31,12 +31,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import inspect
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
+import torch._functorch.config  # AOTAutograd's settings (`LAYER_ACTIVATION_BUDGET`)
 from torch import nn
 
 from tunelab import dora
@@ -156,14 +158,38 @@ def is_llama_layer(layer: nn.Module) -> bool:
             and all(isinstance(n, nn.Module) and is_rms_norm(n) for n in norms))
 
 
+# What each compiled layer may keep for its backward, as a fraction of what it would keep saving everything
+# (AOTAutograd's `activation_memory_budget`): below 1, the partitioner recomputes cheap elementwise results
+# (norms, the MLP's act(gate)*up) in backward instead of holding them from forward to backward. Measured on the
+# 2-core AMX CPU (SmolLM2 LoRA, batch 16, bench/train_throughput.py's rows; tokens/s, then peak RSS):
+#     1.0: 1,012 / 1,731 MB   0.8: 1,126-1,233 / 1,554 MB   0.6: 1,144-1,174 / 1,456 MB   0.4: 1,102 / 1,358 MB
+# and packed 1.0: 1,055 / 1,721 MB, 0.8: 1,207-1,246 / 1,566 MB, 0.6: 1,196-1,198 / 1,456 MB. Saving less is
+# faster here, not slower: fewer activation-sized writes, reads and fresh pages per step. 0.6 keeps most of
+# 0.8's speed for another ~110 MB.
+LAYER_ACTIVATION_BUDGET = 0.6
+
+
 def use_compiled_layers(layers: list[nn.Module]) -> None:
-    """Compile each decoder layer's whole forward (`nn.Module.compile`: one graph for every layer and shape).
+    """Compile each decoder layer's whole forward (`nn.Module.compile`: one graph for every layer and shape),
+    partitioned for backward under `LAYER_ACTIVATION_BUDGET`.
 
     Modules inside the layers go back to their eager classes first: the layer's graph fuses them itself.
     """
     for layer in layers:
         restore_eager(layer)
         layer.compile(dynamic=True)
+        layer._compiled_call_impl = _within_activation_budget(layer._compiled_call_impl)
+
+
+def _within_activation_budget(call: Callable[..., Any]) -> Callable[..., Any]:
+    """`call` with AOTAutograd's activation budget set while it runs, so every (re)compile it triggers sees it;
+    the process-wide setting stays as it was for anything else compiled."""
+    @functools.wraps(call)
+    def budgeted(*args: Any, **kwargs: Any) -> Any:
+        with torch._functorch.config.patch(activation_memory_budget=LAYER_ACTIVATION_BUDGET):
+            return call(*args, **kwargs)
+
+    return budgeted
 
 
 @contextlib.contextmanager
@@ -232,8 +258,9 @@ def _probe(norms: list[nn.Module], mlps: list[nn.Module], autocast_dtype: torch.
                         requires_grad=True)  # a norm's input has its weight's dtype (bf16 base; fp32 full tuning)
         _run_probe(lambda: norm(x), autocast_dtype, x.device)
     for mlp in mlps:
-        weight = next(mlp.parameters())
-        dtype = autocast_dtype or weight.dtype  # gate and up come out of (autocast) linear layers
+        # A floating weight (a 4-bit base stores uint8 codes): gate and up come out of (autocast) linear layers
+        weight = next(p for p in mlp.parameters() if p.is_floating_point())
+        dtype = autocast_dtype or weight.dtype
         gate, up = (torch.randn(2, 3, 8, dtype=dtype, device=weight.device, requires_grad=True) for _ in range(2))
         act = copy.deepcopy(mlp.act_fn)
         _run_probe(lambda: _gated_kernel()(act, gate, up), autocast_dtype, gate.device)
