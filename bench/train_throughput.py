@@ -17,7 +17,7 @@ sequence lengths, which 8 steps cannot pay back). tunelab's side sets up as
 train.setup does for a run long enough to pay for compiling (train.compile_layers: auto
 compiles from 300,000 tokens to train; this benchmark's few steps measure the speed such
 a run trains at): the RMSNorm and MLP activations compiled (tunelab.compiled_kernels), and
-for lora, packed and nf4 the whole decoder layers too, before the untimed warm-up; the
+for every method but dora the whole decoder layers too, before the untimed warm-up; the
 compile's seconds are reported (`tunelab_compile_seconds`) and are not in the timing.
 --no-compile-layers keeps the layers eager (what a shorter run gets).
 Except for `packed`, both sides train on padded rows.
@@ -149,7 +149,7 @@ def run_tunelab(args: argparse.Namespace) -> dict:
 
     compile_started = time.perf_counter()  # as train.setup does, before the first step
     kernels = use_compiled_kernels(model, torch.bfloat16 if precision.bf16 else None)
-    layers = args.compile_layers and args.method in ("lora", "packed", "nf4") and not kernels.unavailable
+    layers = args.compile_layers and args.method != "dora" and not kernels.unavailable
     if layers:  # as setup._compile_layers: compile on one forward + backward, then drop its gradients
         use_compiled_layers(decoder_layers(model))
         backward_on(model, [collate_step(stream[0])], precision)
@@ -367,7 +367,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--batch", type=int, default=16, help="examples per step, both sides")
     parser.add_argument("--compile-layers", action=argparse.BooleanOptionalAction, default=True,
-                        help="tunelab: compile whole decoder layers for lora, packed and nf4 (train.compile_layers)")
+                        help="tunelab: compile whole decoder layers for every method but dora (train.compile_layers)")
     parser.add_argument("--allocator", choices=["tcmalloc", "system"],
                         default="tcmalloc" if allocator.find_tcmalloc() and not allocator.opted_out(os.environ)
                         else "system",

@@ -122,14 +122,19 @@ def test_restore_eager_undoes_compiled_layers(compiled_run):
     assert not any(_compiled(m) for m in model.modules())
 
 
-@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="nf4 needs bitsandbytes")
-def test_compiled_layers_over_a_4bit_base_give_the_eager_loss_and_gradients(tiny_model_dir, tmp_path):
-    """QLoRA: bitsandbytes' 4-bit matmul and the fused adapter inside each layer's graph, without a break."""
+@pytest.mark.parametrize("quantize", [
+    "int8",
+    pytest.param("nf4", marks=pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
+                                                 reason="nf4 needs bitsandbytes")),
+])
+def test_compiled_layers_over_a_quantized_base_give_the_eager_loss_and_gradients(tiny_model_dir, tmp_path, quantize):
+    """int8 (tunelab's custom operators) and QLoRA (bitsandbytes' 4-bit matmul): the quantized product and the
+    fused adapter inside each layer's graph, without a break."""
     from conftest import classification_rows, make_run_config, write_csv
     from tunelab.train.setup import setup
 
     csv = write_csv(tmp_path / "intents.csv", classification_rows())
-    cfg = make_run_config(tiny_model_dir, csv, tmp_path / "runs", lora={"quantize_base": "nf4"},
+    cfg = make_run_config(tiny_model_dir, csv, tmp_path / "runs", lora={"quantize_base": quantize},
                           train={"compile_layers": True})
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()

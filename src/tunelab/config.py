@@ -129,7 +129,8 @@ class TrainConfig(_Strict):
     compile_layers: bool | Literal["auto"] = Field(
         "auto", description="Compile each whole decoder layer (LoRA, attention, MLP) with torch.compile: about "
         "1.2x the training speed on CPU, for a compile at setup of ~35 s (~15 s with Inductor's cache warm). "
-        "auto: on for LoRA SFT of a Llama-family model in one process when the run trains on at least "
+        "auto: on for LoRA SFT (bf16/fp32, int8 or NF4 base; not DoRA) of a Llama-family model in one process "
+        "when the run trains on at least "
         "300,000 tokens, where the time saved exceeds a cold compile; the run log says why it is on or off."
     )
     schedule: Literal["cosine", "linear"] = Field("cosine", description="Decay after warmup: cosine or linear, to 0.")

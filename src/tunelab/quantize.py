@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -72,24 +73,42 @@ class QuantizedInfo:
                 "bytes_after": self.bytes_after}
 
 
-class _Int8Matmul(torch.autograd.Function):
-    """y = (x @ q^T) * scale, with grad_x = (grad_y * scale) @ q; nothing but q and scale kept for backward."""
+# The int8 product as two custom operators (forward, input gradient) rather than an autograd.Function:
+# torch.compile then calls each as one opaque kernel. Traced, `q.to(bf16)` followed by the product made
+# Inductor fail on a compiled decoder layer (an assertion on a Pointwise input, torch 2.13).
+@torch.library.custom_op("tunelab::int8_linear", mutates_args=())
+def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """y = (x @ q^T) * scale in x's dtype; int8 values are exact in bf16/fp16/fp32, so only the accumulation rounds."""
+    return F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)  # (..., out)
 
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        device = x.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-        ctx.save_for_backward(q, scale)
-        ctx.dtypes = (x.dtype, dtype)
-        # int8 values are exact in bf16/fp16/fp32, so only the matmul's accumulation rounds.
-        return F.linear(x.to(dtype), q.to(dtype)) * scale.to(dtype)  # (..., out)
 
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        q, scale = ctx.saved_tensors
-        x_dtype, dtype = ctx.dtypes
-        grad_x = (grad.to(dtype) * scale.to(dtype)) @ q.to(dtype)  # (..., in)
-        return grad_x.to(x_dtype), None, None
+@int8_linear.register_fake
+def _(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], q.shape[0])
+
+
+@torch.library.custom_op("tunelab::int8_linear_grad", mutates_args=())
+def int8_linear_grad(grad: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The input gradient of `int8_linear`: (grad * scale) @ q, in grad's dtype."""
+    return (grad * scale.to(grad.dtype)) @ q.to(grad.dtype)  # (..., in)
+
+
+@int8_linear_grad.register_fake
+def _(grad: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return grad.new_empty(*grad.shape[:-1], q.shape[1])
+
+
+def _int8_linear_context(ctx: Any, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+    _, q, scale = inputs
+    ctx.save_for_backward(q, scale)  # nothing but q and scale kept for backward
+
+
+def _int8_linear_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+    q, scale = ctx.saved_tensors
+    return int8_linear_grad(grad, q, scale), None, None
+
+
+int8_linear.register_autograd(_int8_linear_backward, setup_context=_int8_linear_context)
 
 
 class Int8Linear(torch.nn.Linear):
@@ -115,7 +134,9 @@ class Int8Linear(torch.nn.Linear):
         self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _Int8Matmul.apply(x, self.weight, self.weight_scale)
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        y = int8_linear(x.to(dtype), self.weight, self.weight_scale)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def dequantize(self) -> torch.Tensor:

@@ -226,10 +226,9 @@ def _why_layers_stay_eager(s: Setup, kernels: CompiledKernels | None) -> str | N
         return "off in the config"
     if kernels is None or kernels.unavailable:
         return "torch.compile is off or unavailable (see kernels)"
-    # int8: Inductor fails on its layers (an assertion in its pointwise lowering, torch 2.13); DoRA: its layers
-    # compiled were slower than eager (docs/benchmarks.md).
-    if cfg.objective != "sft" or cfg.tuning != "lora" or cfg.lora.use_dora or cfg.lora.quantize_base == "int8":
-        return "compiled layers are measured and tested for LoRA SFT over a bf16/fp32 or NF4 base only"
+    # DoRA: its layers compiled were slower than eager (docs/benchmarks.md).
+    if cfg.objective != "sft" or cfg.tuning != "lora" or cfg.lora.use_dora:
+        return "compiled layers are measured and tested for LoRA SFT only (not DoRA, not DPO, not full tuning)"
     if s.world.active:  # each process would compile on the run's 2 cores at once, and DDP's hooks see the probe
         return "several processes"
     layers = decoder_layers(s.model)
