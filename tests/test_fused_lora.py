@@ -103,14 +103,19 @@ def test_fused_lora_under_bf16_autocast_is_as_close_to_fp32_as_peft(tiny_model_d
     assert sum(ours_errors) <= 1.1 * sum(peft_errors)  # no worse overall (here: ~20% better)
 
 
+def _with_random_lora_b(model: nn.Module) -> nn.Module:
+    """lora_B starts at 0: give it values so the adapter's whole path counts."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(2))
+    return model
+
+
 def test_fused_lora_matches_peft_over_an_int8_base(tiny_model_dir, monkeypatch):
     model, _ = load_model(resolve_model(str(tiny_model_dir)), dtype=torch.float32)
     quantize_base(model, "int8", torch.float32)
-    peft_model = get_peft_model(model, PeftLoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(2))
+    peft_model = _with_random_lora_b(get_peft_model(model, PeftLoraConfig(r=4, lora_alpha=8, target_modules="all-linear")))
     ours = copy.deepcopy(peft_model)
     assert use_fused_lora(ours) > 0
     calls = _count_fused_calls(monkeypatch, only=fused_lora._AddLora)  # a quantized base keeps its own forward
@@ -134,11 +139,7 @@ def test_fused_lora_matches_peft_over_a_4bit_base(tiny_model_dir, monkeypatch, a
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=compute,  # as tunelab loads a 4-bit base
                                                 quantization_config=quantization_config("nf4", compute))
     torch.manual_seed(0)
-    peft_model = get_peft_model(base, PeftLoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(2))
+    peft_model = _with_random_lora_b(get_peft_model(base, PeftLoraConfig(r=4, lora_alpha=8, target_modules="all-linear")))
     ours = copy.deepcopy(peft_model)
     assert use_fused_lora(ours) == sum(fused_lora._is_peft_4bit(type(m)) for m in peft_model.modules()) > 0
     calls = _count_fused_calls(monkeypatch, only=fused_lora._AddLora)

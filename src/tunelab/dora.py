@@ -23,6 +23,10 @@ tensors per layer forward and more in backward. `_ScaleAdapted` forms `g·(base 
 in two kernels forward, rounding once so that small magnitude updates are not rounded
 away (its docstring says why that matters).
 
+Over a frozen bias-free `nn.Linear` (the usual bf16 base), with torch.compile available,
+`_DoraLinear` goes further: the base product, the adapter and the scaling in one autograd
+node, like `fused_lora._LoraLinear` for plain LoRA (its docstring has the formulas).
+
 PEFT offers no such path, hence the hand-written identity; `tests/test_dora.py` checks it
 against PEFT's own layer (outputs, gradients, a 4-bit base, reload).
 """
@@ -90,7 +94,6 @@ class RowNormDoraLayer(DoraLinearLayer):
         if bias is None:
             return _ScaleAdapted.apply(result, lora_result, scale, scaling)
         return _ScaleAdapted.apply(result - bias, lora_result, scale, scaling) + bias
-
 
     def fused_output(self, x: torch.Tensor, *, lora_A: nn.Linear, lora_B: nn.Linear, scaling: float,
                      base_layer: nn.Linear, dtype: torch.dtype) -> torch.Tensor:

@@ -27,7 +27,8 @@ Only the class of PEFT's plain `lora.Linear` changes (`FusedLoraLinear`), and on
 forward, and only where the fused path computes what PEFT's does: one active adapter,
 no variant (except tunelab's DoRA with its kernels compiled, which goes to the one-node
 `tunelab.dora._DoraLinear` over a bias-free plain linear base), no dropout while training,
-no bias on B, not merged. Anything else takes PEFT's own forward. Parameters, adapter files and merging stay PEFT's.
+no bias on B, not merged. Anything else takes PEFT's own forward. Parameters, adapter
+files and merging stay PEFT's. PEFT's bitsandbytes `Linear4bit` (QLoRA) gets `_AddLora` too.
 PEFT has no such path (its forward is written for every variant at once), hence this
 module. `tests/test_fused_lora.py` checks outputs and gradients against PEFT's forward.
 """
