@@ -128,8 +128,8 @@ class _FusedAdapter:
         name = active[0]
         if self.lora_B[name].bias is not None:
             return None
-        magnitude = self.lora_magnitude_vector[name] if name in self.lora_magnitude_vector else None
-        if name in self.lora_variant and not _fused_dora(self.lora_variant[name], magnitude):
+        if name in self.lora_variant and not _fused_dora(
+                self.lora_variant[name], self.lora_magnitude_vector[name] if name in self.lora_magnitude_vector else None):
             return None
         dropout = self.lora_dropout[name]
         if self.training and isinstance(dropout, nn.Dropout) and dropout.p > 0:

@@ -74,8 +74,8 @@ class QuantizedInfo:
 
 
 # The int8 product as two custom operators (forward, input gradient) rather than an autograd.Function:
-# torch.compile then calls each as one opaque kernel. Traced, `q.to(bf16)` followed by the product made
-# Inductor fail on a compiled decoder layer (an assertion on a Pointwise input, torch 2.13).
+# torch.compile then calls each as one opaque kernel. As an autograd.Function, traced into a compiled decoder
+# layer, it made Inductor fail (`AssertionError: <class 'torch._inductor.ir.Pointwise'>`, torch 2.13).
 @torch.library.custom_op("tunelab::int8_linear", mutates_args=())
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """y = (x @ q^T) * scale in x's dtype; int8 values are exact in bf16/fp16/fp32, so only the accumulation rounds."""
