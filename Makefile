@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 
 .PHONY: demo test test-fast bench setup clean
 
@@ -30,10 +31,16 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/tunelab demo
 
-test: $(STAMP)
+# The suite also covers LoRA over a 4-bit NF4 base (QLoRA), which needs bitsandbytes (the quant extra);
+# installed for the tests only, so `make demo` does not carry its ~125 MB.
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[test,quant]'
+	touch $(TEST_STAMP)
+
+test: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q
 
-test-fast: $(STAMP)
+test-fast: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
 # Benchmarks (not tests): ratios against a baseline measured in the same run; see docs/benchmarks.md.
