@@ -4,6 +4,8 @@ The loss computes the LM head only where a token is trained. With prompt-heavy
 chat data (Banking77: ~5 trained of ~40 tokens) this skips most of the
 (tokens x 49,152) logits and their backward pass, and it is mathematically the
 same loss: positions with label -100 contribute nothing either way.
+The training loss then runs the head and the cross-entropy together, in row chunks
+(`head_loss`), so no (tokens x vocab) fp32 tensor is kept for backward.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from tunelab.compiled_kernels import eager_layers
 from tunelab.data.batches import Batch
 from tunelab.data.pack import prefix_block_mask
 from tunelab.data.tokenize import IGNORE_INDEX
+from tunelab.train.head_loss import fused_head_loss
 
 
 PrefixKV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer, (keys, values) of a shared prefix: (1, Hkv, P, D)
@@ -73,8 +76,11 @@ def token_loss_sum(model: PreTrainedModel | PeftModel, batch: Batch) -> tuple[to
     Returning a sum (not a mean) lets the caller divide by the trained tokens of the
     whole accumulated batch, so 1 x 4 accumulation equals a batch of 4 exactly.
     """
-    logits, targets = trained_logits(model, batch)
-    return F.cross_entropy(logits, targets, reduction="sum"), int(targets.numel())
+    hidden, targets, head = trained_hidden(model, batch)
+    loss = fused_head_loss(hidden, head, targets)  # the head and the loss in row chunks (see head_loss)
+    if loss is None:  # a head that is not a plain linear layer (quantized, adapted): the plain path
+        loss = F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+    return loss, int(targets.numel())
 
 
 def trained_logits(
@@ -85,6 +91,15 @@ def trained_logits(
     `prefix_kv`: the batch's shared prefix, already computed once for many batches (`shared_prefix_kv`,
     no gradients): its keys and values are read in place (`attention.behind_shared_prefix`).
     """
+    hidden, targets, head = trained_hidden(model, batch, prefix_kv)
+    return head(hidden).float(), targets
+
+
+def trained_hidden(
+    model: PreTrainedModel | PeftModel, batch: Batch, prefix_kv: PrefixKV | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.nn.Module]:
+    """The last hidden states at the positions that predict a trained token (N, hidden), those tokens (N,),
+    and the LM head that maps the one to logits. `prefix_kv`: see `trained_logits`."""
     body, head = body_and_head(model)
     p = batch.shared_prefix
     if prefix_kv is not None:
@@ -107,8 +122,7 @@ def trained_logits(
         ).last_hidden_state  # (B, T, H)
     targets = batch.labels[:, p + 1 :]  # (B, T-P-1): position t predicts token t+1
     keep = targets != IGNORE_INDEX  # (B, T-1)
-    logits = head(hidden[:, :-1][keep]).float()  # (N, vocab), N = trained tokens only
-    return logits, targets[keep]
+    return hidden[:, :-1][keep], targets[keep], head  # (N, hidden), (N,): N = trained tokens only
 
 
 def _body_with_shared_prefix(body: torch.nn.Module, batch: Batch) -> torch.Tensor:

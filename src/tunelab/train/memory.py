@@ -142,9 +142,10 @@ def estimate_training_memory(
     if getattr(config, "_attn_implementation", None) in SCORES_MATERIALISED:
         scores = layers * heads * max_tokens**2 * (4 + (a if bf16 else 0))
     mask = 4 * max_tokens**2  # the additive (T, T) float mask of a row, shared by the layers
-    # LM head at trained positions only: (N, vocab) head output, its fp32 copy, log-softmax kept for the
-    # backward, and the backward's fp32 + autocast-dtype logit gradients
-    head = max_trained_tokens * vocab * (2 * a + 12)
+    # LM head at trained positions only, with the loss in row chunks (train.head_loss): a chunk's logits in
+    # the autocast dtype, their fp32 buffer, and the logit gradient cast back. Per row here, so an upper
+    # bound: a step never holds more than head_loss.CHUNK_LOGITS logits at once
+    head = max_trained_tokens * vocab * (2 * a + 4)
     per_example = CALIBRATION * (max_tokens * per_token + scores + mask + head)
     return MemoryEstimate(weights, trainable, training_state, int(per_example), max_tokens)
 
