@@ -89,14 +89,29 @@ def test_bf16_weights_without_autocast_compute_in_bf16():
 
 
 def test_no_gradient_work_without_grad():
-    """Under no_grad (validation) the loss is the same and nothing is saved for a backward."""
+    """Under no_grad (validation) the loss is the same, and only the logits' product runs (with gradients, the
+    logit gradient's product with the head runs too)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Products(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm)
+            return func(*args, **(kwargs or {}))
+
     torch.manual_seed(4)
     head = nn.Linear(16, 50, bias=False)
-    hidden, targets = torch.randn(6, 16), torch.randint(0, 50, (6,))
-    with torch.no_grad():
+    hidden, targets = torch.randn(6, 16, requires_grad=True), torch.randint(0, 50, (6,))
+    with torch.no_grad(), Products() as without:
         loss = fused_head_loss(hidden, head, targets)
-    assert loss.grad_fn is None
+    assert loss.grad_fn is None and without.count == 1
     torch.testing.assert_close(loss, plain_loss(hidden, head, targets).detach())
+    with Products() as with_grad:
+        fused_head_loss(hidden, head, targets)
+    assert with_grad.count == 3  # logits, then the hidden states' and the head's gradients
 
 
 def test_a_head_that_is_not_a_plain_linear_is_left_to_the_caller():

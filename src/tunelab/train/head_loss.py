@@ -52,16 +52,17 @@ def fused_head_loss(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor
         compute = torch.get_autocast_dtype(device)
     else:
         compute = torch.promote_types(hidden.dtype, head.weight.dtype)
-    return _FusedHeadLoss.apply(hidden, head.weight, targets, compute)
+    # Inside a Function's forward `needs_input_grad` is true even under no_grad: say whether a backward can come.
+    return _FusedHeadLoss.apply(hidden, head.weight, targets, compute, torch.is_grad_enabled())
 
 
 class _FusedHeadLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                compute: torch.dtype) -> torch.Tensor:
+                compute: torch.dtype, grad_enabled: bool = True) -> torch.Tensor:
         # Autocast stays on inside a Function's forward: every cast below is explicit instead.
         with torch.autocast(hidden.device.type, enabled=False):
-            return _forward(ctx, hidden, weight, targets, compute)
+            return _forward(ctx, hidden, weight, targets, compute, grad_enabled)
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
@@ -70,13 +71,13 @@ class _FusedHeadLoss(torch.autograd.Function):
         return (
             (grad_hidden * scale).to(ctx.hidden_dtype) if ctx.needs_input_grad[0] else None,
             (grad_weight * scale).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None,
-            None, None,
+            None, None, None,
         )
 
 
 def _forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-             compute: torch.dtype) -> torch.Tensor:
-    want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+             compute: torch.dtype, grad_enabled: bool) -> torch.Tensor:
+    want_hidden, want_weight = grad_enabled and ctx.needs_input_grad[0], grad_enabled and ctx.needs_input_grad[1]
     accumulate = torch.float64 if compute == torch.float64 else torch.float32  # the softmax's dtype
     n, vocab = hidden.shape[0], weight.shape[0]
     w = weight.to(compute)  # (V, d): a copy only when the stored weight has another dtype
