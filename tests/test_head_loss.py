@@ -38,7 +38,7 @@ def test_fp64_gradients_match_finite_differences(small_chunks, rows):
     head = nn.Linear(6, 50, bias=False).double()
     hidden = torch.randn(rows, 6, dtype=torch.float64, requires_grad=True)
     targets = torch.randint(0, 50, (rows,))
-    assert torch.autograd.gradcheck(lambda h, w: head_loss._FusedHeadLoss.apply(h, w, targets, torch.float64),
+    assert torch.autograd.gradcheck(lambda h, w: head_loss._FusedHeadLoss.apply(h, w, targets, torch.float64, True),
                                     (hidden, head.weight))
 
 

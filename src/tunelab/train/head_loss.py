@@ -59,7 +59,7 @@ def fused_head_loss(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor
 class _FusedHeadLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                compute: torch.dtype, grad_enabled: bool = True) -> torch.Tensor:
+                compute: torch.dtype, grad_enabled: bool) -> torch.Tensor:
         # Autocast stays on inside a Function's forward: every cast below is explicit instead.
         with torch.autocast(hidden.device.type, enabled=False):
             return _forward(ctx, hidden, weight, targets, compute, grad_enabled)
@@ -104,4 +104,4 @@ def _forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
     ctx.save_for_backward(
         grad_hidden if want_hidden else hidden.new_empty(0), grad_weight if want_weight else weight.new_empty(0))
-    return loss.to(torch.float64 if accumulate == torch.float64 else torch.float32)
+    return loss  # fp32 (fp64 for an fp64 model), as cross_entropy's

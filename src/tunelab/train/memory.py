@@ -92,7 +92,7 @@ def estimate_training_memory(
     """Upper bound of one step's memory on `model` as loaded (before LoRA is attached or weights unfrozen).
 
     `max_tokens` is the longest row of the data, `max_trained_tokens` the most trained tokens in a row
-    (the LM head runs only there, in fp32). `shards`: processes that split the weights and the training
+    (the LM head and its loss run only there). `shards`: processes that split the weights and the training
     state (FSDP): each holds 1/shards of them, plus the whole weights of the layer being computed.
     """
     config = model.config.get_text_config()
