@@ -79,3 +79,19 @@ def test_length_grouped_order_is_a_permutation_in_batches():
     assert again == order
     other = length_grouped_order(lengths, batch_size=8, generator=torch.Generator().manual_seed(1), window=4)
     assert other != order
+
+
+def test_length_grouped_order_puts_the_largest_batch_first():
+    # The first step holds the most padded tokens, so a run that cannot fit fails at once and later steps
+    # reuse the memory it took. Short examples in full batches, one long example somewhere.
+    lengths = [10 + (i * 7) % 20 for i in range(100)]
+    lengths[57] = 120
+    for seed in range(5):
+        order = length_grouped_order(lengths, batch_size=8, generator=torch.Generator().manual_seed(seed), window=2)
+        size = [len(b) * max(lengths[i] for i in b) for b in order]
+        assert 57 in order[0]
+        assert size[0] == max(size)
+        assert sorted(i for b in order for i in b) == list(range(100))
+    # Equal widths: the full batch beats the short last batch of a window.
+    order = length_grouped_order([5] * 20, batch_size=8, generator=torch.Generator().manual_seed(0), window=2)
+    assert len(order[0]) == 8

@@ -5,6 +5,14 @@ length, cut into batches, shuffle the batches. Examples in a batch then have sim
 lengths, so little compute goes to padding, while the order stays random at the
 scale of an epoch (the same idea as transformers' `group_by_length`).
 
+The largest batch (examples x longest example: what its padded tensors hold) then
+trades places with the first, as transformers' `LengthGroupedSampler` puts its longest
+example first, for two reasons. A run that does not fit in memory fails at its first
+step, not hours in. And the allocator reaches its peak at once: the later, smaller steps
+reuse those pages instead of faulting in fresh ones when a larger batch first comes
+(on this 2-core VM a page fault costs ~15 us; a batch-64 run that met its widest batch
+late spent 1.1 GB of faults and 6 s on that one step, docs/benchmarks.md).
+
 Collation pads on the right. Two examples of lengths 3 and 5:
 
     input_ids       [[a1 a2 a3 P  P ], [b1 b2 b3 b4 b5]]
@@ -68,7 +76,11 @@ def length_grouped_order(
         chunk = sorted(perm[start : start + span], key=lambda i: lengths[i])
         batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
     order = torch.randperm(len(batches), generator=generator).tolist()
-    return [batches[i] for i in order]
+    ordered = [batches[i] for i in order]
+    if ordered:
+        largest = max(range(len(ordered)), key=lambda k: len(ordered[k]) * max(lengths[i] for i in ordered[k]))
+        ordered[0], ordered[largest] = ordered[largest], ordered[0]  # the first step is the largest
+    return ordered
 
 
 MIN_SHARED_PREFIX = 4  # tokens; a shorter common prefix is not worth a separate pass
