@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import yaml
 from rich.console import Console
 from safetensors.torch import load_file
 
+from tunelab.errors import TunelabError
 from tunelab.train.checkpoint import read_run_config_for_resume
 from tunelab.train.resume import complete_checkpoints
 from tunelab.train.sft import train
@@ -106,3 +108,13 @@ def test_half_written_checkpoints_are_never_picked(uninterrupted, tmp_path):
     (root / "step-9999998").mkdir()  # renamed but without its checkpoint.json (cannot happen, still ignored)
     assert complete_checkpoints(reference)[-1] == newest
     assert len(complete_checkpoints(reference)) == TRAIN["keep_checkpoints"]
+
+
+def test_resume_refuses_a_data_order_other_than_the_one_trained(uninterrupted, tmp_path):
+    # The order is rebuilt on resume, not saved: another seed gives the steps already trained other examples.
+    _, reference = uninterrupted
+    run = shutil.copytree(reference, tmp_path / "run")
+    cfg = read_run_config_for_resume(run)
+    other_seed = cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": cfg.train.seed + 1})})
+    with pytest.raises(TunelabError, match=r"metrics\.jsonl:\d+: step \d+ trained on other examples"):
+        train(other_seed, Console(stderr=True, quiet=True), resume=run)

@@ -169,6 +169,7 @@ def train(cfg: RunConfig, console: Console | None = None, resume: Path | None = 
         checkpoints = complete_checkpoints(run.path)
         if checkpoints:
             start = load_checkpoint(checkpoints[-1], model, optimizer, scheduler, world)
+            require_same_order(run.path, s.stream, start, t.grad_accumulation)
         if world.is_main:
             (run.path / MANIFEST).unlink(missing_ok=True)  # the run changes again: not whole until re-finished
             run.truncate_metrics(after_step=start)  # steps past the checkpoint are redone, so logged again
@@ -289,6 +290,33 @@ def require_same_processes(run_dir: Path, world: World) -> None:
             "examples each step holds and the number of steps",
             fix=f"resume with {trained} process(es): {launch} {run_dir}", where=str(data_json),
         )
+
+
+def require_same_order(run_dir: Path, stream: list[list[TokenizedExample]], start: int, accumulation: int) -> None:
+    """Resume only where the rebuilt micro-batch stream gives the steps already trained the examples they had.
+
+    The order is rebuilt, not saved (resume.py): a changed data file, seed or batch size, or a tunelab whose
+    batching changed (a version that puts the largest batch first), would make the rest of the run train on
+    another order than the one that reached the checkpoint. Each step's metrics line holds its fingerprint."""
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        return
+    for number, line in enumerate(metrics.read_text(encoding="utf-8").splitlines(), start=1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line a killed run left half-written (steps past the checkpoint)
+            continue
+        step = record.get("step") if isinstance(record, dict) else None
+        if "examples" not in record or not isinstance(step, int) or not 1 <= step <= start:
+            continue
+        if record["examples"] != examples_fingerprint(stream, step, accumulation):
+            raise TunelabError(
+                f"step {step} trained on other examples than this run's data and config now give it, so resuming "
+                f"from step {start} would not continue the same run (the data, the seed, the batch size or "
+                "tunelab's batching changed since)",
+                fix="resume with the data and config the run started with and the tunelab version that trained "
+                    "it, or start a new run", where=f"{metrics}:{number}",
+            )
 
 
 def validate(s: Setup) -> dict[str, float]:
