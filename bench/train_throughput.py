@@ -8,10 +8,12 @@ Work, identical on both sides: SmolLM2-135M-Instruct (bf16 weights where the CPU
 AMX), the first rows of tunelab's Banking77 train split as conversational
 prompt/completion ([system, user] -> [assistant]), loss on the completion only,
 LoRA r=16 alpha=32 dropout 0 on all linear layers, AdamW lr 2e-4, batch --batch
-examples, max length 128, --warmup steps not timed, then --steps timed steps.
+examples (64 by default), max length 128, --warmup steps not timed, then --steps timed steps.
 
 TRL is given its best fair settings on this CPU: bf16 autocast (bf16=True), no
-gradient checkpointing (TRL 1.x turns it on by default; memory is ample here), no
+gradient checkpointing (TRL 1.x turns it on by default; memory is ample here), rows
+grouped by length for padded methods (train_sampling_strategy="group_by_length", from
+session 14; tunelab's side groups by length too, and both put the largest batch first), no
 torch_compile (it compiles the whole model: minutes on 2 cores, and again for new
 sequence lengths, which 8 steps cannot pay back). tunelab's side sets up as
 train.setup does for a run long enough to pay for compiling (train.compile_layers: auto
@@ -227,6 +229,9 @@ def run_trl(args: argparse.Namespace) -> dict:
         learning_rate=2e-4, lr_scheduler_type="constant", max_length=MAX_LENGTH, bf16=precision.bf16, use_cpu=True,
         gradient_checkpointing=False, report_to="none", save_strategy="no", logging_steps=1000,
         dataloader_num_workers=0, seed=0, packing=args.method == "packed",
+        # Padded rows: transformers' length grouping (its LengthGroupedSampler), as tunelab's side groups by
+        # length, so neither side pays for padding that a setting avoids. Packed rows have no padding to group.
+        train_sampling_strategy="random" if args.method == "packed" else "group_by_length",
     )
     peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM",
                              use_dora=args.method == "dora")
@@ -368,7 +373,9 @@ def main() -> None:
                         "(default lora; see the module docstring)")
     parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps per side and round")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    parser.add_argument("--batch", type=int, default=16, help="examples per step, both sides")
+    parser.add_argument("--batch", type=int, default=64,
+                        help="examples per step, both sides (default 64: ~2,600 tokens per step, enough rows per "
+                        "matrix product to use this CPU; sessions 5-13 used 16, see docs/benchmarks.md)")
     parser.add_argument("--compile-layers", action=argparse.BooleanOptionalAction, default=True,
                         help="tunelab: compile whole decoder layers for every method but dora (train.compile_layers)")
     parser.add_argument("--allocator", choices=["tcmalloc", "system"],
