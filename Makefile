@@ -51,6 +51,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/train_throughput.py --method lora,dora,int8,nf4,packed --batch 64 --steps 6 --warmup 2 --rounds 2 --json bench/results/train_throughput.json
 	# The same at the batch sessions 5-13 measured (16): MFU is lower there (docs/benchmarks.md).
 	$(BIN)/python bench/train_throughput.py --method lora,packed --batch 16 --steps 6 --warmup 2 --json bench/results/train_throughput_batch16.json
+	$(BIN)/python bench/train_throughput.py --method dora,int8,nf4 --batch 16 --steps 6 --warmup 2 --json bench/results/train_throughput_batch16_dora_int8_nf4.json
 	$(BIN)/python bench/data_lint.py --json bench/results/data_lint.json
 	$(BIN)/python bench/generate_throughput.py --rows 300 --json bench/results/generate_finetune_prompt.json
 	$(BIN)/python bench/generate_throughput.py --rows 300 --prompt labels --json bench/results/generate_labels_prompt.json
