@@ -13,7 +13,8 @@ examples (64 by default), max length 128, --warmup steps not timed, then --steps
 TRL is given its best fair settings on this CPU: bf16 autocast (bf16=True), no
 gradient checkpointing (TRL 1.x turns it on by default; memory is ample here), rows
 grouped by length for padded methods (train_sampling_strategy="group_by_length", from
-session 14; tunelab's side groups by length too, and both put the largest batch first), no
+session 14; tunelab's side groups by length too; tunelab puts its largest batch first, TRL's
+sampler the batch with the longest example), no
 torch_compile (it compiles the whole model: minutes on 2 cores, and again for new
 sequence lengths, which 8 steps cannot pay back). tunelab's side sets up as
 train.setup does for a run long enough to pay for compiling (train.compile_layers: auto
