@@ -30,9 +30,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from tunelab.data import near_dup, overlap  # noqa: E402
-from tunelab.data.lint import lint_report  # noqa: E402
-from tunelab.data.validate import validate_file  # noqa: E402
+from tunelab.data.quality import near_dup, overlap  # noqa: E402
+from tunelab.data.quality.lint import lint_report  # noqa: E402
+from tunelab.data.read import validate_file  # noqa: E402
 
 BANKING77 = REPO / "examples" / "banking77" / "train.csv"
 

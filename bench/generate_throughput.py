@@ -31,21 +31,21 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 if __name__ == "__main__":  # as tunelab's CLI does: on tcmalloc where the system has it (both sides share it)
-    from tunelab.allocator import relaunch_with_tcmalloc
+    from tunelab.cli.allocator import relaunch_with_tcmalloc
 
     relaunch_with_tcmalloc()
 
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from tunelab import allocator  # noqa: E402
+from tunelab.cli import allocator  # noqa: E402
 from tunelab.config import DataConfig  # noqa: E402
 from tunelab.data.records import read_conversations  # noqa: E402
 from tunelab.data.split import split_conversations  # noqa: E402
 from tunelab.data.tokenize import render_prompt  # noqa: E402
 from tunelab.evaluate.contenders import few_shot_messages  # noqa: E402
 from tunelab.evaluate.generate import generate  # noqa: E402
-from tunelab.models import load_model, resolve_model  # noqa: E402
+from tunelab.model.load import load_model, resolve_model  # noqa: E402
 from tunelab.train.loop import choose_precision  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,7 +9,7 @@ alpha=32 on all linear layers (fp32 adapter), AdamW lr 2e-4, batch --batch, bf16
 autocast where the CPU has AMX, --warmup untimed steps then --steps timed steps.
 
 Sides: `bf16` (the base in the compute dtype), then every tunelab method that
-`tunelab.quantize.quantization_available` allows here (`int8`, `nf4`), loaded the
+`tunelab.model.quantize.quantization_available` allows here (`int8`, `nf4`), loaded the
 way tunelab loads them (`quantization_config` for from_pretrained, then
 `quantize_base`). With --candidates, also the libraries measured when choosing,
 each where its package is installed: bitsandbytes int8 (Linear8bitLt), torchao int8
@@ -53,8 +53,8 @@ def _load(side: str, dtype):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tunelab.models import attention_for_device, resolve_model
-    from tunelab.quantize import quantization_config
+    from tunelab.model.load import attention_for_device, resolve_model
+    from tunelab.model.quantize import quantization_config
 
     path = resolve_model("smollm2-135m-instruct").path
     if side == "bnb-int8":
@@ -121,8 +121,8 @@ def run_side(args: argparse.Namespace) -> dict:
     from tunelab.config import LoraConfig
     from tunelab.data.batches import collate
     from tunelab.data.tokenize import tokenize_conversations
-    from tunelab.models import attach_lora
-    from tunelab.quantize import quantize_base, weight_bytes
+    from tunelab.model.load import attach_lora
+    from tunelab.model.quantize import quantize_base, weight_bytes
     from tunelab.train.loop import choose_precision, make_optimizer, token_loss_sum
 
     torch.manual_seed(0)
@@ -142,7 +142,7 @@ def run_side(args: argparse.Namespace) -> dict:
     optimizer, _ = make_optimizer(model, 2e-4, 0.0, total, 0)
     model.train()
     losses, seconds, tokens = [], 0.0, 0
-    for step, batch in enumerate(batches):  # the step of tunelab.train.sft, without accumulation
+    for step, batch in enumerate(batches):  # the step of tunelab.train.recipe, without accumulation
         t0 = time.perf_counter()
         with precision.autocast():
             loss_sum, n = token_loss_sum(model, batch)
@@ -174,7 +174,7 @@ def sides(with_candidates: bool) -> tuple[list[str], dict[str, str]]:
     """Sides to run, and why each left out is left out."""
     import importlib.util
 
-    from tunelab.quantize import quantization_available
+    from tunelab.model.quantize import quantization_available
 
     run, skipped = ["bf16"], {}
     for method in ("int8", "nf4"):

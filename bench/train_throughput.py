@@ -19,7 +19,7 @@ torch_compile (it compiles the whole model: minutes on 2 cores, and again for ne
 sequence lengths, which 8 steps cannot pay back). tunelab's side sets up as
 train.setup does for a run long enough to pay for compiling (train.compile_layers: auto
 compiles from 300,000 tokens to train; this benchmark's few steps measure the speed such
-a run trains at): the RMSNorm and MLP activations compiled (tunelab.compiled_kernels), and
+a run trains at): the RMSNorm and MLP activations compiled (tunelab.model.kernels.compiled), and
 for every method but dora the whole decoder layers too, before the untimed warm-up; the
 compile's seconds are reported (`tunelab_compile_seconds`) and are not in the timing.
 --no-compile-layers keeps the layers eager (what a shorter run gets).
@@ -87,7 +87,7 @@ import sys
 import time
 from pathlib import Path
 
-from tunelab import allocator
+from tunelab.cli import allocator
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
@@ -122,16 +122,16 @@ def run_tunelab(args: argparse.Namespace) -> dict:
     import matmul_replay  # beside this script
     import torch
 
-    from tunelab.compiled_kernels import use_compiled_kernels, use_compiled_layers
+    from tunelab.model.kernels.compiled import use_compiled_kernels, use_compiled_layers
     from tunelab.config import LoraConfig
     from tunelab.data.batches import collate
     from tunelab.data.pack import collate_packed
     from tunelab.data.tokenize import tokenize_conversations
-    from tunelab.models import attach_lora, load_model, resolve_model
-    from tunelab.quantize import quantize_base
+    from tunelab.model.load import attach_lora, load_model, resolve_model
+    from tunelab.model.quantize import quantize_base
     from tunelab.train.loop import choose_precision, make_optimizer
     from tunelab.train.setup import decoder_layers, epoch_stream
-    from tunelab.train.sft import backward_on
+    from tunelab.train.recipe import backward_on
 
     torch.manual_seed(0)
     precision = choose_precision("auto")
@@ -197,7 +197,7 @@ def run_trl(args: argparse.Namespace) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from tunelab.models import resolve_model
+    from tunelab.model.load import resolve_model
     from tunelab.train.loop import choose_precision
 
     torch.manual_seed(0)
@@ -207,7 +207,7 @@ def run_trl(args: argparse.Namespace) -> dict:
     quantization = None
     if args.method == "int8":
         quantization = BitsAndBytesConfig(load_in_8bit=True)
-    elif args.method == "nf4":  # the same config as tunelab.quantize.quantization_config
+    elif args.method == "nf4":  # the same config as tunelab.model.quantize.quantization_config
         quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                           bnb_4bit_compute_dtype=precision.weights_dtype)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=precision.weights_dtype, quantization_config=quantization)
@@ -289,7 +289,7 @@ def flops_per_token(mean_length: float) -> float:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from tunelab.models import resolve_model
+    from tunelab.model.load import resolve_model
 
     cfg = AutoConfig.from_pretrained(resolve_model("smollm2-135m-instruct").path)
     with torch.device("meta"):  # shapes only, no memory
@@ -344,7 +344,7 @@ def summarize(method: str, ours: dict, trl: dict, bf16_peak: float) -> dict:
             "tunelab_matmul_gflops": ours["matmul_flops"] / ours["matmul_seconds"] / 1e9,
             "tunelab_mfu_ceiling": ours["tokens"] * fpt / ours["matmul_seconds"] / 1e9 / bf16_peak,
         }
-    if "compile_seconds" in ours:  # paid once before the first step (tunelab.compiled_kernels), not in the timing
+    if "compile_seconds" in ours:  # paid once before the first step (tunelab.model.kernels.compiled), not in the timing
         row |= {"tunelab_compile_seconds": ours["compile_seconds"], "tunelab_kernels": ours["kernels"]}
     both = len(ok) == 2
     row["ratio"] = ours["tokens_per_s"] / trl["tokens_per_s"] if both else None

@@ -2,7 +2,7 @@
 
 Nothing here downloads anything: the tokenizer is trained in-process on a small
 corpus, the model is a randomly initialised 2-layer Llama (hidden 16) saved as an
-HF folder, so `tunelab.models.resolve_model(str(folder))` accepts it.
+HF folder, so `tunelab.model.load.resolve_model(str(folder))` accepts it.
 """
 
 from __future__ import annotations
@@ -181,7 +181,7 @@ def tiny_model_dir(tiny_tokenizer, tmp_path_factory: pytest.TempPathFactory) -> 
 @pytest.fixture(scope="session")
 def tiny_loaded(tiny_model_dir):
     """(model, tokenizer) loaded the way tunelab loads them (fp32). Do not mutate the model."""
-    from tunelab.models import load_model, resolve_model
+    from tunelab.model.load import load_model, resolve_model
 
     model, tokenizer = load_model(resolve_model(str(tiny_model_dir)))
     model.eval()
@@ -238,7 +238,7 @@ class TrainedRun:
 
     def __init__(self, summary: dict, result, cfg) -> None:
         self.summary = summary
-        self.result = result  # tunelab.train.sft.TrainResult: the in-memory trained model and its data
+        self.result = result  # tunelab.train.recipe.TrainResult: the in-memory trained model and its data
         self.cfg = cfg
         self.path = Path(summary["run_dir"])
 
@@ -247,7 +247,7 @@ class TrainedRun:
 def trained_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> TrainedRun:
     """run_pipeline on the 5-label CSV: lr 1e-2, 6 epochs, evaluation against the base included."""
     import tunelab.pipeline
-    from tunelab.train.sft import train
+    from tunelab.train.recipe import train
 
     folder = tmp_path_factory.mktemp("trained")
     csv_path = write_csv(folder / "intents.csv", classification_rows())

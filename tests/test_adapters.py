@@ -8,8 +8,8 @@ import pytest
 import torch
 from rich.console import Console
 
-from tunelab.train.checkpoint import load_run
-from tunelab.train.sft import train
+from tunelab.rundir import load_run
+from tunelab.train.recipe import train
 
 
 @pytest.mark.parametrize("lora", [{"use_dora": True}, {"use_rslora": True}], ids=["dora", "rslora"])

@@ -1,4 +1,4 @@
-"""tunelab.allocator: model verbs relaunch once, in place, on tcmalloc when the system has it; never otherwise."""
+"""tunelab.cli.allocator: model verbs relaunch once, in place, on tcmalloc when the system has it; never otherwise."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tunelab import allocator
-from tunelab.allocator import OPT_OUT_VARIABLE, RELAUNCHED_VARIABLE, active_allocator, relaunch_env
+from tunelab.cli import allocator
+from tunelab.cli.allocator import OPT_OUT_VARIABLE, RELAUNCHED_VARIABLE, active_allocator, relaunch_env
 
 LIBRARY = "libtcmalloc_minimal.so.4"
 
@@ -54,7 +54,7 @@ def test_active_allocator_reads_the_process_maps(tmp_path):
 # Prints the allocator and the PID after the relaunch: one line means the process was replaced, not forked.
 PROBE = textwrap.dedent("""
     import os
-    from tunelab.allocator import active_allocator, relaunch_with_tcmalloc
+    from tunelab.cli.allocator import active_allocator, relaunch_with_tcmalloc
     relaunch_with_tcmalloc()
     print(active_allocator(), os.getpid())
 """)
@@ -90,7 +90,7 @@ def test_without_tcmalloc_the_process_goes_on_as_it_is(monkeypatch):
 def test_only_model_verbs_relaunch():
     import typer
 
-    from tunelab.cli import MODEL_VERBS, app
+    from tunelab.cli.app import MODEL_VERBS, app
 
     verbs = typer.main.get_command(app).commands
     assert MODEL_VERBS <= verbs.keys()  # each name is a real verb

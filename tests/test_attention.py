@@ -1,4 +1,4 @@
-"""tunelab.attention: grouped-query eager attention equals transformers' eager attention."""
+"""tunelab.model.kernels.attention: grouped-query eager attention equals transformers' eager attention."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from tunelab import attention
+from tunelab.model.kernels import attention
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +129,7 @@ def test_cached_decoding_behind_a_shared_prefix_equals_full_forward(gqa_model):
 
 def test_softmax_saving_rounded_has_the_softmax_gradient():
     """In float64 nothing is rounded: the hand-written backward is the softmax's own (gradcheck)."""
-    from tunelab.attention import _SoftmaxSavingRounded
+    from tunelab.model.kernels.attention import _SoftmaxSavingRounded
 
     scores = torch.randn(2, 3, 5, 7, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda s: _SoftmaxSavingRounded.apply(s, torch.float64), (scores,))
@@ -138,7 +138,7 @@ def test_softmax_saving_rounded_has_the_softmax_gradient():
 def test_softmax_saving_rounded_in_bf16_keeps_only_the_rounded_probabilities():
     """Same forward as softmax-in-fp32-then-cast, bit for bit; backward within bf16's rounding of the
     eager one; and what it keeps for backward is the bf16 output alone (no fp32 copy)."""
-    from tunelab.attention import softmax_saving_rounded
+    from tunelab.model.kernels.attention import softmax_saving_rounded
 
     scores = (torch.randn(4, 3, 48, 40, generator=torch.Generator().manual_seed(0)) * 3).bfloat16()
     grad = torch.randn(4, 3, 48, 40, generator=torch.Generator().manual_seed(1)).bfloat16()

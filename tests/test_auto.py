@@ -46,7 +46,7 @@ def test_config_rejects_non_positive_and_unknown_words():
 
 
 def test_a_run_with_auto_records_the_resolved_values_and_why(classification_csv, make_config):
-    from tunelab.train.sft import train
+    from tunelab.train.recipe import train
 
     cfg = make_config(classification_csv, train={"epochs": "auto", "batch_size": "auto", "learning_rate": "auto"})
     result = train(cfg, Console(stderr=True, quiet=True))

@@ -1,4 +1,4 @@
-"""tunelab.train.checkpoint: the run directory describes itself, and loads back to the same model."""
+"""tunelab.rundir: the run directory describes itself, and loads back to the same model."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from tunelab.config import RunConfig
 from tunelab.errors import TunelabError
-from tunelab.train.checkpoint import MANIFEST, RunDir, load_run, read_run_config
+from tunelab.rundir import MANIFEST, RunDir, load_run, read_run_config
 
 from conftest import expected_files, files_of
 

@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 
 from tunelab.cli import app
 from tunelab.data.clean import clean_file, log_path
-from tunelab.data.lint import lint_file
-from tunelab.data.validate import validate_file
+from tunelab.data.quality.lint import lint_file
+from tunelab.data.read import validate_file
 from tunelab.errors import TunelabError
 
 

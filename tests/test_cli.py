@@ -1,4 +1,4 @@
-"""tunelab.cli: user mistakes exit 2 with one line and no traceback; the verbs work end to end."""
+"""tunelab.cli.run: user mistakes exit 2 with one line and no traceback; the verbs work end to end."""
 
 from __future__ import annotations
 
@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from tunelab.cli import _parse_sets, app
+from tunelab.cli import app
+from tunelab.cli.run import _parse_sets
 from tunelab.data.records import Message
 from tunelab.data.tokenize import render_prompt
 from tunelab.errors import TunelabError
 from tunelab.evaluate.generate import generate
-from tunelab.train.checkpoint import load_run
+from tunelab.rundir import load_run
 from tunelab.train.loop import choose_precision
 
 from conftest import classification_rows, write_csv
@@ -110,10 +111,10 @@ def test_train_json_and_chat_in_process(tmp_path, tiny_model_dir, classification
 
 
 def test_summary_table(trained_run, capsys, monkeypatch):
-    from tunelab.cli import _print_summary
+    from tunelab.cli.render import print_summary
 
     monkeypatch.setenv("COLUMNS", "200")  # no wrapping inside table cells
-    _print_summary(trained_run.summary)
+    print_summary(trained_run.summary)
     out = capsys.readouterr().out
     assert f"{trained_run.summary['test_rows']} held-out test rows" in out
     assert "base, zero-shot" in out and "base, few-shot + labels" in out and "fine-tuned" in out

@@ -1,4 +1,4 @@
-"""tunelab.compiled_kernels: the compiled RMSNorm and gated MLP compute what the eager ones do."""
+"""tunelab.model.kernels.compiled: the compiled RMSNorm and gated MLP compute what the eager ones do."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
-from tunelab import compiled_kernels
-from tunelab.compiled_kernels import CompiledGatedMlp, CompiledNorm, restore_eager, use_compiled_kernels
+from tunelab.model.kernels import compiled as compiled_kernels
+from tunelab.model.kernels.compiled import CompiledGatedMlp, CompiledNorm, restore_eager, use_compiled_kernels
 from tunelab.config import LoraConfig
-from tunelab.models import attach_lora
+from tunelab.model.load import attach_lora
 
 
 def _llama(**overrides) -> LlamaForCausalLM:
@@ -171,7 +171,7 @@ def _saved_bytes_and_grads(fn, x: torch.Tensor, w: torch.Tensor) -> tuple[int, l
 def test_layers_compiled_under_the_activation_budget_keep_less_for_backward():
     """`use_compiled_layers`' budget: the partitioner recomputes elementwise results instead of keeping them,
     with the same gradients; the process-wide setting is left as it was."""
-    from tunelab.compiled_kernels import _within_activation_budget
+    from tunelab.model.kernels.compiled import _within_activation_budget
 
     # Two definitions of one layer-like chain (elementwise, product, elementwise): each compiles on its own.
     def layer_full(x, w):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from tunelab.compiled_kernels import eager_layers, restore_eager
+from tunelab.model.kernels.compiled import eager_layers, restore_eager
 from tunelab.data.pack import collate_packed
 from tunelab.train.loop import trained_logits, validation_loss
 

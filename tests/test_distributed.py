@@ -211,7 +211,7 @@ def test_resume_restores_each_process_rng_so_dropout_replays(tmp_path, tiny_mode
 
 def test_resume_with_another_process_count_is_an_error_with_the_command(tmp_path):
     from tunelab.errors import TunelabError
-    from tunelab.train.sft import require_same_processes
+    from tunelab.train.recipe import require_same_processes
 
     (tmp_path / "data.json").write_text(json.dumps({"processes": 2}))
     require_same_processes(tmp_path, World(0, 2))  # the same count: fine

@@ -1,4 +1,4 @@
-"""tunelab.dora: DoRA's weight norm by the row-norm identity equals PEFT's own layer."""
+"""tunelab.model.kernels.dora: DoRA's weight norm by the row-norm identity equals PEFT's own layer."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from peft import get_peft_model
 from peft.tuners.lora.dora import DoraLinearLayer
 from torch import nn
 
-from tunelab.dora import RowNormDoraLayer, use_row_norm_dora
-from tunelab.models import load_model, resolve_model
+from tunelab.model.kernels.dora import RowNormDoraLayer, use_row_norm_dora
+from tunelab.model.load import load_model, resolve_model
 
 IDS = torch.randint(0, 200, (3, 14), generator=torch.Generator().manual_seed(0))
 
@@ -148,7 +148,7 @@ def test_row_norm_dora_over_a_4bit_base_matches_peft(tiny_model_dir):
     """The base layer itself computes W Aᵀ, so a 4-bit base needs no dequantised weight per step."""
     from transformers import AutoModelForCausalLM
 
-    from tunelab.quantize import quantization_config
+    from tunelab.model.quantize import quantization_config
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32,
                                                 quantization_config=quantization_config("nf4", torch.float32))
@@ -165,7 +165,7 @@ def test_row_norm_dora_over_a_4bit_base_matches_peft(tiny_model_dir):
 
 def test_scaled_combine_gradients_are_exact():
     """The hand-written backward of `scale·(base + s·lora)` against autograd's numerical gradient."""
-    from tunelab.dora import _ScaleAdapted
+    from tunelab.model.kernels.dora import _ScaleAdapted
 
     gen = torch.Generator().manual_seed(0)
     base, lora = (torch.randn(2, 3, 5, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(2))
@@ -176,7 +176,7 @@ def test_scaled_combine_gradients_are_exact():
 def test_bf16_combine_keeps_small_magnitude_changes():
     """A scale of 1 + 1e-4 (below bf16's half step) moves the bf16 output as PEFT's fp32 sum,
     rounded once, does; rounding `base + s·lora` before scaling would round it away."""
-    from tunelab.dora import _ScaleAdapted
+    from tunelab.model.kernels.dora import _ScaleAdapted
 
     gen = torch.Generator().manual_seed(0)
     base = torch.randn(256, 512, generator=gen).to(torch.bfloat16)
@@ -196,8 +196,8 @@ def test_bf16_combine_keeps_small_magnitude_changes():
 
 def _fused_dora(model: nn.Module, kernels=None) -> nn.Module:
     """`model`'s DoRA layers on the fused path; `kernels` the eager ones (the math), unless given."""
-    from tunelab.dora import DoraKernels, combine, split_grad
-    from tunelab.fused_lora import use_fused_lora
+    from tunelab.model.kernels.dora import DoraKernels, combine, split_grad
+    from tunelab.model.kernels.fused_lora import use_fused_lora
 
     use_fused_lora(model)
     use_row_norm_dora(model)
@@ -208,7 +208,7 @@ def _fused_dora(model: nn.Module, kernels=None) -> nn.Module:
 
 
 def _count_fused_dora(monkeypatch) -> list[int]:
-    from tunelab import dora
+    from tunelab.model.kernels import dora
 
     calls = [0]
 
@@ -222,7 +222,7 @@ def _count_fused_dora(monkeypatch) -> list[int]:
 
 def test_fused_dora_backward_is_exact():
     """The hand-written backward of the one-node layer against autograd's numerical gradient (float64)."""
-    from tunelab.dora import DoraKernels, _DoraLinear, combine, split_grad
+    from tunelab.model.kernels.dora import DoraKernels, _DoraLinear, combine, split_grad
 
     gen = torch.Generator().manual_seed(0)
     kernels = DoraKernels(combine, split_grad)
@@ -257,8 +257,8 @@ def test_fused_dora_matches_peft_outputs_and_gradients(tiny_model_dir, monkeypat
 def test_compiled_fused_dora_in_bf16_is_as_close_to_fp32_as_peft(tiny_model_dir, monkeypatch):
     """How tunelab trains DoRA on AMX: bf16 base, fp32 adapters, bf16 autocast, the kernels compiled by
     `use_compiled_kernels`. Both sides round (differently), so each is held to the fp32 result."""
-    from tunelab.compiled_kernels import restore_eager, use_compiled_kernels
-    from tunelab.models import adapter_inputs_uncast
+    from tunelab.model.kernels.compiled import restore_eager, use_compiled_kernels
+    from tunelab.model.load import adapter_inputs_uncast
 
     reference_logits, reference_grads = _loss_and_grads(_peft_dora(tiny_model_dir), IDS)
     peft_model = _peft_dora(tiny_model_dir)
@@ -294,7 +294,7 @@ def test_compiled_fused_dora_in_bf16_is_as_close_to_fp32_as_peft(tiny_model_dir,
 def test_fused_combine_keeps_small_magnitude_changes():
     """`combine` rounds `scale·base + lora` once: a scale of 1 + 1e-4 (below bf16's half step) moves the
     output as PEFT's fp32 sum does, where scaling an already rounded bf16 output would not move it."""
-    from tunelab.dora import combine
+    from tunelab.model.kernels.dora import combine
 
     gen = torch.Generator().manual_seed(0)
     base = torch.randn(256, 512, generator=gen).to(torch.bfloat16)
@@ -329,7 +329,7 @@ def test_fused_dora_steps_aside_for_dropout_and_a_bias(tiny_model_dir, monkeypat
 def test_fused_dora_steps_aside_for_a_4bit_base(tiny_model_dir, monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    from tunelab.quantize import quantization_config
+    from tunelab.model.quantize import quantization_config
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32,
                                                 quantization_config=quantization_config("nf4", torch.float32))

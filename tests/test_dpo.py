@@ -12,7 +12,7 @@ import torch
 from tunelab.config import DataConfig, LoraConfig
 from tunelab.data.tokenize import IGNORE_INDEX
 from tunelab.errors import TunelabError
-from tunelab.models import attach_lora, load_model, resolve_model
+from tunelab.model.load import attach_lora, load_model, resolve_model
 from tunelab.train.dpo import (
     DpoStats, PairBatch, collate_pairs, dpo_loss_sum, dpo_validation, prepare_preference_data, reference_logprobs,
     require_adapter, sequence_logprobs,

@@ -9,8 +9,8 @@ from rich.console import Console
 from safetensors.torch import load_file
 
 from tunelab.train.early_stop import EarlyStopping
-from tunelab.train.resume import best_checkpoint, complete_checkpoints
-from tunelab.train.sft import train
+from tunelab.train.checkpoint import best_checkpoint, complete_checkpoints
+from tunelab.train.recipe import train
 
 
 def test_update_and_should_stop():

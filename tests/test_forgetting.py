@@ -159,7 +159,7 @@ def test_verdict_improvements_are_never_flagged():
 @pytest.fixture
 def fresh_model(tiny_model_dir):
     """A new copy of the tiny model: attaching LoRA changes a model in place, so the shared one is not used."""
-    from tunelab.models import load_model, resolve_model
+    from tunelab.model.load import load_model, resolve_model
 
     model, tokenizer = load_model(resolve_model(str(tiny_model_dir)))
     return model, tokenizer

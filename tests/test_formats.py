@@ -12,7 +12,7 @@ from tunelab.config import DataConfig
 from tunelab.data.convert import convert_file
 from tunelab.data.formats import FORMATS, detect_format
 from tunelab.data.records import Message, PreferencePair, read_conversations, read_preference_pairs
-from tunelab.data.validate import validate_file
+from tunelab.data.read import validate_file
 from tunelab.errors import TunelabError
 
 FORMATS_DIR = Path(__file__).parent / "data" / "formats"

@@ -1,4 +1,4 @@
-"""tunelab.fused_lora: the fused LoRA forward equals PEFT's own, and steps aside where it would not."""
+"""tunelab.model.kernels.fused_lora: the fused LoRA forward equals PEFT's own, and steps aside where it would not."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from peft import get_peft_model
 from peft.tuners.lora.layer import Linear as LoraLinear
 from torch import nn
 
-from tunelab import fused_lora
-from tunelab.fused_lora import FusedLoraLinear, use_fused_lora
-from tunelab.models import load_model, resolve_model
-from tunelab.quantize import quantize_base
+from tunelab.model.kernels import fused_lora
+from tunelab.model.kernels.fused_lora import FusedLoraLinear, use_fused_lora
+from tunelab.model.load import load_model, resolve_model
+from tunelab.model.quantize import quantize_base
 
 
 def _peft_lora(tiny_model_dir, dtype: torch.dtype = torch.float32, dropout: float = 0.0, alpha: float = 8,
@@ -83,7 +83,7 @@ def test_fused_lora_under_bf16_autocast_is_as_close_to_fp32_as_peft(tiny_model_d
     peft_model = _peft_lora(tiny_model_dir, dtype=torch.bfloat16)
     for m in peft_model.modules():
         if isinstance(m, LoraLinear):
-            m.cast_input_dtype_enabled = False  # as tunelab.models.adapter_inputs_uncast leaves them
+            m.cast_input_dtype_enabled = False  # as tunelab.model.load.adapter_inputs_uncast leaves them
     ours = copy.deepcopy(peft_model)
     use_fused_lora(ours)
     peft_logits, peft_grads = _loss_and_grads(peft_model, IDS, autocast=True)
@@ -133,7 +133,7 @@ def test_fused_lora_matches_peft_over_a_4bit_base(tiny_model_dir, monkeypatch, a
     """PEFT's bitsandbytes Linear4bit (QLoRA's base): the adapter added by `_AddLora`, the same numbers."""
     from transformers import AutoModelForCausalLM
 
-    from tunelab.quantize import quantization_config
+    from tunelab.model.quantize import quantization_config
 
     compute = torch.bfloat16 if autocast else torch.float32
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=compute,  # as tunelab loads a 4-bit base

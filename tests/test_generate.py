@@ -224,7 +224,7 @@ def test_prompt_pass_in_chunks_generates_the_same(model_and_tokenizer, monkeypat
 def test_prefix_read_in_place_generates_the_same(model_and_tokenizer, monkeypatch, temperature):
     """A long shared prefix is read in place, not copied into every row: same tokens as the copy and the plain path."""
     import tunelab.evaluate.generate as gen
-    from tunelab import attention
+    from tunelab.model.kernels import attention
 
     model, tokenizer = model_and_tokenizer
     ps = prompts(tokenizer, system="Classify the intent of the message into one of the labels. " * 3)

@@ -1,4 +1,4 @@
-"""tunelab.train.head_loss: the LM head and cross-entropy in row chunks equal the plain path, and keep no logits."""
+"""tunelab.model.kernels.head_loss: the LM head and cross-entropy in row chunks equal the plain path, and keep no logits."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tunelab.train import head_loss
-from tunelab.train.head_loss import fused_head_loss
+from tunelab.model.kernels import head_loss
+from tunelab.model.kernels.head_loss import fused_head_loss
 
 
 def plain_loss(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor) -> torch.Tensor:
@@ -132,7 +132,7 @@ def test_token_loss_sum_keeps_no_logits_for_backward(tiny_model_dir):
     from tunelab.config import LoraConfig
     from tunelab.data.batches import collate
     from tunelab.data.tokenize import IGNORE_INDEX, TokenizedExample
-    from tunelab.models import attach_lora
+    from tunelab.model.load import attach_lora
     from tunelab.train import loop
 
     model = attach_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),

@@ -1,4 +1,4 @@
-"""tunelab.data.lint: planted problems found at their lines, clean data left alone, PII never printed, exit codes."""
+"""tunelab.data.quality.lint: planted problems found at their lines, clean data left alone, PII never printed, exit codes."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from conftest import BOT, CHAT_TEMPLATE, EOT, REPO
 from tunelab.cli import app
 from tunelab.data.findings import LINT_KINDS
-from tunelab.data.lint import lint_file
+from tunelab.data.quality.lint import lint_file
 from tunelab.errors import TunelabError
 
 BANKING77 = REPO / "examples" / "banking77" / "train.csv"

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tunelab.train.checkpoint import load_run
-from tunelab.train.sft import train
+from tunelab.rundir import load_run
+from tunelab.train.recipe import train
 
 
 def _steps(run: Path) -> list[dict]:

@@ -1,4 +1,4 @@
-"""tunelab.models: resolving a model spec, loading, attaching LoRA."""
+"""tunelab.model.load: resolving a model spec, loading, attaching LoRA."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 
 from tunelab.config import DEFAULT_MODEL, LoraConfig
 from tunelab.errors import TunelabError
-from tunelab.models import attach_lora, load_model, resolve_model, tunelab_home, weights_fingerprint
+from tunelab.model.load import attach_lora, load_model, resolve_model, tunelab_home, weights_fingerprint
 
 
 def test_unknown_model_says_what_was_tried(tmp_path, monkeypatch):
@@ -64,7 +64,7 @@ def test_attach_lora_freezes_base_and_starts_as_identity(tiny_model_dir):
 def test_attach_lora_skips_the_input_cast(tiny_model_dir, use_dora):
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    from tunelab.dora import RowNormDoraLayer
+    from tunelab.model.kernels.dora import RowNormDoraLayer
 
     model, _ = load_model(resolve_model(str(tiny_model_dir)), dtype=torch.bfloat16)
     model = attach_lora(model, LoraConfig(rank=4, alpha=8, use_dora=use_dora))
@@ -81,7 +81,7 @@ def test_peft_dora_layers_keep_the_input_cast(tiny_model_dir):
     from peft.tuners.lora.dora import DoraLinearLayer
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    from tunelab.models import _input_dtype_free
+    from tunelab.model.load import _input_dtype_free
 
     model, _ = load_model(resolve_model(str(tiny_model_dir)), dtype=torch.bfloat16)
     model = get_peft_model(model, PeftLoraConfig(r=4, target_modules="all-linear", use_dora=True))

@@ -1,4 +1,4 @@
-"""tunelab.data.near_dup: MinHash-LSH finds what brute-force Jaccard finds, deterministically, on sets small and odd."""
+"""tunelab.data.quality.near_dup: MinHash-LSH finds what brute-force Jaccard finds, deterministically, on sets small and odd."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import re
 
 import numpy as np
 
-from tunelab.data import near_dup
-from tunelab.data.near_dup import Match, bands_for, earlier_matches, normalize, shingles, signatures
+from tunelab.data.quality import near_dup
+from tunelab.data.quality.near_dup import Match, bands_for, earlier_matches, normalize, shingles, signatures
 
 BASE = ("I ordered a replacement card two weeks ago and it still has not arrived at my home "
         "address, please check")  # 20 words

@@ -39,7 +39,7 @@ def make_examples(vocab: int, pad_id: int) -> list[TokenizedExample]:
 @pytest.fixture(scope="module")
 def models(tiny_model_dir):
     """One fp32 copy of the tiny Llama per attention implementation, with the loaded config (use_cache=True)."""
-    import tunelab.attention  # noqa: F401  (registers "tunelab_gqa")
+    import tunelab.model.kernels.attention  # noqa: F401  (registers "tunelab_gqa")
     from transformers import AutoModelForCausalLM
 
     return {

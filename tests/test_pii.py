@@ -1,10 +1,10 @@
-"""tunelab.data.pii: each kind found with a valid checksum, invalid ones left alone, and never shown unmasked."""
+"""tunelab.data.quality.pii: each kind found with a valid checksum, invalid ones left alone, and never shown unmasked."""
 
 from __future__ import annotations
 
 import pytest
 
-from tunelab.data.pii import KINDS, find_pii, mask_pii, masked_excerpt
+from tunelab.data.quality.pii import KINDS, find_pii, mask_pii, masked_excerpt
 
 
 def luhn_complete(prefix: str) -> str:

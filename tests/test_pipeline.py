@@ -68,7 +68,7 @@ def test_a_bf16_run_trains_evaluates_and_reloads(tmp_path, make_config, classifi
     """Every path that runs the model (training, validation, generation, reference losses, the forgetting
     probe, reloading) runs a bf16 base with fp32 adapters under autocast, as the skipped input cast requires."""
     from tunelab.evaluate.generate import generate
-    from tunelab.train.checkpoint import load_run
+    from tunelab.rundir import load_run
     from tunelab.train.loop import choose_precision
 
     cfg = make_config(classification_csv, train={"precision": "bf16", "epochs": 1, "eval_every": 2},

@@ -16,7 +16,7 @@ def test_plan_counts_the_run_and_writes_nothing(classification_csv, tmp_path, ma
     plan = make_plan(cfg, Console(stderr=True, quiet=True), probe_steps=2, price_per_hour=3.6)
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # nothing written
 
-    from tunelab.train.sft import train
+    from tunelab.train.recipe import train
 
     result = train(cfg, Console(stderr=True, quiet=True))  # the real run, for comparison
     steps = [json.loads(x) for x in (result.run.path / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
@@ -49,7 +49,7 @@ def test_plan_counts_a_dpo_run(make_config, tmp_path):
     """Preference pairs: tokens are both rows of every pair, as the run's steps count them."""
     from test_methods import _pairs_file
 
-    from tunelab.train.sft import train
+    from tunelab.train.recipe import train
 
     cfg = make_config(_pairs_file(tmp_path), data={"format": "chosen_rejected"},
                       train={"epochs": 1, "batch_size": 4, "eval_every": 0, "val_rows": 4})

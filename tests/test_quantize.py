@@ -1,4 +1,4 @@
-"""tunelab.quantize: a quantized frozen base under LoRA trains, saves plain PEFT adapters, reloads.
+"""tunelab.model.quantize: a quantized frozen base under LoRA trains, saves plain PEFT adapters, reloads.
 
 int8 is built in (torch only) and always tested; nf4 needs bitsandbytes (the `quant`
 extra) and is skipped with the reason when it is not installed.
@@ -21,8 +21,8 @@ from tunelab.data.batches import collate
 from tunelab.data.records import Conversation, Message
 from tunelab.data.tokenize import tokenize_conversations
 from tunelab.errors import TunelabError
-from tunelab.models import attach_lora, load_model, resolve_model
-from tunelab.quantize import (
+from tunelab.model.load import attach_lora, load_model, resolve_model
+from tunelab.model.quantize import (
     Int8Linear, QuantizedInfo, quantization_available, quantization_config, quantize_base, require_quantization,
     weight_bytes,
 )

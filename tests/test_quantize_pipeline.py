@@ -10,7 +10,7 @@ import torch
 from rich.console import Console
 
 from tunelab.errors import TunelabError
-from tunelab.train.sft import train
+from tunelab.train.recipe import train
 
 NF4 = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
                          reason="nf4 needs bitsandbytes: pip install 'tunelab[quant]'")
@@ -37,7 +37,7 @@ def test_recipe_refuses_int8_with_dora_before_loading(classification_csv, make_c
 
 
 def test_load_run_rebuilds_the_quantized_base(classification_csv, make_config):
-    from tunelab.train.checkpoint import load_run
+    from tunelab.rundir import load_run
 
     cfg = make_config(classification_csv, lora={"quantize_base": "int8"}, train={"epochs": 2, "learning_rate": 1e-2})
     result = train(cfg, Console(stderr=True, quiet=True))

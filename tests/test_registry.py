@@ -1,4 +1,4 @@
-"""tunelab.registry and `tunelab models ...`: register, resolve, promote through the gate, roll back, delete, log."""
+"""tunelab.registry.store and `tunelab models ...`: register, resolve, promote through the gate, roll back, delete, log."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from tunelab.cli_models import diff_records, models_app
+from tunelab.cli.models import diff_records, models_app
 from tunelab.errors import TunelabError
-from tunelab.registry import INDEX, Registry, default_root, eval_summary, gate
+from tunelab.registry.store import INDEX, Registry, default_root, eval_summary, gate
 
 
 def comparison(delta: float = 0.3, significant: bool = True) -> dict[str, Any]:
@@ -41,7 +41,7 @@ def good_eval(**comparisons: dict[str, Any]) -> dict[str, Any]:
 def make_run(folder: Path, tokenizer, *, eval_json: dict | None = None, rank: int = 4,
              data_sha: str = "d" * 64) -> Path:
     """A finished run directory as `tunelab train` lays it out (manifest last), without training."""
-    from tunelab.train.checkpoint import RunDir  # imports torch: only where a run is built
+    from tunelab.rundir import RunDir  # imports torch: only where a run is built
 
     (folder / "adapter").mkdir(parents=True)
     (folder / "adapter" / "adapter_config.json").write_text(json.dumps({"r": rank}))
@@ -81,7 +81,7 @@ def files_under(path: Path) -> set[str]:
 def test_register_copies_a_real_run_that_survives_deleting_runs(trained_run, tmp_path, reg):
     from transformers import AutoTokenizer
 
-    from tunelab.template_canary import template_fingerprint
+    from tunelab.model.template_canary import template_fingerprint
 
     copy = shutil.copytree(trained_run.path, tmp_path / "runs" / trained_run.path.name)
     manifest = json.loads((copy / "manifest.json").read_text())
@@ -316,7 +316,7 @@ def test_diff_names_config_data_and_metric_differences(reg, tmp_path, tiny_token
 
 
 def test_default_root_follows_the_environment(monkeypatch, tmp_path):
-    from tunelab.models import tunelab_home
+    from tunelab.model.load import tunelab_home
 
     monkeypatch.delenv("TUNELAB_REGISTRY", raising=False)
     assert default_root() == tunelab_home() / "registry"
@@ -333,12 +333,12 @@ def _register_when_released(root: str, run_dir: str, barrier, results) -> None:
 
     import transformers  # noqa: F401 - the slow import before the barrier, so the registrations really race
 
-    import tunelab.registry
+    import tunelab.registry.store
 
     # Widen the race window: the clock is read inside the index transaction, so each registration holds
     # it for ~0.6 s. Without the write lock taken up front, overlapping transactions then fail or collide.
-    real_now = tunelab.registry._now
-    tunelab.registry._now = lambda: (time.sleep(0.3), real_now())[1]
+    real_now = tunelab.registry.store._now
+    tunelab.registry.store._now = lambda: (time.sleep(0.3), real_now())[1]
     barrier.wait(timeout=120)
     results.put(Registry(Path(root)).register(Path(run_dir), "race").version)
 

@@ -17,9 +17,9 @@ from rich.console import Console
 from safetensors.torch import load_file
 
 from tunelab.errors import TunelabError
-from tunelab.train.checkpoint import read_run_config_for_resume
-from tunelab.train.resume import complete_checkpoints
-from tunelab.train.sft import train
+from tunelab.rundir import read_run_config_for_resume
+from tunelab.train.checkpoint import complete_checkpoints
+from tunelab.train.recipe import train
 
 TRAIN = {"epochs": 30, "batch_size": 4, "learning_rate": 5e-3, "checkpoint_every": 5, "keep_checkpoints": 3,
          "val_rows": 0}

@@ -25,9 +25,9 @@ def test_smollm2_two_steps_on_banking77(tmp_path):
     from tunelab.data.records import Conversation, Message
     from tunelab.data.tokenize import IGNORE_INDEX, render_prompt, tokenize_conversations
     from tunelab.evaluate.generate import generate
-    from tunelab.models import resolve_model, tunelab_home
+    from tunelab.model.load import resolve_model, tunelab_home
     from tunelab.pipeline import run_pipeline
-    from tunelab.train.checkpoint import load_run
+    from tunelab.rundir import load_run
     from tunelab.train.loop import choose_precision
 
     resolved = resolve_model("smollm2-135m-instruct")

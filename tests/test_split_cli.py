@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from conftest import REPO
 from tunelab.cli import app
-from tunelab.data.overlap import split_leakage
+from tunelab.data.quality.overlap import split_leakage
 from tunelab.data.records import Conversation, Message
 from tunelab.data.split import split_conversations
 from tunelab.data.split_files import REPORT_NAME, parse_fractions, split_file

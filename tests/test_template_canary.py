@@ -1,4 +1,4 @@
-"""tunelab.template_canary: the chat template and EOS token are checked where an adapter is loaded."""
+"""tunelab.model.template_canary: the chat template and EOS token are checked where an adapter is loaded."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import re
 import pytest
 
 from tunelab.errors import TunelabError
-from tunelab.template_canary import (
+from tunelab.model.template_canary import (
     CANARIES,
     check_chat_template,
     check_run_tokenizer,
@@ -127,7 +127,7 @@ def test_loading_a_run_whose_saved_template_was_altered_fails_with_the_differenc
     import shutil
 
     from tunelab.errors import TunelabError
-    from tunelab.train.checkpoint import load_run
+    from tunelab.rundir import load_run
 
     run = tmp_path / "run"
     shutil.copytree(trained_run.path, run)

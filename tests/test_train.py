@@ -1,4 +1,4 @@
-"""tunelab.train.sft: the loop learns, accumulation is exact, the micro-batch stream has the right length."""
+"""tunelab.train.recipe: the loop learns, accumulation is exact, the micro-batch stream has the right length."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from tunelab.config import LoraConfig
 from tunelab.data.batches import collate
 from tunelab.data.records import Conversation, Message
 from tunelab.data.tokenize import TokenizedExample, tokenize_conversations
-from tunelab.models import attach_lora, load_model, resolve_model
+from tunelab.model.load import attach_lora, load_model, resolve_model
 from tunelab.train.loop import choose_precision
 from tunelab.train.setup import epoch_stream
-from tunelab.train.sft import backward_on
+from tunelab.train.recipe import backward_on
 
 
 def metrics(run_path):
@@ -160,7 +160,7 @@ def test_no_shared_prefix_when_rows_differ_from_the_start(tiny_tokenizer):
 def test_prefix_in_batch_and_cached_prefix_equal_the_plain_forward(tiny_model_dir, monkeypatch, packed, room):
     """Both ways of computing the shared prefix once (inside the same forward, in a row's padding or as one
     more row; or a forward of its own into a KV cache) give the plain forward's loss and gradients."""
-    from tunelab import attention
+    from tunelab.model.kernels import attention
     from tunelab.data.pack import collate_packed
     from tunelab.train import loop
 

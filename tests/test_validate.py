@@ -1,4 +1,4 @@
-"""tunelab.data.validate: every problem of a file at once, at its line and field, of a stable kind."""
+"""tunelab.data.read: every problem of a file at once, at its line and field, of a stable kind."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from tunelab.config import DataConfig
 from tunelab.data.findings import KINDS, Finding
 from tunelab.data.records import read_chat_jsonl, read_conversations
-from tunelab.data.validate import validate_bytes, validate_file
+from tunelab.data.read import validate_bytes, validate_file
 from tunelab.errors import TunelabError
 
 MALFORMED = Path(__file__).parent / "data" / "malformed"

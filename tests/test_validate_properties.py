@@ -13,7 +13,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 from tunelab.data.findings import KINDS  # noqa: E402
 from tunelab.data.formats import FORMATS  # noqa: E402
-from tunelab.data.validate import validate_bytes  # noqa: E402
+from tunelab.data.read import validate_bytes  # noqa: E402
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".tsv")
 KEYS = ["messages", "role", "content", "weight", "prompt", "completion", "instruction", "input", "output",

@@ -17,10 +17,10 @@ from tunelab.config import RunConfig
 from tunelab.errors import TunelabError
 from tunelab.evaluate.evaluation import evaluate_run, summary_of
 from tunelab.evaluate.report import write_report
-from tunelab.models import load_model
+from tunelab.model.load import load_model
 from tunelab.train import distributed
-from tunelab.train.checkpoint import MANIFEST
-from tunelab.train.sft import TrainResult, train
+from tunelab.rundir import MANIFEST
+from tunelab.train.recipe import TrainResult, train
 
 
 def run_pipeline(cfg: RunConfig, console: Console | None = None, resume: Path | None = None) -> dict[str, Any]:
@@ -68,8 +68,8 @@ def evaluate_saved_run(run_dir: Path, data: Path | None = None, data_format: str
     from tunelab.config import EvalConfig
     from tunelab.data.records import read_conversations
     from tunelab.data.split import split_conversations
-    from tunelab.models import resolve_model
-    from tunelab.train.checkpoint import RunDir, load_run
+    from tunelab.model.load import resolve_model
+    from tunelab.rundir import RunDir, load_run
     from tunelab.train.loop import choose_precision
 
     console = console or Console(stderr=True)

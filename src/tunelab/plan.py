@@ -26,12 +26,12 @@ from typing import Any
 
 from rich.console import Console
 
-from tunelab.compiled_kernels import restore_eager
+from tunelab.model.kernels.compiled import restore_eager
 from tunelab.config import RunConfig
 from tunelab.evaluate.evaluation import evaluate_run
 from tunelab.evaluate.generate import AUTO_MAX_ROWS
 from tunelab.train.setup import setup
-from tunelab.train.sft import backward_on, validate
+from tunelab.train.recipe import backward_on, validate
 
 DEFAULT_PRICE_PER_HOUR = 0.10  # USD; about a 2-vCPU cloud VM. Pass your own with --price-per-hour.
 

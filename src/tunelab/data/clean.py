@@ -27,11 +27,11 @@ from rich.console import Console
 
 from tunelab.data.convert import chat_row, dpo_row, write_jsonl
 from tunelab.data.findings import Finding
-from tunelab.data.overlap import exact_duplicates
-from tunelab.data.pii import KINDS as PII_KINDS
-from tunelab.data.pii import mask_pii
+from tunelab.data.quality.overlap import exact_duplicates
+from tunelab.data.quality.pii import KINDS as PII_KINDS
+from tunelab.data.quality.pii import mask_pii
 from tunelab.data.records import Conversation, Message, PreferencePair
-from tunelab.data.validate import Report, validate_file
+from tunelab.data.read import Report, validate_file
 from tunelab.errors import TunelabError
 
 Record = Conversation | PreferencePair

@@ -14,7 +14,7 @@ from tunelab.data.records import Conversation, read_conversations
 from tunelab.data.split import Split, split_conversations
 from tunelab.data.tokenize import TokenizedExample, tokenize_conversations
 from tunelab.errors import TunelabError
-from tunelab.files import file_sha256
+from tunelab.io import file_sha256
 
 MIN_TRAIN_EXAMPLES = 1
 

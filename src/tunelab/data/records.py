@@ -23,7 +23,7 @@ from tunelab.config import DataConfig
 from tunelab.errors import TunelabError
 
 if TYPE_CHECKING:
-    from tunelab.data.validate import Report
+    from tunelab.data.read import Report
 
 Role = Literal["system", "user", "assistant", "tool"]
 ROLES: tuple[str, ...] = ("system", "user", "assistant", "tool")
@@ -136,7 +136,7 @@ def with_system_prompt(convs: list[Conversation], system_prompt: str | None) -> 
 
 def _read_checked(cfg: DataConfig) -> Report:
     # Imported here, not at the top: validate.py builds the record types defined above.
-    from tunelab.data.validate import read_checked
+    from tunelab.data.read import read_checked
 
     report = read_checked(Path(cfg.path), cfg.format, input_column=cfg.input_column, output_column=cfg.output_column)
     if report.detected:

@@ -27,10 +27,10 @@ from pathlib import Path
 from rich.console import Console
 
 from tunelab.data.convert import chat_row, write_jsonl
-from tunelab.data.near_dup import DEFAULT_THRESHOLD
-from tunelab.data.overlap import Leak, split_leakage
+from tunelab.data.quality.near_dup import DEFAULT_THRESHOLD
+from tunelab.data.quality.overlap import Leak, split_leakage
 from tunelab.data.split import SPLIT_NAMES, Split, split_conversations
-from tunelab.data.validate import read_checked
+from tunelab.data.read import read_checked
 from tunelab.errors import TunelabError
 
 REPORT_NAME = "split_report.json"

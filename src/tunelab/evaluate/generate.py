@@ -41,8 +41,8 @@ import torch
 from transformers import DynamicCache, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicLayer
 
-from tunelab import attention
-from tunelab.attention import generation_kernels
+from tunelab.model.kernels import attention
+from tunelab.model.kernels.attention import generation_kernels
 from tunelab.errors import TunelabError
 from tunelab.evaluate.kv_cache import reserved_cache
 from tunelab.train.loop import Precision, body_and_head, reads_prefix_in_place

@@ -1,182 +1,146 @@
-"""A run directory that describes itself, and loading it back.
+"""Checkpoints that resume exactly: trainable weights, optimizer, scheduler, RNG and position.
 
-    runs/banking77-20261122-101500/
-      adapter/            adapter_config.json + adapter_model.safetensors (PEFT format) + README.md (PEFT's model card)
-      model/              instead of adapter/ after full fine-tuning: an HF model folder (config + safetensors)
-      tokenizer/          tokenizer.json, tokenizer_config.json, chat_template.jinja
-      config.json         the resolved RunConfig (absolute paths, every default filled in)
-      data.json           rows per split, data hash, tokens, trained tokens per example
-      metrics.jsonl       one JSON object per optimizer step / validation
-      checkpoints/        step-NNNNNNN/: weights, optimizer, scheduler, RNG (see resume.py); the last K kept
-      eval.json           evaluation summary (fine-tune vs base on the same test rows)
-      manifest.json       written last: every file with its size and sha256
+    runs/NAME/checkpoints/step-0000040/
+      trainable.safetensors   every trainable parameter, by name (fp32, bit-exact)
+      optimizer.safetensors   AdamW moments and step counts per parameter, and every process's RNG state
+      state.json              step, optimizer hyperparameters, scheduler state
+      checkpoint.json         written last, inside the folder before it is renamed into place
 
-Every file is written to a temporary name and renamed, and `manifest.json` comes
-last, so a directory without a manifest is an unfinished run and is never loaded.
+Under several processes every one of them calls `save_checkpoint`: sharded (FSDP)
+weights and moments are gathered to whole tensors and each process's RNG state is
+collected, then rank 0 alone writes. So the files do not depend on how the run was
+spread, and each process resumes with its own RNG stream (dropout stays exact).
+
+No pickle anywhere. A checkpoint folder is written under a temporary name and renamed
+only when whole, so a crash mid-write leaves a `.step-*` folder that resume ignores.
+
+The data order needs no saving: the run's micro-batch stream is a pure function of
+the data, the config and the seed (`setup.epoch_stream`), so resuming at step k
+rebuilds it and continues with micro-batch k's group.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import re
 import shutil
 import tempfile
-import time
 from pathlib import Path
-from typing import Any
 
 import torch
-from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from safetensors.torch import load_file, save_file
 
-from tunelab.config import RunConfig
-from tunelab.errors import TunelabError
-from tunelab.files import file_sha256
-from tunelab.models import adapter_inputs_uncast, attention_for_device, load_model, resolve_model
-from tunelab.quantize import quantize_base
-from tunelab.template_canary import check_recorded_template
+from tunelab.train.distributed import World, all_gather_tensor, full_tensor, shard_like
 
-MANIFEST = "manifest.json"
+CHECKPOINTS = "checkpoints"
+DONE = "checkpoint.json"
+BEST = "best.json"  # {"step", "val_loss"} of the best checkpoint, when validation runs
+_NAME = re.compile(r"^step-(\d{7})$")
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-class RunDir:
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    @classmethod
-    def create(cls, output_dir: Path, name: str) -> "RunDir":
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        path = Path(output_dir) / f"{name}-{stamp}"
-        suffix = 1
-        while path.exists():  # two runs in the same second
-            suffix += 1
-            path = Path(output_dir) / f"{name}-{stamp}-{suffix}"
-        path.mkdir(parents=True)
-        return cls(path)
-
-    def write_json(self, name: str, obj: Any) -> None:
-        write_json_atomic(self.path / name, obj)
-
-    def append_metrics(self, record: dict[str, Any]) -> None:
-        # Appending a line is the one non-atomic write: a crash loses at most a partial last line.
-        with (self.path / "metrics.jsonl").open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-
-    def truncate_metrics(self, after_step: int) -> None:
-        """Drop logged steps past `after_step` (a resumed run redoes them), atomically."""
-        path = self.path / "metrics.jsonl"
-        if not path.is_file():
-            return
-        kept = []
-        for line in path.read_text(encoding="utf-8").splitlines():
-            record = _parse(line)  # None for a partial last line left by a crash
-            final_validation = record is not None and "val_loss" in record and "loss" not in record
-            if record is not None and record.get("step", 0) <= after_step and not final_validation:
-                kept.append(line)
-        fd, tmp = tempfile.mkstemp(prefix=".metrics.", dir=self.path)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write("".join(line + "\n" for line in kept))
-        os.replace(tmp, path)
-
-    def save_adapter(self, model: PeftModel) -> None:
-        self._save_dir("adapter", lambda tmp: model.save_pretrained(tmp, safe_serialization=True))
-
-    def save_trained(self, model: PeftModel | PreTrainedModel, state_dict: dict[str, torch.Tensor] | None = None) -> None:
-        """The adapter (PEFT format) after LoRA, or the whole model (an HF folder, `model/`) after full tuning.
-
-        `state_dict`: the whole weights when the model itself holds only shards (FSDP).
-        """
-        if isinstance(model, PeftModel):
-            self.save_adapter(model)
-        else:
-            self._save_dir("model", lambda tmp: model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True))
-
-    def load_saved_model(self) -> PreTrainedModel:
-        """The fully tuned model as saved in `model/` (fp32, like the weights that trained)."""
-        model = AutoModelForCausalLM.from_pretrained(self.path / "model", dtype=torch.float32,
-                                                     attn_implementation=attention_for_device())
-        return model.eval()
-
-    def save_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> None:
-        self._save_dir("tokenizer", lambda tmp: tokenizer.save_pretrained(tmp))
-
-    def _save_dir(self, name: str, save) -> None:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=self.path))
-        try:
-            save(tmp)
-            final = self.path / name
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-    def write_manifest(self, extra: dict[str, Any]) -> None:
-        """Last write of a run: lists every file, so its presence means the run is whole."""
-        files = {
-            str(p.relative_to(self.path)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
-            for p in sorted(self.path.rglob("*"))
-            if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")
-        }
-        self.write_json(MANIFEST, {"format": "tunelab-run/1", "files": files, **extra})
-
-
-def _parse(line: str) -> dict | None:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError:
+def save_checkpoint(run_path: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, keep: int, world: World = World()) -> Path | None:
+    """Write step `step`'s checkpoint (rank 0; the others only take part in gathering). Returns its folder on rank 0."""
+    # Collectives first, in the same order on every process.
+    trainable = {n: full_tensor(p.detach()).contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    state = optimizer.state_dict()
+    tensors = {f"{idx}.{key}": full_tensor(value).contiguous()
+               for idx, st in state["state"].items() for key, value in st.items()}
+    tensors.update(_rng_states(world))
+    if not world.is_main:
         return None
-    return record if isinstance(record, dict) else None
+    root = run_path / CHECKPOINTS
+    root.mkdir(exist_ok=True)
+    final = root / f"step-{step:07d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:07d}.", dir=root))
+    try:
+        save_file(trainable, tmp / "trainable.safetensors")
+        save_file(tensors, tmp / "optimizer.safetensors")
+        (tmp / "state.json").write_text(json.dumps({
+            "step": step, "param_groups": state["param_groups"], "scheduler": scheduler.state_dict(),
+            "processes": world.size,
+        }))
+        (tmp / DONE).write_text(json.dumps({"step": step, "format": "tunelab-checkpoint/1"}))
+        if final.exists():  # a re-run of the same step after resume: replace it whole
+            shutil.rmtree(final)
+        tmp.rename(final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    best = best_checkpoint(run_path)
+    for old in complete_checkpoints(run_path)[:-keep]:
+        if old != best:  # the best checkpoint outlives pruning
+            shutil.rmtree(old, ignore_errors=True)
+    return final
 
 
-def read_run_config_for_resume(run_dir: Path) -> RunConfig:
-    """The resolved config of a run that may be unfinished (resume needs no manifest, only a config)."""
-    path = run_dir / "config.json"
-    if not path.is_file():
-        raise TunelabError(f"{run_dir} has no config.json", fix="pass a run directory written by `tunelab train`")
-    return RunConfig.model_validate_json(path.read_text(encoding="utf-8"))
+def _rng_states(world: World) -> dict[str, torch.Tensor]:
+    """Each process's torch RNG (and CUDA RNG): rank 0's as `rng.torch` (the one-process format), rank r's as `rng.torch.r`."""
+    states: dict[str, torch.Tensor] = {}
+    for kind, get in (("torch", torch.get_rng_state), ("cuda", torch.cuda.get_rng_state)):
+        if kind == "cuda" and not torch.cuda.is_available():
+            continue
+        for rank, value in enumerate(all_gather_tensor(get(), world)):
+            states[f"rng.{kind}" if rank == 0 else f"rng.{kind}.{rank}"] = value
+    return states
 
 
-def read_run_config(run_dir: Path) -> RunConfig:
-    if not (run_dir / MANIFEST).is_file():
-        raise TunelabError(
-            f"{run_dir} is not a finished run (no {MANIFEST})",
-            fix="pass a run directory printed by `tunelab train` or `tunelab demo`",
-        )
-    return RunConfig.model_validate_json((run_dir / "config.json").read_text(encoding="utf-8"))
+def _restore_rng(tensors: dict[str, torch.Tensor], world: World) -> None:
+    """This process's RNG state (rank r's `rng.torch.r`). Resume requires the process count the run trained with
+    (sft.require_same_processes); a rank missing from an older checkpoint falls back to rank 0's state."""
+    for kind, setter in (("torch", torch.set_rng_state), ("cuda", torch.cuda.set_rng_state)):
+        mine = tensors.get(f"rng.{kind}" if world.rank == 0 else f"rng.{kind}.{world.rank}", tensors.get(f"rng.{kind}"))
+        if mine is not None and (kind == "torch" or torch.cuda.is_available()):
+            setter(mine)
 
 
-def load_run(
-    run_dir: Path, dtype: torch.dtype = torch.float32
-) -> tuple[PeftModel | PreTrainedModel, PreTrainedTokenizerBase, RunConfig]:
-    """Base model + the run's adapter (or the fully tuned model) + the run's tokenizer.
+def mark_best(run_path: Path, step: int, val_loss: float) -> None:
+    """Record which checkpoint has the lowest validation loss (written atomically)."""
+    tmp = run_path / CHECKPOINTS / ".best.json.tmp"
+    tmp.write_text(json.dumps({"step": step, "val_loss": val_loss}))
+    tmp.replace(run_path / CHECKPOINTS / BEST)
 
-    The chat template travels with the run: it is loaded from RUN_DIR/tokenizer.
+
+def best_checkpoint(run_path: Path) -> Path | None:
+    marker = run_path / CHECKPOINTS / BEST
+    if not marker.is_file():
+        return None
+    return run_path / CHECKPOINTS / f"step-{json.loads(marker.read_text())['step']:07d}"
+
+
+def load_weights(path: Path, model: torch.nn.Module) -> None:
+    """Only the trainable weights of a checkpoint (e.g. the best one, before saving the adapter).
+
+    Every process calls it; a sharded parameter takes its own part of the whole tensor.
     """
-    cfg = read_run_config(run_dir)
-    tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokenizer")
-    recorded = json.loads((run_dir / "data.json").read_text(encoding="utf-8")).get("chat_template")
-    if recorded:  # the canary: the template renders today exactly as it did in training
-        check_recorded_template(recorded, tokenizer, where=str(run_dir / "tokenizer"), run_dir=run_dir)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if (run_dir / "model").is_dir():  # full fine-tuning
-        model = AutoModelForCausalLM.from_pretrained(
-            run_dir / "model", dtype=dtype, attn_implementation=attention_for_device()
-        )
-    else:
-        # The base as it was trained on: the adapter learned over the quantized weights (it also loads over
-        # the unquantized base, with outputs off by the quantization error: ~2% of the logits for int8).
-        base, _ = load_model(resolve_model(cfg.model), dtype=dtype, quantize=cfg.lora.quantize_base)
-        quantize_base(base, cfg.lora.quantize_base, dtype)
-        model = adapter_inputs_uncast(PeftModel.from_pretrained(base, run_dir / "adapter"))
-    model.eval()
-    return model, tokenizer, cfg
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in load_file(path / "trainable.safetensors").items():
+            params[name].copy_(shard_like(value, params[name]))
+
+
+def complete_checkpoints(run_path: Path) -> list[Path]:
+    """Whole checkpoints, oldest first; half-written (temporary or without checkpoint.json) are skipped."""
+    root = run_path / CHECKPOINTS
+    found = [p for p in root.iterdir() if _NAME.match(p.name) and (p / DONE).is_file()] if root.is_dir() else []
+    return sorted(found, key=lambda p: p.name)
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, world: World = World()) -> int:
+    """Restore everything `save_checkpoint` wrote (every process calls it); returns the step it was taken after."""
+    load_weights(path, model)
+    saved = json.loads((path / "state.json").read_text())
+    tensors = load_file(path / "optimizer.safetensors")
+    _restore_rng(tensors, world)
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # optimizer state index -> parameter
+    per_param: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("rng."):
+            continue
+        idx, name = key.split(".", 1)
+        # Moments have the parameter's shape and are split like it; the step count is a scalar.
+        value = shard_like(value, params[int(idx)]) if value.shape == params[int(idx)].shape else value
+        per_param.setdefault(int(idx), {})[name] = value
+    optimizer.load_state_dict({"state": per_param, "param_groups": saved["param_groups"]})
+    scheduler.load_state_dict(saved["scheduler"])
+    return int(saved["step"])

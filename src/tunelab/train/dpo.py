@@ -52,7 +52,7 @@ from tunelab.data.records import Conversation, Message, PreferencePair, read_pre
 from tunelab.data.split import split_conversations
 from tunelab.data.tokenize import IGNORE_INDEX, TokenizedExample, tokenize_conversations
 from tunelab.errors import TunelabError
-from tunelab.files import file_sha256
+from tunelab.io import file_sha256
 from tunelab.train.loop import Precision, trained_logits
 
 PREFERENCE_FORMATS = ("dpo", "chosen_rejected")

@@ -21,12 +21,12 @@ from transformers import (
     DynamicCache, PreTrainedModel, get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup,
 )
 
-from tunelab import attention
-from tunelab.compiled_kernels import eager_layers
+from tunelab.model.kernels import attention
+from tunelab.model.kernels.compiled import eager_layers
 from tunelab.data.batches import Batch
 from tunelab.data.pack import prefix_block_mask
 from tunelab.data.tokenize import IGNORE_INDEX
-from tunelab.train.head_loss import fused_head_loss
+from tunelab.model.kernels.head_loss import fused_head_loss
 
 
 PrefixKV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer, (keys, values) of a shared prefix: (1, Hkv, P, D)

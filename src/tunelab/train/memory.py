@@ -32,9 +32,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from tunelab.attention import NAME as TUNELAB_ATTENTION
+from tunelab.model.kernels.attention import NAME as TUNELAB_ATTENTION
 from tunelab.config import LoraConfig
-from tunelab.quantize import weight_bytes
+from tunelab.model.quantize import weight_bytes
 
 # Activations are multiplied by this. Measured on this project's 2-core AMX CPU (one thread; torch 2.13,
 # transformers 5.23, peft 0.21): SmolLM2-135M-Instruct, bf16 autocast, rows of random tokens with the last

@@ -15,8 +15,8 @@ from peft import PeftModel
 from rich.console import Console
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from tunelab import allocator
-from tunelab.compiled_kernels import (
+from tunelab.cli import allocator
+from tunelab.model.kernels.compiled import (
     LAYER_COMPILE_TOKENS, CompiledKernels, is_llama_layer, restore_eager, use_compiled_kernels, use_compiled_layers,
 )
 from tunelab.config import RunConfig
@@ -25,8 +25,8 @@ from tunelab.data.pack import collate_packed, pack_summary
 from tunelab.data.prepare import PreparedData, prepare_data
 from tunelab.data.tokenize import TokenizedExample
 from tunelab.errors import TunelabError
-from tunelab.models import ResolvedModel, attach_lora, load_model, resolve_model, unfreeze_all
-from tunelab.quantize import quantize_base, require_quantization
+from tunelab.model.load import ResolvedModel, attach_lora, load_model, resolve_model, unfreeze_all
+from tunelab.model.quantize import quantize_base, require_quantization
 from tunelab.train import auto, distributed
 from tunelab.train.auto import Choice
 from tunelab.train.distributed import World
@@ -258,7 +258,7 @@ def _compile_layers(s: Setup, kernels: CompiledKernels | None, console: Console)
     started = time.perf_counter()
     use_compiled_layers(layers)
     s.model.train()  # the mode every step runs in (a graph is specialised to it)
-    from tunelab.train.sft import backward_on  # (sft imports this module)
+    from tunelab.train.recipe import backward_on  # (sft imports this module)
 
     try:
         backward_on(s.loss_module, [s.collate(s.stream[0])], s.precision)  # a training step's forward and backward

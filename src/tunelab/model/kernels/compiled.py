@@ -13,7 +13,7 @@ What is compiled, and why only that:
 - `act_fn(gate) * up` inside an MLP whose forward is exactly the Llama-family
   `down_proj(act_fn(gate_proj(x)) * up_proj(x))` (checked on its source, so any other
   MLP keeps its own forward);
-- DoRA's two elementwise passes (`tunelab.dora.combine` and `split_grad`), which switch its
+- DoRA's two elementwise passes (`tunelab.model.kernels.dora.combine` and `split_grad`), which switch its
   layers over a plain linear base to the one-node `_DoraLinear` (eager, they are five to six
   passes with fp32 temporaries; measured in `docs/benchmarks.md`).
 The matrix products, LoRA and attention stay eager: oneDNN already runs the products, and
@@ -41,8 +41,8 @@ import torch
 import torch._functorch.config  # AOTAutograd's settings (`LAYER_ACTIVATION_BUDGET`)
 from torch import nn
 
-from tunelab import dora
-from tunelab.dora import DoraKernels, RowNormDoraLayer
+from tunelab.model.kernels import dora
+from tunelab.model.kernels.dora import DoraKernels, RowNormDoraLayer
 
 log = logging.getLogger(__name__)
 

@@ -43,16 +43,16 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.errors import TunelabError
-from tunelab.files import file_sha256
-from tunelab.gate import GateResult, eval_summary, gate  # noqa: F401 (re-exported: the registry's API)
-from tunelab.template_canary import tokenizer_identity
+from tunelab.io import file_sha256
+from tunelab.registry.gate import GateResult, eval_summary, gate  # noqa: F401 (re-exported: the registry's API)
+from tunelab.model.template_canary import tokenizer_identity
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]*")
 ALIAS_RE = re.compile(r"[a-z][a-z0-9._-]*")  # starts with a letter, so NAME@3 is always a version number
 LATEST = "latest"  # NAME@latest, like NAME alone: the newest version
 DEFAULT_ALIAS = "production"
 INDEX = ".registry.sqlite"
-MANIFEST = "manifest.json"  # = tunelab.train.checkpoint.MANIFEST (not imported: that module loads torch)
+MANIFEST = "manifest.json"  # = tunelab.rundir.MANIFEST (not imported: that module loads torch)
 REQUIRED = ("adapter/adapter_config.json", "tokenizer/tokenizer_config.json", "config.json", "data.json")
 NOT_COPIED = ("checkpoints",)  # optimizer state for `tunelab train --resume`: large, and not needed to serve
 
@@ -69,7 +69,7 @@ SCHEMA = (
 
 
 def default_root() -> Path:
-    """$TUNELAB_REGISTRY, else $TUNELAB_HOME/registry (tunelab.models.tunelab_home(), which imports torch)."""
+    """$TUNELAB_REGISTRY, else $TUNELAB_HOME/registry (tunelab.model.load.tunelab_home(), which imports torch)."""
     explicit = os.environ.get("TUNELAB_REGISTRY")
     if explicit:
         return Path(explicit).expanduser()

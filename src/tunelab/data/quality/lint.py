@@ -37,14 +37,14 @@ from typing import TYPE_CHECKING
 
 from rich.console import Console
 
-from tunelab.data import overlap
+from tunelab.data.quality import overlap
 from tunelab.data.findings import ALL_KINDS, Finding
-from tunelab.data.near_dup import DEFAULT_THRESHOLD
-from tunelab.data.pii import KINDS as PII_KINDS
-from tunelab.data.pii import PiiMatch, find_pii, masked_excerpt
+from tunelab.data.quality.near_dup import DEFAULT_THRESHOLD
+from tunelab.data.quality.pii import KINDS as PII_KINDS
+from tunelab.data.quality.pii import PiiMatch, find_pii, masked_excerpt
 from tunelab.data.records import Conversation, PreferencePair
 from tunelab.data.split import is_classification
-from tunelab.data.validate import Report, validate_file
+from tunelab.data.read import Report, validate_file
 from tunelab.errors import TunelabError
 
 if TYPE_CHECKING:
@@ -191,7 +191,7 @@ def lint_report(report: Report, other: Report | None = None, *, tokenizer: PreTr
             add(_finding(name, f"pii_{match.kind}", lines[i], f"{PII_KINDS[match.kind]} in the {where}: {match.masked}"))
     out.labels = _labels(records, name, add, lines)
     if tokenizer is not None and records:
-        from tunelab.data.template_check import check_template
+        from tunelab.data.quality.template_check import check_template
 
         template_findings, out.lengths = check_template(tokenizer, list(zip(lines, records)))
         out.findings += [LintFinding(name, f) for f in template_findings]

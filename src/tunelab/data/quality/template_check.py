@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from tunelab.data.findings import Finding
-from tunelab.data.pii import masked_excerpt
+from tunelab.data.quality.pii import masked_excerpt
 from tunelab.data.records import Conversation, PreferencePair
 from tunelab.data.tokenize import IGNORE_INDEX, assistant_char_spans, end_of_turn_token, render, tokenize_conversations
 from tunelab.errors import TunelabError

@@ -6,7 +6,7 @@ token and the adapter sees prompts it never saw. So the tokenizer (template + EO
 travels with every adapter (RUN_DIR/tokenizer) and, wherever an adapter is loaded
 against some tokenizer, both render the same fixed canary conversations and must agree:
 
-    from tunelab.template_canary import check_chat_template
+    from tunelab.model.template_canary import check_chat_template
     check_chat_template(trained_tokenizer, serving_tokenizer, where="serve: banking@production")
 
 A mismatch raises TunelabError naming the first differing character with context (an

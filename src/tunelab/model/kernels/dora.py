@@ -15,7 +15,7 @@ The norm needs none of that. Per output row i,
 on the r rows of A (r tokens' worth of work, and it works unchanged for a 4-bit base);
 `A Aᵀ` is r×r. PEFT keeps everything else: its parameters, file format, merging and
 `get_weight_norm` for merges. The layer's input cast is switched off too, because this
-norm no longer depends on the input's dtype (see `tunelab.models.adapter_inputs_uncast`).
+norm no longer depends on the input's dtype (see `tunelab.model.load.adapter_inputs_uncast`).
 
 The output is combined in one step as well. PEFT adds `(g-1)·base + g·s·lora` to the
 base output, with `g = m / norm`: in fp32 under bf16 autocast, about six activation-sized
@@ -161,7 +161,7 @@ def split_grad(grad: torch.Tensor, out: torch.Tensor, scale: torch.Tensor) -> tu
 
 
 class DoraKernels(NamedTuple):
-    """The two elementwise passes of `_DoraLinear`, compiled into one loop each (`tunelab.compiled_kernels`)."""
+    """The two elementwise passes of `_DoraLinear`, compiled into one loop each (`tunelab.model.kernels.compiled`)."""
 
     combine: Callable[..., torch.Tensor]
     split_grad: Callable[..., tuple[torch.Tensor, torch.Tensor]]

@@ -30,12 +30,12 @@ from peft import PeftModel, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from tunelab import attention
+from tunelab.model.kernels import attention
 from tunelab.config import DEFAULT_MODEL, LoraConfig
-from tunelab.dora import RowNormDoraLayer, use_row_norm_dora
+from tunelab.model.kernels.dora import RowNormDoraLayer, use_row_norm_dora
 from tunelab.errors import TunelabError
-from tunelab.fused_lora import use_fused_lora
-from tunelab.quantize import quantization_config
+from tunelab.model.kernels.fused_lora import use_fused_lora
+from tunelab.model.quantize import quantization_config
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def load_model(
     """Load weights in `dtype` and the tokenizer (with its chat template) from an HF folder.
 
     With `quantize='nf4'` transformers stores the linear layers in 4 bits while loading
-    (bitsandbytes); then call `tunelab.quantize.quantize_base` (it quantizes int8 in place).
+    (bitsandbytes); then call `tunelab.model.quantize.quantize_base` (it quantizes int8 in place).
     """
     tokenizer = AutoTokenizer.from_pretrained(resolved.path)
     model = AutoModelForCausalLM.from_pretrained(
@@ -108,7 +108,7 @@ def load_model(
 
 
 def attention_for_device() -> str:
-    """Our grouped-query eager attention on CPU (see tunelab.attention), SDPA on CUDA.
+    """Our grouped-query eager attention on CPU (see tunelab.model.kernels.attention), SDPA on CUDA.
 
     Measured on this 2-core AMX CPU (SmolLM2-135M, LoRA, batch 16 x 46 tokens, bf16):
     SDPA's CPU flash-attention backward took 25% of a training step for such short rows
@@ -194,7 +194,7 @@ def attach_lora(model: PreTrainedModel, lora: LoraConfig) -> PeftModel:
 
 
 def adapter_inputs_uncast(model: PeftModel) -> PeftModel:
-    """Give plain LoRA layers the fused forward (`tunelab.fused_lora`) and DoRA layers the
+    """Give plain LoRA layers the fused forward (`tunelab.model.kernels.fused_lora`) and DoRA layers the
     row-norm forward, then switch off PEFT's cast of each adapted layer's input to the
     adapter's dtype; returns the model.
 
@@ -205,7 +205,7 @@ def adapter_inputs_uncast(model: PeftModel) -> PeftModel:
     the input already has the adapter's dtype and nothing changes. Every forward of a bf16
     base runs under autocast (`Precision.autocast`); without it lora_A would raise a dtype error,
     never compute silently in another precision. PEFT's own DoRA layer needs the cast (it
-    computes its weight norm in the input's dtype); `tunelab.dora`'s does not, so DoRA layers
+    computes its weight norm in the input's dtype); `tunelab.model.kernels.dora`'s does not, so DoRA layers
     lose the cast once they have it, and any other variant keeps it.
     """
     use_fused_lora(model)

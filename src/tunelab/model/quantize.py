@@ -220,7 +220,7 @@ def quantize_base(model: torch.nn.Module, method: str, compute_dtype: torch.dtyp
     if not layers:
         raise TunelabError(
             "lora.quantize_base 'nf4': the model was loaded without 4-bit layers",
-            fix="load it with tunelab.models.load_model(..., quantize='nf4') (quantization_config='nf4')",
+            fix="load it with tunelab.model.load.load_model(..., quantize='nf4') (quantization_config='nf4')",
         )
     for layer in layers:
         # Workaround (bitsandbytes 0.50.2, CPUs with AVX512-BF16): the first eval-mode forward without grad

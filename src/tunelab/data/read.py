@@ -191,7 +191,7 @@ def load_tokenizer(model: str) -> PreTrainedTokenizerBase:
     """The tokenizer (with its chat template) of a base-model spec, never its weights."""
     from transformers import AutoTokenizer
 
-    from tunelab import models
+    from tunelab.model import load as models
 
     path = Path(model).expanduser()
     try:

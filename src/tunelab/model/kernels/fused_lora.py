@@ -26,7 +26,7 @@ tensors. A quantized base (int8, NF4) keeps its own forward, and `_AddLora` adds
 Only the class of PEFT's plain `lora.Linear` changes (`FusedLoraLinear`), and only its
 forward, and only where the fused path computes what PEFT's does: one active adapter,
 no variant (except tunelab's DoRA with its kernels compiled, which goes to the one-node
-`tunelab.dora._DoraLinear` over a bias-free plain linear base), no dropout while training,
+`tunelab.model.kernels.dora._DoraLinear` over a bias-free plain linear base), no dropout while training,
 no bias on B, not merged. Anything else takes PEFT's own forward. Parameters, adapter
 files and merging stay PEFT's. PEFT's bitsandbytes `Linear4bit` (QLoRA) gets `_AddLora` too.
 PEFT has no such path (its forward is written for every variant at once), hence this
@@ -41,7 +41,7 @@ import torch
 from peft.tuners.lora.layer import Linear as LoraLinear
 from torch import nn
 
-from tunelab.dora import RowNormDoraLayer, RowNormDoraVariant
+from tunelab.model.kernels.dora import RowNormDoraLayer, RowNormDoraVariant
 
 
 class _AddLora(torch.autograd.Function):
@@ -212,7 +212,7 @@ def _fused_4bit(cls: type) -> type:
 
 
 def _fused_dora(variant: object, magnitude: nn.Module | None) -> bool:
-    """tunelab's row-norm DoRA with its elementwise kernels compiled (`tunelab.dora._DoraLinear`)."""
+    """tunelab's row-norm DoRA with its elementwise kernels compiled (`tunelab.model.kernels.dora._DoraLinear`)."""
     return (isinstance(variant, RowNormDoraVariant) and isinstance(magnitude, RowNormDoraLayer)
             and magnitude.kernels is not None)
 

@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from tunelab.registry import DEFAULT_ALIAS, Registry, Version, gate
+from tunelab.registry.store import DEFAULT_ALIAS, Registry, Version, gate
 
 models_app = typer.Typer(no_args_is_help=True, help="Register finished runs as NAME@VERSION; promote and roll back.")
 

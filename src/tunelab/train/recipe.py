@@ -30,22 +30,22 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from tunelab.compiled_kernels import restore_eager
+from tunelab.model.kernels.compiled import restore_eager
 from tunelab.config import RunConfig
 from tunelab.data.batches import Batch
 from tunelab.data.prepare import PreparedData
 from tunelab.data.tokenize import TokenizedExample
 from tunelab.errors import Interrupted, TunelabError
-from tunelab.models import ResolvedModel, weights_fingerprint
-from tunelab.template_canary import record_template
+from tunelab.model.load import ResolvedModel, weights_fingerprint
+from tunelab.model.template_canary import record_template
 from tunelab.train import distributed
-from tunelab.train.checkpoint import MANIFEST, RunDir
+from tunelab.rundir import MANIFEST, RunDir
 from tunelab.train.distributed import World
 from tunelab.train.dpo import PairBatch, PreparedPairs, dpo_validation
 from tunelab.train.early_stop import EarlyStopping
 from tunelab.train.loop import Precision, validation_metrics, validation_sums
 from tunelab.train.report_to import MetricsExport
-from tunelab.train.resume import (
+from tunelab.train.checkpoint import (
     best_checkpoint, complete_checkpoints, load_checkpoint, load_weights, mark_best, save_checkpoint,
 )
 from tunelab.train.setup import Setup, setup

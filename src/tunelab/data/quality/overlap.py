@@ -28,7 +28,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from tunelab.data.near_dup import DEFAULT_THRESHOLD, Match, earlier_matches, normalize
+from tunelab.data.quality.near_dup import DEFAULT_THRESHOLD, Match, earlier_matches, normalize
 from tunelab.data.records import Conversation, Message, PreferencePair
 
 Record = Conversation | PreferencePair

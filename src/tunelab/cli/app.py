@@ -1,0 +1,70 @@
+"""`tunelab <verb>`: each verb maps to one function; nothing else lives here.
+
+    tunelab demo [--json]                 Banking77 -> LoRA fine-tune of SmolLM2 -> compare with the base
+    tunelab train CONFIG.yaml [--set k=v]  train + evaluate with a config of your own
+    tunelab plan CONFIG.yaml              tokens, steps, time, cost and memory, before training
+    tunelab eval RUN_DIR [--data FILE]    fine-tune vs base zero-shot vs few-shot; eval.json + report.html
+    tunelab chat RUN_DIR "message"        answer one message with a fine-tune
+    tunelab models register|list|show|diff|promote|rollback|delete|log   the model registry
+    tunelab data validate|lint|clean|split|convert FILE   check and prepare data before training
+    tunelab data validate FILE [--json]   every problem of a data file, one line each (exit 1 on errors)
+    tunelab data convert FILE -o OUT      any accepted data format -> OpenAI chat JSONL
+
+A mistake a user can make (missing file, bad column, unknown model) prints one
+line saying where, what and how to fix it, and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded at run time
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import typer  # noqa: E402
+
+from tunelab.cli import run  # noqa: E402
+from tunelab.cli.data import data_app  # noqa: E402
+from tunelab.cli.models import models_app  # noqa: E402
+from tunelab.cli.render import err  # noqa: E402
+from tunelab.errors import Interrupted, TunelabError  # noqa: E402
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Fine-tune an open model on your task, and prove it.")
+app.command()(run.demo)
+app.command("train")(run.train_cmd)
+app.command()(run.plan)
+app.command("eval")(run.eval_cmd)
+app.command()(run.chat)
+app.add_typer(data_app, name="data")
+app.add_typer(models_app, name="models")
+
+# Verbs that load a model and run it: these run on tcmalloc when the system has it (see tunelab.cli.allocator).
+MODEL_VERBS = frozenset({"demo", "train", "plan", "eval", "chat"})
+
+
+def main() -> None:
+    if sys.argv[1:2] and sys.argv[1] in MODEL_VERBS:
+        from tunelab.cli.allocator import relaunch_with_tcmalloc
+
+        relaunch_with_tcmalloc()  # replaces this process when it relaunches; otherwise returns
+
+    import logging
+    import warnings
+
+    # transformers deprecation notices raised from inside PEFT: nothing a user can act on.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        app()
+    except Interrupted as exc:  # a clean stop on SIGINT/SIGTERM, with a checkpoint to resume from
+        err.print(f"[yellow]stopped:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(130)
+    except TunelabError as exc:
+        err.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)

@@ -1,0 +1,162 @@
+"""`tunelab demo|train|plan|eval|chat`: the verbs that run a model, each mapped to one function."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from tunelab.cli.render import err, print_plan, print_summary
+from tunelab.errors import TunelabError
+
+DEMO_CONFIG = Path(__file__).resolve().parents[3] / "examples" / "banking77" / "demo.yaml"
+
+
+def _parse_sets(sets: list[str] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in sets or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise TunelabError(f"--set {item!r} is not KEY=VALUE", fix="write e.g. --set lora.rank=32")
+        import yaml
+
+        out[key] = yaml.safe_load(value)  # "32" -> 32, "1e-3" -> "1e-3" handled by pydantic, "null" -> None
+    return out
+
+
+
+def _run(config: Path | None, sets: list[str] | None, as_json: bool, resume: Path | None = None) -> None:
+    from tunelab.config import load_config
+    from tunelab.pipeline import run_pipeline
+    from tunelab.rundir import read_run_config_for_resume
+
+    cfg = read_run_config_for_resume(resume) if resume else load_config(config, _parse_sets(sets))
+    summary = run_pipeline(cfg, err, resume=resume)
+    if not summary:  # a torchrun process other than rank 0: it trained its share, rank 0 reports
+        return
+    if as_json:
+        print(json.dumps(summary))
+    else:
+        print_summary(summary)
+
+
+
+def demo(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")] = False,
+    sets: Annotated[list[str] | None, typer.Option("--set", help="Override a config key, e.g. train.epochs=2")] = None,
+) -> None:
+    """Fine-tune SmolLM2-135M-Instruct on Banking77 and compare it with the base model on the same test rows."""
+    if not DEMO_CONFIG.is_file():
+        raise TunelabError(f"demo config not found at {DEMO_CONFIG}", fix="run from a checkout of the tunelab repository")
+    _run(DEMO_CONFIG, sets, as_json)
+
+
+def train_cmd(
+    config: Annotated[Path | None, typer.Argument(help="YAML run config (see examples/banking77/demo.yaml).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")] = False,
+    sets: Annotated[list[str] | None, typer.Option("--set", help="Override a config key, e.g. lora.rank=32")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only estimate tokens, time, cost and memory.")] = False,
+    resume: Annotated[Path | None, typer.Option(help="Continue this run directory from its newest checkpoint.")] = None,
+    nproc: Annotated[int, typer.Option(help="Train with N processes (torch.distributed via torchrun).")] = 1,
+) -> None:
+    """Train (LoRA, DoRA, full, DPO), evaluate against the base model, and write a run directory."""
+    if (config is None) == (resume is None):
+        raise TunelabError("give either a CONFIG file or --resume RUN_DIR", fix="tunelab train CONFIG.yaml, or "
+                           "tunelab train --resume runs/NAME-...")
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        _relaunch_with_torchrun(nproc)
+        return
+    if dry_run:
+        plan(config, as_json=as_json, sets=sets)
+    else:
+        _run(config, sets, as_json, resume)
+
+
+def _relaunch_with_torchrun(nproc: int) -> None:
+    """`tunelab train --nproc N ...` == `torchrun --nproc-per-node N -m tunelab train ...` (standalone rendezvous)."""
+    import subprocess
+
+    args, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            args.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "tunelab", *args]
+    code = subprocess.call(command)
+    if code:
+        sys.exit(code)
+
+
+def plan(
+    config: Annotated[Path, typer.Argument(help="YAML run config.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as one JSON object.")] = False,
+    sets: Annotated[list[str] | None, typer.Option("--set", help="Override a config key, e.g. lora.rank=32")] = None,
+    price_per_hour: Annotated[float, typer.Option(help="Machine price in USD per hour, for the cost estimate.")] = 0.10,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Also write the plan as JSON here.")] = None,
+) -> None:
+    """Estimate a run before spending compute: tokens, steps, time (from a measured probe), cost, memory."""
+    from tunelab.config import load_config
+    from tunelab.plan import make_plan
+    from tunelab.rundir import write_json_atomic
+
+    result = make_plan(load_config(config, _parse_sets(sets)), err, price_per_hour=price_per_hour)
+    if output:
+        write_json_atomic(output, result)
+    if as_json:
+        print(json.dumps(result))
+        return
+    print_plan(result, config)
+
+
+def eval_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory written by `tunelab train` or `tunelab demo`.")],
+    data: Annotated[Path | None, typer.Option(help="Evaluate on this data file instead of the run's test split.")] = None,
+    data_format: Annotated[str | None, typer.Option("--format", help="Format of --data (default: detected).")] = None,
+    sets: Annotated[list[str] | None, typer.Option("--set", help="Override an eval key, e.g. eval.few_shot=5")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")] = False,
+) -> None:
+    """Fine-tune vs base zero-shot vs base few-shot on the same rows; writes eval.json, report.html, report.md."""
+    from tunelab.pipeline import evaluate_saved_run
+
+    overrides = {}
+    for key, value in _parse_sets(sets).items():
+        if not key.startswith("eval."):
+            raise TunelabError(f"--set {key}: tunelab eval only takes eval.* keys", fix="e.g. --set eval.max_rows=200")
+        overrides[key.removeprefix("eval.")] = value
+    summary = evaluate_saved_run(run_dir, data, data_format, overrides, err)
+    if as_json:
+        print(json.dumps(summary))
+        return
+    summary.setdefault("train_rows", 0)
+    print_summary(summary, trained=False)
+
+
+def chat(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory written by `tunelab train` or `tunelab demo`.")],
+    message: Annotated[str, typer.Argument(help="The user message.")],
+    max_new_tokens: Annotated[int, typer.Option(help="Generation limit.")] = 128,
+) -> None:
+    """Answer one message with the fine-tuned model (the run's own system prompt and chat template)."""
+    from tunelab.data.records import Message
+    from tunelab.data.tokenize import render_prompt
+    from tunelab.evaluate.generate import generate
+    from tunelab.rundir import load_run
+    from tunelab.train.loop import choose_precision
+
+    precision = choose_precision("auto")
+    model, tokenizer, cfg = load_run(run_dir, dtype=precision.weights_dtype)
+    messages = [Message("user", message)]
+    if cfg.data.system_prompt:
+        messages.insert(0, Message("system", cfg.data.system_prompt))
+    prompt = render_prompt(tokenizer, messages)
+    run = generate(model, tokenizer, [prompt], max_new_tokens=max_new_tokens, batch_size=1, precision=precision)
+    print(run.generations[0].text)
+
