@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO / "src"))
 
 from tunelab.data.quality import near_dup, overlap  # noqa: E402
 from tunelab.data.quality.lint import lint_report  # noqa: E402
-from tunelab.data.read import validate_file  # noqa: E402
+from tunelab.data.validate import validate_file  # noqa: E402
 
 BANKING77 = REPO / "examples" / "banking77" / "train.csv"
 

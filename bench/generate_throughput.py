@@ -10,7 +10,7 @@ so both do the same work). Tokens/s counts generated tokens only.
 
 Baseline: `model.generate` with batch 16 and left padding, the model loaded by
 transformers with its default attention (SDPA), bf16 weights on an AMX CPU like ours.
-tunelab: `tunelab.evaluate.generate.generate` with its defaults (length-grouped batches
+tunelab: `tunelab.evaluation.generate.generate` with its defaults (length-grouped batches
 sized by tokens: up to 128 short prompts, fewer long ones; shared-prefix KV cache,
 grouped-query attention), or `--batch N` rows per batch. Rounds alternate between the
 two sides, and each side's best round is reported; the ratio compares those.
@@ -40,13 +40,13 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 
 from tunelab.cli import allocator  # noqa: E402
 from tunelab.config import DataConfig  # noqa: E402
-from tunelab.data.records import read_conversations  # noqa: E402
+from tunelab.data.read import read_conversations  # noqa: E402
 from tunelab.data.split import split_conversations  # noqa: E402
 from tunelab.data.tokenize import render_prompt  # noqa: E402
-from tunelab.evaluate.contenders import few_shot_messages  # noqa: E402
-from tunelab.evaluate.generate import generate  # noqa: E402
+from tunelab.evaluation.contenders import few_shot_messages  # noqa: E402
+from tunelab.evaluation.generate import generate  # noqa: E402
 from tunelab.model.load import load_model, resolve_model  # noqa: E402
-from tunelab.train.loop import choose_precision  # noqa: E402
+from tunelab.model.precision import choose_precision  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

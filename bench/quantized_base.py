@@ -53,7 +53,8 @@ def _load(side: str, dtype):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tunelab.model.load import attention_for_device, resolve_model
+    from tunelab.model.kernels import attention_implementation
+    from tunelab.model.load import resolve_model
     from tunelab.model.quantize import quantization_config
 
     path = resolve_model("smollm2-135m-instruct").path
@@ -72,7 +73,7 @@ def _load(side: str, dtype):
         config = quantization_config("none" if side == "bf16" else side, dtype)
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attention_for_device(),
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attention_implementation("tunelab"),
                                                  quantization_config=config)
     if side == "hqq-int8":
         from hqq.core.quantize import BaseQuantizeConfig, HQQBackend, HQQLinear
@@ -94,7 +95,7 @@ def _weight_copy_bytes(model, batch, precision) -> int:
     """
     import torch
 
-    from tunelab.train.loop import token_loss_sum
+    from tunelab.model.scoring import token_loss_sum
 
     shapes = {(m.out_features, m.in_features) for name, m in model.named_modules()
               if hasattr(m, "out_features") and "lora_" not in name}  # LoRA's own bf16 casts are not base copies
@@ -123,7 +124,9 @@ def run_side(args: argparse.Namespace) -> dict:
     from tunelab.data.tokenize import tokenize_conversations
     from tunelab.model.load import attach_lora
     from tunelab.model.quantize import quantize_base, weight_bytes
-    from tunelab.train.loop import choose_precision, make_optimizer, token_loss_sum
+    from tunelab.model.precision import choose_precision
+    from tunelab.model.scoring import token_loss_sum
+    from tunelab.training.step import make_optimizer
 
     torch.manual_seed(0)
     precision = choose_precision("auto")
@@ -142,7 +145,7 @@ def run_side(args: argparse.Namespace) -> dict:
     optimizer, _ = make_optimizer(model, 2e-4, 0.0, total, 0)
     model.train()
     losses, seconds, tokens = [], 0.0, 0
-    for step, batch in enumerate(batches):  # the step of tunelab.train.recipe, without accumulation
+    for step, batch in enumerate(batches):  # the step of tunelab.training.recipe, without accumulation
         t0 = time.perf_counter()
         with precision.autocast():
             loss_sum, n = token_loss_sum(model, batch)

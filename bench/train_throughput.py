@@ -98,7 +98,7 @@ METHODS = ("lora", "dora", "int8", "nf4", "packed")
 
 def _rows(n: int):
     from tunelab.config import DataConfig
-    from tunelab.data.records import read_conversations
+    from tunelab.data.read import read_conversations
     from tunelab.data.split import split_conversations
 
     data = DataConfig(path=REPO / "examples/banking77/train.csv", format="csv", input_column="text",
@@ -129,9 +129,11 @@ def run_tunelab(args: argparse.Namespace) -> dict:
     from tunelab.data.tokenize import tokenize_conversations
     from tunelab.model.load import attach_lora, load_model, resolve_model
     from tunelab.model.quantize import quantize_base
-    from tunelab.train.loop import choose_precision, make_optimizer
-    from tunelab.train.setup import decoder_layers, epoch_stream
-    from tunelab.train.recipe import backward_on
+    from tunelab.model.load import decoder_layers
+    from tunelab.model.precision import choose_precision
+    from tunelab.training.objectives import Sft
+    from tunelab.training.setup import epoch_stream
+    from tunelab.training.step import ObjectiveLoss, backward_on, make_optimizer
 
     torch.manual_seed(0)
     precision = choose_precision("auto")
@@ -141,6 +143,7 @@ def run_tunelab(args: argparse.Namespace) -> dict:
     quantize_base(model, quantize, precision.weights_dtype)  # int8: here, in place; nf4: done while loading
     model.config.use_cache = False
     model = attach_lora(model, LoraConfig(rank=16, alpha=32, use_dora=args.method == "dora"))
+    loss = ObjectiveLoss(model, Sft())  # the run's SFT loss, as train.setup builds it
     total = args.warmup + args.steps
     examples, _ = tokenize_conversations(tokenizer, _rows(total * args.batch), max_length=MAX_LENGTH)
     stream = epoch_stream(examples, args.batch, 1.0, seed=0)
@@ -155,7 +158,7 @@ def run_tunelab(args: argparse.Namespace) -> dict:
     layers = args.compile_layers and args.method != "dora" and not kernels.unavailable
     if layers:  # as setup._compile_layers: compile on one forward + backward, then drop its gradients
         use_compiled_layers(decoder_layers(model))
-        backward_on(model, [collate_step(stream[0])], precision)
+        backward_on(loss, [collate_step(stream[0])], precision)
         model.zero_grad(set_to_none=True)
     compile_seconds = time.perf_counter() - compile_started
     optimizer, scheduler = make_optimizer(model, 2e-4, 0.0, total, 0)
@@ -164,7 +167,7 @@ def run_tunelab(args: argparse.Namespace) -> dict:
         if step == args.warmup:
             started = time.perf_counter()
         batch = collate_step(micro)
-        backward_on(model, [batch], precision)
+        backward_on(loss, [batch], precision)
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         optimizer.step()
         scheduler.step()
@@ -179,7 +182,7 @@ def run_tunelab(args: argparse.Namespace) -> dict:
     def timed_steps_again() -> None:  # the same micro-batches, forward and backward: the same products
         for micro in stream[args.warmup : total]:
             batch = collate_step(micro)
-            backward_on(model, [batch], precision)
+            backward_on(loss, [batch], precision)
             optimizer.zero_grad(set_to_none=True)
 
     calls = matmul_replay.record(timed_steps_again)
@@ -198,7 +201,7 @@ def run_trl(args: argparse.Namespace) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     from tunelab.model.load import resolve_model
-    from tunelab.train.loop import choose_precision
+    from tunelab.model.precision import choose_precision
 
     torch.manual_seed(0)
     precision = choose_precision("auto")

@@ -7,7 +7,6 @@ HF folder, so `tunelab.model.load.resolve_model(str(folder))` accepts it.
 
 from __future__ import annotations
 
-import csv
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -19,94 +18,15 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-REPO = Path(__file__).resolve().parents[1]
-EOT = "<|im_end|>"
-BOT = "<|im_start|>"
 
-# SmolLM2-135M-Instruct's ChatML template (same behaviour).
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}"
-    "{% endif %}"
-    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
-# What checkpoint.py's docstring promises, plus adapter/README.md, a model card PEFT's
-# save_pretrained always writes (the docstring lists only the two adapter files).
-EXPECTED_FILES = {
-    "adapter/adapter_config.json",
-    "adapter/adapter_model.safetensors",
-    "adapter/README.md",
-    "tokenizer/tokenizer.json",
-    "tokenizer/tokenizer_config.json",
-    "tokenizer/chat_template.jinja",
-    "config.json",
-    "data.json",
-    "metrics.jsonl",
-    "eval.json",
-    "report.html",
-    "report.md",
-    "manifest.json",
-}
-# The final checkpoint (its step number varies): optimizer state for `tunelab train --resume`.
-CHECKPOINT_FILES = {"checkpoint.json", "trainable.safetensors", "optimizer.safetensors", "state.json"}
+from helpers import _corpus, BOT, CHAT_TEMPLATE, EOT, classification_rows, make_run_config, write_csv  # noqa: E402
 
 
-def expected_files(run: Path) -> set[str]:
-    """EXPECTED_FILES plus the checkpoint of the run's last step."""
-    import json
-
-    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
-    return EXPECTED_FILES | {f"checkpoints/step-{max(steps):07d}/{name}" for name in CHECKPOINT_FILES}
-
-
-def files_of(path: Path) -> set[str]:
-    """Every file under a folder, as relative POSIX paths."""
-    return {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()}
-
-# Classification data set used by the training / evaluation tests: 5 labels, 15 texts each.
-LABELS = {
-    "card_arrival": "card",
-    "exchange_rate": "rate",
-    "lost_phone": "phone",
-    "top_up": "top up",
-    "refund": "refund",
-}
-TEMPLATES = [
-    "where is my {w}",
-    "my {w} is late",
-    "help with {w}",
-    "question about the {w}",
-    "{w} problem today",
-    "what about my {w}",
-    "please check the {w}",
-    "i need the {w} now",
-    "is the {w} ok",
-    "tell me about {w}",
-    "the {w} again",
-    "why the {w}",
-    "how does {w} work",
-    "status of {w}",
-    "can you fix the {w}",
-]
-
-
-def classification_rows() -> list[tuple[str, str]]:
-    return [(t.format(w=w), label) for label, w in LABELS.items() for t in TEMPLATES]
-
-
-def _corpus() -> list[str]:
-    words = [
-        "system", "user", "assistant", "You are a helpful assistant.", "Classify the intent.",
-        "Answer with exactly one label from this list and nothing else.", "Labels:",
-        "hello world", "the quick brown fox jumps over the lazy dog", "what is two plus two", "four",
-        "good morning", "good night", "thank you", "yes", "no", "maybe",
-    ]
-    rows = [f"{text} {label}" for text, label in classification_rows()]
-    return (words + list(LABELS) + rows) * 3
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests under tests/integration/ are end-to-end runs: marked `integration`, left out of `make test-fast`."""
+    for item in items:
+        if "integration" in Path(str(item.fspath)).parts:
+            item.add_marker(pytest.mark.integration)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -188,13 +108,6 @@ def tiny_loaded(tiny_model_dir):
     return model, tokenizer
 
 
-def write_csv(path: Path, rows: list[tuple[str, str]], header: tuple[str, str] = ("text", "label")) -> Path:
-    with path.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
-    return path
-
 
 @pytest.fixture
 def classification_csv(tmp_path: Path) -> Path:
@@ -214,40 +127,22 @@ def make_config(tiny_model_dir: Path, tmp_path: Path) -> Callable[..., "RunConfi
     return build
 
 
-def make_run_config(model_dir: Path, csv_path: Path, output_dir: Path, *, data: dict | None = None,
-                    lora: dict | None = None, train: dict | None = None, eval: dict | None = None):  # noqa: A002
-    from tunelab.config import RunConfig
-
-    return RunConfig.model_validate(
-        {
-            "model": str(model_dir),
-            "name": "tiny",
-            "output_dir": str(output_dir),
-            "data": {"path": str(csv_path), "format": "csv", "input_column": "text", "output_column": "label",
-                     "max_length": 64, **(data or {})},
-            "lora": {"rank": 4, "alpha": 8, **(lora or {})},
-            "train": {"precision": "fp32", "batch_size": 8, "epochs": 1, "val_rows": 8, "warmup_ratio": 0.0,
-                      **(train or {})},
-            "eval": {"max_rows": 6, "batch_size": 4, **(eval or {})},
-        }
-    )
-
 
 class TrainedRun:
     """One real pipeline run on the tiny model, shared by the tests that inspect its results."""
 
-    def __init__(self, summary: dict, result, cfg) -> None:
-        self.summary = summary
-        self.result = result  # tunelab.train.recipe.TrainResult: the in-memory trained model and its data
+    def __init__(self, summary, result, cfg) -> None:  # noqa: ANN001
+        self.summary = summary  # tunelab.rundir.RunSummary
+        self.result = result  # tunelab.training.recipe.TrainResult: the in-memory trained model and its data
         self.cfg = cfg
-        self.path = Path(summary["run_dir"])
+        self.path = Path(summary.run_dir)
 
 
 @pytest.fixture(scope="session")
 def trained_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> TrainedRun:
     """run_pipeline on the 5-label CSV: lr 1e-2, 6 epochs, evaluation against the base included."""
     import tunelab.pipeline
-    from tunelab.train.recipe import train
+    from tunelab.training.recipe import train
 
     folder = tmp_path_factory.mktemp("trained")
     csv_path = write_csv(folder / "intents.csv", classification_rows())

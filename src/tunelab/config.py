@@ -2,29 +2,32 @@
 
 A run is described by one `RunConfig`, usually read from YAML:
 
-    model: smollm2-135m-instruct
+    model: smollm2-135m-instruct   # or {name: ..., kernels: reference}
     data:
       path: train.csv          # relative paths are relative to the YAML file
-      format: csv
-      input_column: text
+      input_column: text       # CSV: which columns hold the message and the answer
       output_column: category
     lora: {rank: 16}
-    train: {learning_rate: 1.0e-3, batch_size: 16}
+    train: {epochs: auto, learning_rate: 1.0e-3}
 
-Unknown keys and bad values are errors that name the key (pydantic, extra="forbid").
+Every key has a default here, and only here. `epochs`, `batch_size` and `learning_rate` default
+to "auto" (as OpenAI's fine-tuning API does): the run log and `tunelab plan` say what was chosen
+and why (train/auto.py). Unknown keys and bad values are errors that name the key and the allowed
+values; `load_config` reports all of them at once.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tunelab.errors import TunelabError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_SPLIT = (0.8, 0.1, 0.1)  # train / validation / test fractions (data.split, `tunelab data split`)
 
 
 class _Strict(BaseModel):
@@ -46,19 +49,19 @@ DataFormat = Literal["auto", "chat_jsonl", "prompt_completion", "alpaca", "share
 class DataConfig(_Strict):
     """Where the examples come from and how they become conversations."""
 
-    path: Path = Field(description="Data file: chat JSONL, prompt/completion, Alpaca, ShareGPT, or CSV/TSV.")
+    path: Path | None = Field(
+        None, description="Data file: chat JSONL, prompt/completion, Alpaca, ShareGPT, preference pairs, or CSV/TSV. "
+        "Required unless the records are passed in memory (tunelab.training(cfg, records=...)).")
     format: DataFormat = Field(
-        "chat_jsonl",
-        description="How rows are read (see DataFormat above); 'auto' decides from the suffix or the keys of the rows.",
+        "auto", description="How rows are read (see DataFormat above); 'auto' decides from the suffix (.csv/.tsv) or "
+        "the keys of the first rows, and the run log says what it found.",
     )
     input_column: str = Field("text", description="CSV: column holding the user message.")
     output_column: str = Field("label", description="CSV: column holding the assistant answer.")
     system_prompt: str | None = Field(
         None, description="System message put before every example (CSV), or before those without one (JSONL)."
     )
-    split: tuple[float, float, float] = Field(
-        (0.8, 0.1, 0.1), description="Train / validation / test fractions; must sum to 1."
-    )
+    split: tuple[float, float, float] = Field(DEFAULT_SPLIT, description="Train / validation / test fractions; must sum to 1.")
     max_train_rows: int | None = Field(
         None, ge=1, description="Use at most this many training rows (a fixed, hash-ordered subset); None = all."
     )
@@ -96,15 +99,17 @@ class TrainConfig(_Strict):
     """The optimisation: AdamW, linear warmup then cosine decay, accumulation."""
 
     epochs: float | Literal["auto"] = Field(
-        1.0, description="Passes over the training rows (fractions allowed); 'auto' scales with the row count."
+        "auto", description="Passes over the training rows (fractions allowed); 'auto': 3, fewer for many rows and "
+        "more for few, so that rows x epochs lands in 3,000-25,000."
     )
     batch_size: int | Literal["auto"] = Field(
-        16, description="Examples per forward pass (micro-batch); 'auto' aims at ~1,024 tokens per micro-batch, "
-        "capped by what fits in memory (tunelab/train/memory.py)."
+        "auto", description="Examples per forward pass (micro-batch); 'auto' aims at ~1,024 tokens per micro-batch, "
+        "capped by what fits in memory (tunelab/training/memory.py)."
     )
     grad_accumulation: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     learning_rate: float | Literal["auto"] = Field(
-        1e-3, description="Peak learning rate (LoRA wants ~10x a full fine-tune's); 'auto' scales with the batch."
+        "auto", description="Peak learning rate; 'auto': by method (LoRA ~10x a full fine-tune's), scaled with the "
+        "batch (train/auto.py)."
     )
     weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay.")
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Fraction of steps spent warming up linearly.")
@@ -119,7 +124,8 @@ class TrainConfig(_Strict):
     early_stopping_min_delta: float = Field(0.0, ge=0, description="Smallest fall in validation loss that counts.")
     seed: int = Field(0, description="Seeds the adapter init, the data order and dropout.")
     precision: Literal["auto", "bf16", "fp32"] = Field(
-        "auto", description="auto: bf16 autocast where the hardware runs it fast (AMX CPU, CUDA), else fp32."
+        "auto", description="auto: bf16 autocast where the hardware has bf16 matrix units (a CPU with AMX, a GPU "
+        "with bf16), else fp32; the run log names the hardware (tunelab/model/precision.py)."
     )
     threads: int | None = Field(None, ge=1, description="CPU threads for torch; None = torch's default.")
     compile_kernels: bool = Field(
@@ -127,11 +133,10 @@ class TrainConfig(_Strict):
         "setup); where torch.compile cannot run, they stay eager and the run log says why."
     )
     compile_layers: bool | Literal["auto"] = Field(
-        "auto", description="Compile each whole decoder layer (LoRA, attention, MLP) with torch.compile: about "
-        "1.2x the training speed on CPU, for a compile at setup of ~35 s (~15 s with Inductor's cache warm). "
-        "auto: on for LoRA SFT (bf16/fp32, int8 or NF4 base; not DoRA) of a Llama-family model in one process "
-        "when the run trains on at least "
-        "300,000 tokens, where the time saved exceeds a cold compile; the run log says why it is on or off."
+        "auto", description="Compile each whole decoder layer (LoRA, attention, MLP) with torch.compile: faster "
+        "steps for a compile of tens of seconds at setup. auto: on for LoRA SFT (bf16/fp32, int8 or NF4 base; not "
+        "DoRA) of a Llama-family model in one process when the run trains on at least 300,000 tokens, where the "
+        "time saved exceeds a cold compile; the run log says why it is on or off."
     )
     schedule: Literal["cosine", "linear"] = Field("cosine", description="Decay after warmup: cosine or linear, to 0.")
     packing: bool = Field(
@@ -154,13 +159,12 @@ class TrainConfig(_Strict):
     )
 
 
-    @model_validator(mode="after")
-    def _positive(self) -> "TrainConfig":
-        for name in ("epochs", "batch_size", "learning_rate"):
-            value = getattr(self, name)
-            if value != "auto" and value <= 0:
-                raise ValueError(f"{name} must be > 0 or 'auto', got {value}")
-        return self
+    @field_validator("epochs", "batch_size", "learning_rate")
+    @classmethod
+    def _positive(cls, value: float | str) -> float | str:
+        if value != "auto" and value <= 0:
+            raise ValueError("must be > 0 or 'auto'")
+        return value
 
 
 class DpoConfig(_Strict):
@@ -193,11 +197,12 @@ class EvalConfig(_Strict):
         0.05, ge=0, description="Flag a regression when the probe score falls by more than this (absolute)."
     )
 
-    @model_validator(mode="after")
-    def _positive_batch(self) -> "EvalConfig":
-        if self.batch_size != "auto" and self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1 or 'auto', got {self.batch_size}")
-        return self
+    @field_validator("batch_size")
+    @classmethod
+    def _positive_batch(cls, value: int | str) -> int | str:
+        if value != "auto" and value < 1:
+            raise ValueError("must be >= 1 or 'auto'")
+        return value
 
     @property
     def generation_batch(self) -> int | None:
@@ -210,11 +215,22 @@ class EvalConfig(_Strict):
         return 32 if self.batch_size == "auto" else self.batch_size
 
 
+class ModelConfig(_Strict):
+    """The base model, and which kernels compute it. In YAML `model: NAME` is short for `model: {name: NAME}`."""
+
+    name: str = Field(DEFAULT_MODEL, description="Base model: 'smollm2-135m-instruct', an HF folder or a .gguf file.")
+    kernels: Literal["tunelab", "reference"] = Field(
+        "tunelab", description="tunelab: tunelab's kernels (fused LoRA, grouped-query attention, compiled norms, ...); "
+        "reference: plain PEFT and transformers modules, nothing compiled: slower, and what the kernels are tested "
+        "against (tunelab/model/kernels/__init__.py)."
+    )
+
+
 class RunConfig(_Strict):
     """Everything one run needs. Resolved (absolute paths) and saved as config.json in the run directory."""
 
-    model: str = Field(DEFAULT_MODEL, description="Base model: 'smollm2-135m-instruct', an HF folder or a .gguf.")
-    data: DataConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
     tuning: Literal["lora", "full"] = Field(
         "lora", description="lora: train an adapter (see `lora`) on a frozen base; full: train every weight."
     )
@@ -228,9 +244,19 @@ class RunConfig(_Strict):
     output_dir: Path = Field(Path("runs"), description="Run directories are created under this folder (relative to the working directory).")
     name: str = Field("run", description="Prefix of the run directory name.")
 
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_name_alone(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
 
-def load_config(path: Path, overrides: dict | None = None) -> RunConfig:
-    """Read a YAML config; relative paths inside it are taken relative to the YAML file."""
+
+def load_config(path: Path | str, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read a YAML config; relative paths inside it are taken relative to the YAML file.
+
+    `overrides` set dotted keys first ({"lora.rank": 32}, as `--set lora.rank=32`). Every problem is
+    reported at once, each with its key and, where the key takes a fixed set, the allowed values.
+    """
+    path = Path(path)
     if not path.is_file():
         raise TunelabError(f"config file not found: {path}", fix="pass the path of a YAML config file")
     try:
@@ -243,17 +269,57 @@ def load_config(path: Path, overrides: dict | None = None) -> RunConfig:
         raise TunelabError("the config must be a YAML mapping", fix="write key: value pairs", where=str(path))
     for dotted, value in (overrides or {}).items():
         _set_dotted(raw, dotted, value)
-    try:
-        cfg = RunConfig.model_validate(raw)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        key = ".".join(str(p) for p in first["loc"])
-        raise TunelabError(
-            f"config key '{key}': {first['msg']}", fix="see `tunelab/config.py` for allowed keys and values", where=str(path)
-        ) from None
-    base = path.parent
-    cfg.data.path = _resolve(base, cfg.data.path)
+    cfg = parse_config(raw, where=str(path))
+    if cfg.data.path is not None:
+        cfg.data.path = _resolve(path.parent, cfg.data.path)
     return cfg
+
+
+def parse_config(raw: dict[str, Any], where: str = "config") -> RunConfig:
+    """A RunConfig from a mapping (a parsed YAML file, an API request), every problem in one TunelabError."""
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        by_key: dict[str, list[dict[str, Any]]] = {}
+        for error in exc.errors():  # a value that fits no branch of `int | 'auto'` errs once per branch
+            by_key.setdefault(_key(error), []).append(error)
+        problems = [_describe(key, errors) for key, errors in by_key.items()]
+        count = f"{len(problems)} problems: " if len(problems) > 1 else ""
+        raise TunelabError(count + "; ".join(problems), where=where,
+                           fix="correct these keys (every key, its default and its meaning: tunelab/config.py)") from None
+
+
+def _key(error: dict[str, Any]) -> str:
+    """The dotted key of a pydantic error, without the union branch names pydantic adds (`int`, `literal[...]`)."""
+    return ".".join(str(p) for p in error["loc"] if not str(p).startswith(("function-", "literal[", "float", "int")))
+
+
+def _describe(key: str, errors: list[dict[str, Any]]) -> str:
+    """A key's errors in one phrase, naming the allowed keys of a section for an unknown one and every
+    accepted form of a value: `key 'train.batch_size': 'big': should be a valid integer or 'auto'`."""
+    if errors[0]["type"] == "extra_forbidden":
+        parent = key.rpartition(".")[0]
+        section = _section(parent.split(".") if parent else [])
+        allowed = f" (the keys of {parent or 'a run config'}: {', '.join(section.model_fields)})" if section else ""
+        return f"unknown key '{key}'{allowed}"
+    messages = [e["msg"].removeprefix("Value error, ").removeprefix("Input should be ") for e in errors]
+    messages = [m.split(", unable to")[0] for m in messages]  # "a valid integer, unable to parse ..." -> "a valid integer"
+    value = errors[0].get("input")
+    shown = f"{value!r}: " if errors[0]["type"] != "missing" and not isinstance(value, (dict, list)) else ""
+    lead = "should be " if errors[0]["msg"].startswith("Input should be") else ""
+    return f"key '{key}': {shown}{lead}{' or '.join(dict.fromkeys(messages))}"
+
+
+def _section(path: list[str]) -> type[BaseModel] | None:
+    """The config class at a dotted path (['train'] -> TrainConfig), or None."""
+    model: type[BaseModel] = RunConfig
+    for key in path:
+        field = model.model_fields.get(key)
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
 
 
 def _resolve(base: Path, p: Path) -> Path:

@@ -28,3 +28,19 @@ class TunelabError(Exception):
 
 class Interrupted(TunelabError):
     """Training stopped on SIGINT/SIGTERM after checkpointing; the CLI exits with 130."""
+
+
+def first_problem(exc: Exception) -> str:
+    """A pydantic ValidationError (or any error) in one phrase: `format: Input should be 'tunelab-eval/2'
+    (and 1 more problem)`, for messages about a file that does not parse into its type."""
+    errors = getattr(exc, "errors", None)
+    if not callable(errors):
+        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    found = errors()
+    # A value that fits no branch of a union (`float | 'auto'`) errs once per branch, each named in the location.
+    keys = list(dict.fromkeys(".".join(str(p) for p in e["loc"] if not str(p).startswith(_BRANCHES)) for e in found))
+    more = f" (and {len(keys) - 1} more problem{'s' if len(keys) > 2 else ''})" if len(keys) > 1 else ""
+    return f"{keys[0] or '(top level)'}: {found[0]['msg']}{more}"
+
+
+_BRANCHES = ("function-", "literal[", "float", "int", "str", "bool", "list[", "dict[", "tuple[")

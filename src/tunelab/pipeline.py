@@ -1,138 +1,148 @@
-"""One whole run: train -> evaluate (fine-tune vs base zero-shot and few-shot) -> eval.json -> report -> manifest.
+"""One whole run: train -> evaluate on the held-out rows -> eval.json, report, manifest with the summary.
 
-Used by `tunelab train CONFIG` and `tunelab demo`; returns the summary they print.
-Under torchrun only rank 0 evaluates and writes; the other processes return after training.
+    summary = run_pipeline(cfg)                               # tunelab train CONFIG, tunelab demo
+    summary = evaluate_run_dir(run_dir)                       # tunelab eval RUN_DIR: its held-out rows again
+    summary = evaluate_run_dir(run_dir, data=Path("more.jsonl"))   # another file: evals/<name>/ of its own
+
+An evaluation on the run's own held-out rows is `eval.json`, the one the registry's gate reads.
+An evaluation on another file never replaces it: it goes to `evals/<file stem>-<data sha256[:12]>/`
+(eval.json, report.html, report.md), and the manifest lists every evaluation by name.
+Under torchrun only rank 0 evaluates and writes; the other processes return None after training.
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
+import torch
 
-from tunelab.config import RunConfig
+from tunelab.config import EvalConfig, RunConfig
+from tunelab.data.read import Records
 from tunelab.errors import TunelabError
-from tunelab.evaluate.evaluation import evaluate_run, summary_of
-from tunelab.evaluate.report import write_report
-from tunelab.model.load import load_model
-from tunelab.train import distributed
-from tunelab.rundir import MANIFEST
-from tunelab.train.recipe import TrainResult, train
+from tunelab.evaluation.report import write_report
+from tunelab.evaluation.result import EvalResult
+from tunelab.io import file_sha256
+from tunelab.model.load import load_model, resolve_model
+from tunelab.model.precision import Precision, choose_precision
+from tunelab.rundir import (
+    HELD_OUT, ComparisonSummary, ContenderSummary, ForgettingSummary, RunDir, RunSummary, finished, load_run,
+)
+from tunelab.training import distributed
+from tunelab.training.objectives import objective_for
+from tunelab.training.recipe import TrainResult, train
+
+log = logging.getLogger(__name__)
+HELD_OUT_NAME = "held-out"  # the manifest's name for eval.json
 
 
-def run_pipeline(cfg: RunConfig, console: Console | None = None, resume: Path | None = None) -> dict[str, Any]:
-    console = console or Console(stderr=True)
+def run_pipeline(cfg: RunConfig, resume: Path | None = None, records: Records | None = None) -> RunSummary | None:
+    """Train (or resume), evaluate on the held-out rows, write eval.json, the report and the manifest."""
     started = time.perf_counter()
-    result = train(cfg, console, resume=resume)
-    if not result.world.is_main:
-        distributed.shutdown(result.world)
-        return {}
+    result = train(cfg, resume=resume, records=records)
     distributed.shutdown(result.world)  # evaluation is rank 0's alone
-
+    if not result.world.is_main:
+        return None
     eval_started = time.perf_counter()
-    evaluation = evaluate(result, cfg, console)
+    evaluation = evaluate_trained(result)
     eval_seconds = time.perf_counter() - eval_started
-    summary = {
-        **legacy_summary(evaluation),
-        "run_dir": str(result.run.path.resolve()),
-        "train_rows": len(result.data.train),
+    s = result.setup
+    summary = summarize(evaluation, result.run, s.cfg, eval_seconds).model_copy(update={
+        "precision": s.precision.reason,
+        "train_rows": len(s.data.train),
         "train_seconds": round(result.train_seconds, 2),
-        "eval_seconds": round(eval_seconds, 2),
-        "total_seconds": round(time.perf_counter() - started, 2),
-        "timings": {k: round(v, 2) for k, v in {**result.timings, "evaluate": eval_seconds}.items()},
         "tokens_per_second": round(result.tokens_per_second, 1),
         "trained_tokens_per_second": round(result.trained_tokens_per_second, 1),
         "validation_loss": result.final_validation_loss,
-        "precision": result.precision.reason,
-        "model": cfg.model,
-        "tuning": cfg.tuning,
-        "objective": cfg.objective,
-    }
-    result.run.write_json("eval.json", {**evaluation, "summary": summary})
-    write_report(result.run.path)
-    result.run.write_manifest({"summary": summary})
+        "total_seconds": round(time.perf_counter() - started, 2),
+        "timings": {k: round(v, 2) for k, v in {**result.timings, "evaluate": eval_seconds}.items()},
+    })
+    write_evaluation(result.run, HELD_OUT_NAME, evaluation, summary)
     return summary
 
 
-def evaluate_saved_run(run_dir: Path, data: Path | None = None, data_format: str | None = None,
-                       overrides: dict[str, Any] | None = None, console: Console | None = None) -> dict[str, Any]:
-    """`tunelab eval RUN_DIR [--data FILE]`: evaluate a finished run again, rewrite eval.json, the report, the manifest.
+def evaluate_trained(result: TrainResult) -> EvalResult:
+    """The just-trained model on the run's held-out rows (the model is already in memory)."""
+    s = result.setup
+    test_rows, train_rows = s.data.held_out()
+    base_model = _separate_base(s.cfg, s.cfg.eval, s.precision)
+    evaluation = s.objective.evaluate(result.model, result.tokenizer, test_rows, train_rows, s.cfg.eval, s.precision,
+                                      base_model=base_model)
+    return evaluation.model_copy(update={"data": f"{s.data.report.path} (the run's test split)"})
 
-    Without --data the run's own test split is used (the split is a pure function of the
-    data file, so it is the same rows as at training time); with --data every row of FILE
-    is a test row, read with the run's column mapping and system prompt.
+
+def evaluate_run_dir(run_dir: Path, data: Path | None = None, data_format: str | None = None,
+                     overrides: dict[str, Any] | None = None) -> RunSummary:
+    """`tunelab eval RUN_DIR [--data FILE]` (and `tunelab.evaluation`): evaluate a finished run again.
+
+    Without `data` the run's own held-out rows are used (the split is a pure function of the data, so
+    they are the rows held out at training time) and eval.json is rewritten. With `data`, every row of
+    the file is a test row, read with the run's column mapping and system prompt, and the result goes
+    to evals/NAME/, leaving eval.json (what the gate reads) as it was.
     """
-    from tunelab.config import EvalConfig
-    from tunelab.data.records import read_conversations
-    from tunelab.data.split import split_conversations
-    from tunelab.model.load import resolve_model
-    from tunelab.rundir import RunDir, load_run
-    from tunelab.train.loop import choose_precision
-
-    console = console or Console(stderr=True)
+    run = finished(run_dir)
     started = time.perf_counter()
     precision = choose_precision("auto")
-    model, tokenizer, cfg = load_run(run_dir, dtype=precision.weights_dtype)  # checks the chat-template canary
+    model, tokenizer, cfg = load_run(run.path, dtype=precision.weights_dtype)  # checks the chat-template canary
     eval_cfg = EvalConfig.model_validate({**cfg.eval.model_dump(), **(overrides or {})})
-    split = split_conversations(read_conversations(cfg.data), cfg.data.split)
+    objective = objective_for(cfg)
     if data is None:
-        rows, source = split.test, f"{cfg.data.path} (the run's test split)"
+        test_rows, train_rows = objective.held_out(cfg.data)
+        name, source = HELD_OUT_NAME, f"{cfg.data.path} (the run's test split)"
     else:
-        data_cfg = cfg.data.model_copy(update={"path": Path(data).resolve(), "format": data_format or "auto"})
-        rows, source = read_conversations(data_cfg), str(Path(data).resolve())
-    if not rows:
-        raise TunelabError(f"no test rows in {source}", fix="pass --data FILE with rows to evaluate",
-                           where=str(run_dir))
-    base_model = None
-    if (run_dir / "model").is_dir() and eval_cfg.compare_base:
-        base_model, _ = load_model(resolve_model(cfg.model), dtype=precision.weights_dtype)
-        base_model.eval()
-    evaluation = evaluate_run(model, tokenizer, rows, split.train, eval_cfg, precision, console, base_model=base_model)
-    evaluation["data"] = source
-    run = RunDir(run_dir)
-    previous = json.loads((run_dir / "eval.json").read_text(encoding="utf-8")).get("summary", {}) \
-        if (run_dir / "eval.json").is_file() else {}
-    summary = {**previous, **legacy_summary(evaluation), "run_dir": str(run_dir.resolve()),
-               "eval_seconds": round(time.perf_counter() - started, 2)}
-    run.write_json("eval.json", {**evaluation, "summary": summary})
-    write_report(run_dir)
-    manifest = json.loads((run_dir / MANIFEST).read_text(encoding="utf-8"))
-    run.write_manifest({k: v for k, v in manifest.items() if k not in ("format", "files")} | {"summary": summary})
+        data = Path(data).resolve()
+        data_cfg = cfg.data.model_copy(update={"path": data, "format": data_format or "auto"})
+        test_rows, (_, train_rows) = objective.read(data_cfg), objective.held_out(cfg.data)
+        name, source = f"{data.stem}-{file_sha256(data)[:12]}", str(data)
+    if not test_rows:
+        raise TunelabError(f"no test rows in {source}", fix="pass --data FILE with rows to evaluate", where=str(run.path))
+    evaluation = objective.evaluate(model, tokenizer, test_rows, train_rows, eval_cfg, precision,
+                                    base_model=_separate_base(cfg, eval_cfg, precision))
+    evaluation = evaluation.model_copy(update={"data": source})
+    summary = summarize(evaluation, run, cfg, time.perf_counter() - started)
+    previous = run.manifest().summary if data is None else None
+    if previous is not None:  # the run's training figures stay in its summary
+        summary = previous.model_copy(update={k: getattr(summary, k) for k in _EVAL_FIELDS})
+    write_evaluation(run, name, evaluation, summary if data is None else None)
     return summary
 
 
-def evaluate(result: TrainResult, cfg: RunConfig, console: Console) -> dict[str, Any]:
-    """The eval.json object of the run's own test split (preference runs: their validation rewards)."""
-    if cfg.objective == "dpo":
-        # Pairs have no single reference answer to score generations against; the rewards say how DPO went.
-        return {"format": "tunelab-eval/1", "task": "preference", "metric": "reward_accuracy",
-                "test_rows": len(result.data.test_rows), "contenders": {}, "comparisons": {}}
-    split = result.data.split
-    if not split.test:
-        return {"format": "tunelab-eval/1", "task": None, "test_rows": 0, "contenders": {}, "comparisons": {}}
-    base_model = None
-    if cfg.tuning == "full" and cfg.eval.compare_base:  # no adapter to switch off: load the base beside it
-        base_model, _ = load_model(result.resolved, dtype=result.precision.weights_dtype)
-        base_model.eval()
-    return evaluate_run(result.model, result.tokenizer, split.test, split.train, cfg.eval, result.precision, console,
-                        base_model=base_model)
+def _separate_base(cfg: RunConfig, eval_cfg: EvalConfig, precision: Precision) -> torch.nn.Module | None:
+    """The base model loaded beside a fully tuned one (an adapter's base is the fine-tune with it switched off)."""
+    if cfg.tuning != "full" or not eval_cfg.compare_base:
+        return None
+    base, _ = load_model(resolve_model(cfg.model.name), dtype=precision.weights_dtype, kernels=cfg.model.kernels)
+    return base.eval()
 
 
-def legacy_summary(evaluation: dict[str, Any]) -> dict[str, Any]:
-    """Flat keys the CLI table, `--json` readers and the demo test use: fine-tune vs the best baseline."""
-    flat = summary_of(evaluation)
-    finetune = flat.get("finetune", {})
-    baselines = [flat[n] for n in ("base_few_shot", "base_zero_shot") if n in flat]
-    best = max(baselines, key=lambda c: c["value"] or 0.0) if baselines else {}
-    if flat.get("metric") != "accuracy":  # the accuracy keys mean accuracy; other metrics live under their names
-        finetune, best = {}, {}
-    return {
-        **flat,
-        "accuracy": finetune.get("value"), "accuracy_ci": finetune.get("ci"),
-        "base_accuracy": best.get("value"), "base_accuracy_ci": best.get("ci"),
-        "prompt_tokens": finetune.get("prompt_tokens"), "base_prompt_tokens": best.get("prompt_tokens"),
-        "ms_per_request": finetune.get("ms_per_request"), "base_ms_per_request": best.get("ms_per_request"),
-    }
+def write_evaluation(run: RunDir, name: str, evaluation: EvalResult, summary: RunSummary | None) -> None:
+    """eval.json and the report: the run's own for the held-out rows, else under evals/NAME/; then the manifest."""
+    folder = run.path if name == HELD_OUT_NAME else run.path / "evals" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    evaluation.write(folder / HELD_OUT)
+    write_report(run.path, evaluation=folder)
+    run.write_manifest(summary, {name: str((folder / HELD_OUT).relative_to(run.path))})
+    log.info("evaluation %s: %s", name, folder / HELD_OUT)
+
+
+_EVAL_FIELDS = {"task", "metric", "test_rows", "contenders", "comparisons", "forgetting", "eval_seconds"}
+
+
+def summarize(evaluation: EvalResult, run: RunDir, cfg: RunConfig, eval_seconds: float) -> RunSummary:
+    """The figures the CLI prints: each contender's primary metric, the comparisons, forgetting."""
+    contenders = {}
+    for name, c in evaluation.contenders.items():
+        value, ci = evaluation.primary(name)
+        contenders[name] = ContenderSummary(value=value, ci=ci, prompt_tokens=c.prompt_tokens_mean,
+                                            ms_per_request=c.ms_per_request, loss=c.metrics.get("loss"))
+    comparisons = {name: ComparisonSummary(delta=c.delta, p_value=c.p_value, significant=c.significant)
+                   for name, c in evaluation.comparisons.items()}
+    forgetting = evaluation.forgetting
+    return RunSummary(
+        run_dir=str(run.path.resolve()), model=cfg.model.name, tuning=cfg.tuning, objective=cfg.objective,
+        task=evaluation.task, metric=evaluation.metric, test_rows=evaluation.test_rows, contenders=contenders,
+        comparisons=comparisons, eval_seconds=round(eval_seconds, 2),
+        forgetting=ForgettingSummary(probe_delta=forgetting.probe.delta, flagged=forgetting.flagged) if forgetting else None,
+    )

@@ -16,6 +16,7 @@ line saying where, what and how to fix it, and exits with code 2.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -23,6 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded at ru
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import typer  # noqa: E402
+from rich.text import Text  # noqa: E402
 
 from tunelab.cli import run  # noqa: E402
 from tunelab.cli.data import data_app  # noqa: E402
@@ -41,6 +43,23 @@ app.add_typer(models_app, name="models")
 
 # Verbs that load a model and run it: these run on tcmalloc when the system has it (see tunelab.cli.allocator).
 MODEL_VERBS = frozenset({"demo", "train", "plan", "eval", "chat"})
+TRAINING_VERBS = frozenset({"demo", "train", "plan"})  # their run log names the allocator (its effect is on training)
+
+
+class RunLog(logging.Handler):
+    """The run log on the stderr console, above any live progress bar: `precision: fp32 ...` with the part
+    before the first colon in bold, warnings in yellow."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a logging call with bad arguments must not stop a run
+            self.handleError(record)
+            return
+        key, sep, rest = message.partition(": ")
+        style = "yellow" if record.levelno >= logging.WARNING else ""
+        text = Text.assemble((key + sep, "bold " + style if sep else style), (rest, style))
+        err.print(text, soft_wrap=True)
 
 
 def main() -> None:
@@ -49,7 +68,6 @@ def main() -> None:
 
         relaunch_with_tcmalloc()  # replaces this process when it relaunches; otherwise returns
 
-    import logging
     import warnings
 
     # transformers deprecation notices raised from inside PEFT: nothing a user can act on.
@@ -59,7 +77,15 @@ def main() -> None:
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    log = logging.getLogger("tunelab")
+    log.setLevel(logging.INFO)
+    log.addHandler(RunLog())
+    log.propagate = False  # printed once, here
+    relaunching = any(a == "--nproc" or a.startswith("--nproc=") for a in sys.argv) and "WORLD_SIZE" not in os.environ
+    if sys.argv[1:2] and sys.argv[1] in TRAINING_VERBS and os.environ.get("RANK", "0") == "0" and not relaunching:
+        from tunelab.cli.allocator import describe
+
+        log.info("allocator: %s", describe())
     try:
         app()
     except Interrupted as exc:  # a clean stop on SIGINT/SIGTERM, with a checkpoint to resume from

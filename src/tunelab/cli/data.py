@@ -10,7 +10,8 @@ import typer
 from rich.console import Console
 
 from tunelab.cli.render import err
-from tunelab.config import DataConfig, DataFormat
+from tunelab.config import DEFAULT_SPLIT, DataConfig, DataFormat
+from tunelab.data.quality.near_dup import DEFAULT_THRESHOLD
 
 data_app = typer.Typer(no_args_is_help=True, help="Check, lint, clean, convert and split data files.")
 
@@ -32,7 +33,8 @@ def data_validate(
     as_json: Annotated[bool, typer.Option("--json", help="Print the findings as one JSON object.")] = False,
 ) -> None:
     """Report every problem of a data file, one line each; exit code 1 if any is an error."""
-    from tunelab.data.read import load_tokenizer, print_report, validate_file
+    from tunelab.data.validate import print_report, validate_file
+    from tunelab.model.load import load_tokenizer
 
     report = validate_file(file, fmt, input_column=input_column, output_column=output_column,
                            tokenizer=load_tokenizer(model) if model else None, max_length=max_length)
@@ -71,14 +73,14 @@ def data_lint(
     against: Annotated[Path | None, typer.Option(help="Report rows of this file (e.g. the test set) found in FILE.")] = None,
     fmt: FormatOption = "auto",
     model: Annotated[str | None, typer.Option(help="Check answers survive this model's chat template; token lengths.")] = None,
-    threshold: Threshold = 0.8,
+    threshold: Threshold = DEFAULT_THRESHOLD,
     input_column: InputColumn = None,
     output_column: OutputColumn = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the findings as one JSON object.")] = False,
 ) -> None:
     """Quality: duplicates, near duplicates, conflicting answers, leakage, PII (masked), labels; exit 1 on errors."""
     from tunelab.data.quality.lint import lint_file, print_lint
-    from tunelab.data.read import load_tokenizer
+    from tunelab.model.load import load_tokenizer
 
     report = lint_file(file, fmt, against=against, input_column=input_column, output_column=output_column,
                        tokenizer=load_tokenizer(model) if model else None, threshold=threshold)
@@ -110,9 +112,10 @@ def data_clean(
 def data_split(
     file: Annotated[Path, typer.Argument(help="The data file.")],
     outdir: Annotated[Path, typer.Option("-o", "--output", help="Folder for train/validation/test.jsonl and the report.")],
-    fractions: Annotated[str, typer.Option(help="Train,validation,test fractions summing to 1.")] = "0.8,0.1,0.1",
+    fractions: Annotated[str, typer.Option(help="Train,validation,test fractions summing to 1.")] = ",".join(
+        f"{f:g}" for f in DEFAULT_SPLIT),
     fmt: FormatOption = "auto",
-    threshold: Threshold = 0.8,
+    threshold: Threshold = DEFAULT_THRESHOLD,
     input_column: InputColumn = None,
     output_column: OutputColumn = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the split report as one JSON object.")] = False,

@@ -127,8 +127,7 @@ def show(
 ) -> None:
     """Everything recorded for a version: source run, base model, tokenizer/template, data, config, eval, gate."""
     v = Registry(registry).resolve(ref)
-    eval_path = v.path / "eval.json"
-    verdict = gate(json.loads(eval_path.read_text(encoding="utf-8")) if eval_path.is_file() else None)
+    verdict = gate(v.evaluation())
     shown = {"ref": v.ref, "path": str(v.path), "aliases": list(v.aliases),
              "gate": {"ok": verdict.ok, "reasons": verdict.reasons}, **v.record}
     if as_json:

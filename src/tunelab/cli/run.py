@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -10,45 +9,43 @@ from typing import Annotated, Any
 
 import typer
 
-from tunelab.cli.render import err, print_plan, print_summary
+from tunelab.cli.render import print_plan, print_summary
 from tunelab.errors import TunelabError
 
 DEMO_CONFIG = Path(__file__).resolve().parents[3] / "examples" / "banking77" / "demo.yaml"
+SetOption = Annotated[list[str] | None, typer.Option("--set", help="Override a config key, e.g. lora.rank=32")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")]
 
 
-def _parse_sets(sets: list[str] | None) -> dict[str, Any]:
+def parse_sets(sets: list[str] | None) -> dict[str, Any]:
+    """`--set k=v` options -> {"k": v}, each value read as YAML ("32" -> 32, "null" -> None, "[a, b]" -> list)."""
+    import yaml
+
     out: dict[str, Any] = {}
     for item in sets or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise TunelabError(f"--set {item!r} is not KEY=VALUE", fix="write e.g. --set lora.rank=32")
-        import yaml
-
-        out[key] = yaml.safe_load(value)  # "32" -> 32, "1e-3" -> "1e-3" handled by pydantic, "null" -> None
+        out[key] = yaml.safe_load(value)
     return out
-
 
 
 def _run(config: Path | None, sets: list[str] | None, as_json: bool, resume: Path | None = None) -> None:
     from tunelab.config import load_config
     from tunelab.pipeline import run_pipeline
-    from tunelab.rundir import read_run_config_for_resume
+    from tunelab.rundir import RunDir
 
-    cfg = read_run_config_for_resume(resume) if resume else load_config(config, _parse_sets(sets))
-    summary = run_pipeline(cfg, err, resume=resume)
-    if not summary:  # a torchrun process other than rank 0: it trained its share, rank 0 reports
+    cfg = RunDir(resume).config() if resume else load_config(config, parse_sets(sets))
+    summary = run_pipeline(cfg, resume=resume)
+    if summary is None:  # a torchrun process other than rank 0: it trained its share, rank 0 reports
         return
     if as_json:
-        print(json.dumps(summary))
+        print(summary.model_dump_json())
     else:
         print_summary(summary)
 
 
-
-def demo(
-    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")] = False,
-    sets: Annotated[list[str] | None, typer.Option("--set", help="Override a config key, e.g. train.epochs=2")] = None,
-) -> None:
+def demo(as_json: JsonOption = False, sets: SetOption = None) -> None:
     """Fine-tune SmolLM2-135M-Instruct on Banking77 and compare it with the base model on the same test rows."""
     if not DEMO_CONFIG.is_file():
         raise TunelabError(f"demo config not found at {DEMO_CONFIG}", fix="run from a checkout of the tunelab repository")
@@ -57,8 +54,8 @@ def demo(
 
 def train_cmd(
     config: Annotated[Path | None, typer.Argument(help="YAML run config (see examples/banking77/demo.yaml).")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")] = False,
-    sets: Annotated[list[str] | None, typer.Option("--set", help="Override a config key, e.g. lora.rank=32")] = None,
+    as_json: JsonOption = False,
+    sets: SetOption = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only estimate tokens, time, cost and memory.")] = False,
     resume: Annotated[Path | None, typer.Option(help="Continue this run directory from its newest checkpoint.")] = None,
     nproc: Annotated[int, typer.Option(help="Train with N processes (torch.distributed via torchrun).")] = 1,
@@ -97,66 +94,68 @@ def _relaunch_with_torchrun(nproc: int) -> None:
 
 def plan(
     config: Annotated[Path, typer.Argument(help="YAML run config.")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as one JSON object.")] = False,
-    sets: Annotated[list[str] | None, typer.Option("--set", help="Override a config key, e.g. lora.rank=32")] = None,
-    price_per_hour: Annotated[float, typer.Option(help="Machine price in USD per hour, for the cost estimate.")] = 0.10,
+    as_json: JsonOption = False,
+    sets: SetOption = None,
+    price_per_hour: Annotated[float | None, typer.Option(help="Machine price in USD per hour, for the cost estimate "
+                                                         "(default: about a 2-vCPU cloud VM's).")] = None,
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Also write the plan as JSON here.")] = None,
 ) -> None:
     """Estimate a run before spending compute: tokens, steps, time (from a measured probe), cost, memory."""
     from tunelab.config import load_config
-    from tunelab.plan import make_plan
-    from tunelab.rundir import write_json_atomic
+    from tunelab.io import write_text_atomic
+    from tunelab.planning import DEFAULT_PRICE_PER_HOUR, make_plan
 
-    result = make_plan(load_config(config, _parse_sets(sets)), err, price_per_hour=price_per_hour)
+    result = make_plan(load_config(config, parse_sets(sets)),
+                       price_per_hour=DEFAULT_PRICE_PER_HOUR if price_per_hour is None else price_per_hour)
     if output:
-        write_json_atomic(output, result)
+        write_text_atomic(output, result.model_dump_json(indent=2) + "\n")
     if as_json:
-        print(json.dumps(result))
+        print(result.model_dump_json())
         return
     print_plan(result, config)
 
 
 def eval_cmd(
     run_dir: Annotated[Path, typer.Argument(help="A run directory written by `tunelab train` or `tunelab demo`.")],
-    data: Annotated[Path | None, typer.Option(help="Evaluate on this data file instead of the run's test split.")] = None,
+    data: Annotated[Path | None, typer.Option(help="Evaluate on this data file instead of the run's test split "
+                                              "(written to RUN_DIR/evals/NAME/; eval.json stays the held-out one).")] = None,
     data_format: Annotated[str | None, typer.Option("--format", help="Format of --data (default: detected).")] = None,
     sets: Annotated[list[str] | None, typer.Option("--set", help="Override an eval key, e.g. eval.few_shot=5")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Fine-tune vs base zero-shot vs base few-shot on the same rows; writes eval.json, report.html, report.md."""
-    from tunelab.pipeline import evaluate_saved_run
+    from tunelab.pipeline import evaluate_run_dir
 
     overrides = {}
-    for key, value in _parse_sets(sets).items():
+    for key, value in parse_sets(sets).items():
         if not key.startswith("eval."):
             raise TunelabError(f"--set {key}: tunelab eval only takes eval.* keys", fix="e.g. --set eval.max_rows=200")
         overrides[key.removeprefix("eval.")] = value
-    summary = evaluate_saved_run(run_dir, data, data_format, overrides, err)
+    summary = evaluate_run_dir(run_dir, data, data_format, overrides)
     if as_json:
-        print(json.dumps(summary))
+        print(summary.model_dump_json())
         return
-    summary.setdefault("train_rows", 0)
-    print_summary(summary, trained=False)
+    print_summary(summary)
 
 
 def chat(
-    run_dir: Annotated[Path, typer.Argument(help="A run directory written by `tunelab train` or `tunelab demo`.")],
+    run_dir: Annotated[str, typer.Argument(help="A run directory, or a registered model (NAME, NAME@VERSION, "
+                                           "NAME@ALIAS).")],
     message: Annotated[str, typer.Argument(help="The user message.")],
     max_new_tokens: Annotated[int, typer.Option(help="Generation limit.")] = 128,
 ) -> None:
-    """Answer one message with the fine-tuned model (the run's own system prompt and chat template)."""
+    """Answer one message with a fine-tune (its own system prompt and chat template)."""
+    import tunelab as tl
     from tunelab.data.records import Message
     from tunelab.data.tokenize import render_prompt
-    from tunelab.evaluate.generate import generate
-    from tunelab.rundir import load_run
-    from tunelab.train.loop import choose_precision
+    from tunelab.evaluation.generate import generate
+    from tunelab.model.precision import choose_precision
 
-    precision = choose_precision("auto")
-    model, tokenizer, cfg = load_run(run_dir, dtype=precision.weights_dtype)
-    messages = [Message("user", message)]
-    if cfg.data.system_prompt:
-        messages.insert(0, Message("system", cfg.data.system_prompt))
+    path = Path(run_dir) if Path(run_dir).exists() else tl.Registry().resolve(run_dir).path
+    model, tokenizer = tl.load(path)
+    system = tl.RunDir(path).config().data.system_prompt
+    messages = ([Message("system", system)] if system else []) + [Message("user", message)]
     prompt = render_prompt(tokenizer, messages)
-    run = generate(model, tokenizer, [prompt], max_new_tokens=max_new_tokens, batch_size=1, precision=precision)
+    run = generate(model, tokenizer, [prompt], max_new_tokens=max_new_tokens, batch_size=1,
+                   precision=choose_precision("auto"))
     print(run.generations[0].text)
-

@@ -83,7 +83,7 @@ def length_grouped_order(
     return ordered
 
 
-MIN_SHARED_PREFIX = 4  # tokens; a shorter common prefix is not worth a separate pass
+MIN_SHARED_PREFIX = 4  # tokens; computed once for a shorter prefix saves less than the bookkeeping costs (model/kernels/prefix.py)
 
 
 def shared_prefix_length(examples: list[TokenizedExample]) -> int:

@@ -31,7 +31,7 @@ from tunelab.data.quality.overlap import exact_duplicates
 from tunelab.data.quality.pii import KINDS as PII_KINDS
 from tunelab.data.quality.pii import mask_pii
 from tunelab.data.records import Conversation, Message, PreferencePair
-from tunelab.data.read import Report, validate_file
+from tunelab.data.validate import Report, validate_file
 from tunelab.errors import TunelabError
 
 Record = Conversation | PreferencePair

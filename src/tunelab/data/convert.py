@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from tunelab.data.records import Conversation, PreferencePair
-from tunelab.data.read import Report, read_checked
+from tunelab.data.validate import Report, read_checked
 
 
 def convert_file(src: Path, out: Path, fmt: str = "auto", *, input_column: str | None = None,

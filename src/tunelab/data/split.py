@@ -26,6 +26,7 @@ import hashlib
 from collections import Counter
 from dataclasses import dataclass
 
+from tunelab.config import DEFAULT_SPLIT
 from tunelab.data.records import Conversation
 
 SPLIT_NAMES = ("train", "validation", "test")
@@ -68,7 +69,7 @@ def is_classification(convs: list[Conversation]) -> bool:
 
 
 def split_conversations(
-    convs: list[Conversation], fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    convs: list[Conversation], fractions: tuple[float, float, float] = DEFAULT_SPLIT
 ) -> Split:
     """Split rows by hash; stratified by answer label when the data is classification-like."""
     stratified = is_classification(convs)

@@ -26,11 +26,12 @@ from pathlib import Path
 
 from rich.console import Console
 
+from tunelab.config import DEFAULT_SPLIT
 from tunelab.data.convert import chat_row, write_jsonl
 from tunelab.data.quality.near_dup import DEFAULT_THRESHOLD
 from tunelab.data.quality.overlap import Leak, split_leakage
 from tunelab.data.split import SPLIT_NAMES, Split, split_conversations
-from tunelab.data.read import read_checked
+from tunelab.data.validate import read_checked
 from tunelab.errors import TunelabError
 
 REPORT_NAME = "split_report.json"
@@ -60,7 +61,7 @@ def _checked_fractions(values: tuple[float, ...], shown: str) -> tuple[float, fl
     return values  # type: ignore[return-value]
 
 
-def split_file(src: Path | str, outdir: Path | str, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+def split_file(src: Path | str, outdir: Path | str, fractions: tuple[float, float, float] = DEFAULT_SPLIT,
                fmt: str = "auto", *, input_column: str | None = None, output_column: str | None = None,
                threshold: float = DEFAULT_THRESHOLD) -> SplitResult:
     """Split `src` (raising `TunelabError` on its first validation error) into OUTDIR's three files and report."""

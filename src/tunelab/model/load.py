@@ -1,4 +1,4 @@
-"""Resolve a base-model spec to a Hugging Face folder, and load model + tokenizer.
+"""Resolve a base-model spec to a Hugging Face folder; load model + tokenizer; attach or load a LoRA adapter.
 
 Accepted specs:
 
@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import logging
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -26,15 +25,13 @@ from pathlib import Path
 
 import peft
 import torch
-from peft import PeftModel, get_peft_model
-from peft.tuners.tuners_utils import BaseTunerLayer
+from peft import PeftConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from tunelab.model.kernels import attention
 from tunelab.config import DEFAULT_MODEL, LoraConfig
-from tunelab.model.kernels.dora import RowNormDoraLayer, use_row_norm_dora
 from tunelab.errors import TunelabError
-from tunelab.model.kernels.fused_lora import use_fused_lora
+from tunelab.io import tunelab_home
+from tunelab.model.kernels import Kernels, attention_implementation, lora_layer_classes
 from tunelab.model.quantize import quantization_config
 
 log = logging.getLogger(__name__)
@@ -47,10 +44,6 @@ BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 class ResolvedModel:
     spec: str  # what the user asked for
     path: Path  # an HF folder with config.json, tokenizer and safetensors weights
-
-
-def tunelab_home() -> Path:
-    return Path(os.environ.get("TUNELAB_HOME") or Path.home() / ".cache" / "tunelab")
 
 
 def bundled_gguf() -> Path:
@@ -87,19 +80,35 @@ def resolve_model(spec: str) -> ResolvedModel:
     )
 
 
+def load_tokenizer(model: str) -> PreTrainedTokenizerBase:
+    """The tokenizer (with its chat template) of a base-model spec, never its weights."""
+    path = Path(model).expanduser()
+    try:
+        if model == DEFAULT_MODEL and (tunelab_home() / "models" / DEFAULT_MODEL / "config.json").is_file():
+            return AutoTokenizer.from_pretrained(resolve_model(model).path)  # converted before: no conversion
+        if model == DEFAULT_MODEL or (path.is_file() and path.suffix == ".gguf"):
+            # resolve_model would convert the whole GGUF; the tokenizer alone is read from its metadata.
+            gguf = bundled_gguf() if model == DEFAULT_MODEL else path
+            return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        return AutoTokenizer.from_pretrained(resolve_model(model).path)
+    except (OSError, ValueError) as exc:
+        raise TunelabError(f"cannot load the tokenizer of '{model}': {exc}",
+                           fix="pass a chat model whose folder (or .gguf) holds its tokenizer") from None
+
+
+
 def load_model(
-    resolved: ResolvedModel, dtype: torch.dtype = torch.float32, quantize: str = "none"
+    resolved: ResolvedModel, dtype: torch.dtype = torch.float32, quantize: str = "none",
+    kernels: Kernels = "tunelab",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load weights in `dtype` and the tokenizer (with its chat template) from an HF folder.
 
     With `quantize='nf4'` transformers stores the linear layers in 4 bits while loading
     (bitsandbytes); then call `tunelab.model.quantize.quantize_base` (it quantizes int8 in place).
+    `kernels` picks the attention (`kernels.attention_implementation`).
     """
     tokenizer = AutoTokenizer.from_pretrained(resolved.path)
-    model = AutoModelForCausalLM.from_pretrained(
-        resolved.path, dtype=dtype, attn_implementation=attention_for_device(),
-        quantization_config=quantization_config(quantize, dtype),
-    )
+    model = load_weights(resolved.path, dtype, kernels, quantization_config=quantization_config(quantize, dtype))
     if tokenizer.pad_token_id is None:
         # Batches need a pad id; it is never trained on (label -100) nor attended to (mask 0).
         tokenizer.pad_token = tokenizer.eos_token
@@ -107,15 +116,41 @@ def load_model(
     return model, tokenizer
 
 
-def attention_for_device() -> str:
-    """Our grouped-query eager attention on CPU (see tunelab.model.kernels.attention), SDPA on CUDA.
+def load_weights(folder: Path, dtype: torch.dtype, kernels: Kernels = "tunelab", **kwargs: object) -> PreTrainedModel:
+    """An HF causal LM from `folder` in `dtype`, with the attention `kernels` picks; refused when tunelab would
+    compute it wrongly (see `require_supported`)."""
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attention_implementation(kernels),
+                                                 **kwargs)
+    require_supported(model, where=str(folder))
+    return model
 
-    Measured on this 2-core AMX CPU (SmolLM2-135M, LoRA, batch 16 x 46 tokens, bf16):
-    SDPA's CPU flash-attention backward took 25% of a training step for such short rows
-    (eager: 1.48 s -> 1.12 s per step), and eager attention's KV-head copies took 70% of
-    long-prompt generation. On a GPU, SDPA's fused kernels win.
+
+def require_supported(model: PreTrainedModel, where: str) -> None:
+    """Refuse a model whose logits tunelab would compute differently from its own forward.
+
+    tunelab applies the LM head itself, at trained positions only (`model.scoring`); a model that
+    transforms its logits after the head (Gemma 2's `final_logit_softcapping`) would train and be
+    evaluated on the wrong values.
     """
-    return "sdpa" if torch.cuda.is_available() else attention.NAME
+    softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    if softcap is not None:
+        raise TunelabError(
+            f"{type(model).__name__} caps its logits (final_logit_softcapping={softcap}), which tunelab's loss "
+            "does not apply yet", where=where,
+            fix="use a base model without logit soft-capping (Llama, Qwen, Mistral, SmolLM, Gemma 1 or 3)")
+
+
+def body_and_head(model: PreTrainedModel | PeftModel) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The transformer body (hidden states out) and the LM head, through a PEFT wrapper if any."""
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    return base.base_model, base.get_output_embeddings()
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The transformer body's decoder layers (`model.layers`), or [] for a body without that list."""
+    body, _ = body_and_head(model)
+    layers = getattr(body, "layers", None)
+    return list(layers) if isinstance(layers, torch.nn.ModuleList) else []
 
 
 def _cached_conversion(gguf: Path, name: str) -> Path:
@@ -179,8 +214,11 @@ def unfreeze_all(model: PreTrainedModel) -> PreTrainedModel:
     return model
 
 
-def attach_lora(model: PreTrainedModel, lora: LoraConfig) -> PeftModel:
-    """Freeze the base and add LoRA adapters (PEFT). Adapter weights are kept in fp32 even over a bf16 base."""
+def attach_lora(model: PreTrainedModel, lora: LoraConfig, kernels: Kernels = "tunelab") -> PeftModel:
+    """Freeze the base and add LoRA adapters (PEFT). Adapter weights are kept in fp32 even over a bf16 base.
+
+    `kernels: tunelab` has PEFT build tunelab's LoRA layers (`kernels.fused_lora`); `reference`, PEFT's own.
+    """
     peft_config = peft.LoraConfig(
         r=lora.rank,
         lora_alpha=lora.alpha,
@@ -190,34 +228,25 @@ def attach_lora(model: PreTrainedModel, lora: LoraConfig) -> PeftModel:
         use_rslora=lora.use_rslora,
         task_type="CAUSAL_LM",
     )
-    return adapter_inputs_uncast(get_peft_model(model, peft_config, autocast_adapter_dtype=True))
+    return _with_kernels(get_peft_model(model, _register(peft_config, kernels), autocast_adapter_dtype=True), kernels)
 
 
-def adapter_inputs_uncast(model: PeftModel) -> PeftModel:
-    """Give plain LoRA layers the fused forward (`tunelab.model.kernels.fused_lora`) and DoRA layers the
-    row-norm forward, then switch off PEFT's cast of each adapted layer's input to the
-    adapter's dtype; returns the model.
+def load_adapter(base: PreTrainedModel, folder: Path, kernels: Kernels = "tunelab") -> PeftModel:
+    """A saved PEFT adapter over `base`, built from tunelab's LoRA layers unless `kernels` is reference."""
+    config = _register(PeftConfig.from_pretrained(folder), kernels)
+    return _with_kernels(PeftModel.from_pretrained(base, folder, config=config), kernels)
 
-    Why: PEFT casts the input of every LoRA layer to its weights' dtype (fp32 here) before
-    lora_A, and under bf16 autocast lora_A casts it straight back to bf16: two copies of the
-    layer's input and two more in backward, for a bitwise-identical result (bf16 -> fp32 ->
-    bf16 is exact). Measured on this CPU, SmolLM2 LoRA batch 16: 533 -> 588 tokens/s. In fp32
-    the input already has the adapter's dtype and nothing changes. Every forward of a bf16
-    base runs under autocast (`Precision.autocast`); without it lora_A would raise a dtype error,
-    never compute silently in another precision. PEFT's own DoRA layer needs the cast (it
-    computes its weight norm in the input's dtype); `tunelab.model.kernels.dora`'s does not, so DoRA layers
-    lose the cast once they have it, and any other variant keeps it.
-    """
-    use_fused_lora(model)
-    use_row_norm_dora(model)
-    for module in model.modules():
-        if isinstance(module, BaseTunerLayer) and _input_dtype_free(module):
-            module.cast_input_dtype_enabled = False
+
+def _register(config: peft.LoraConfig, kernels: Kernels) -> peft.LoraConfig:
+    classes = lora_layer_classes(kernels)
+    if classes:  # not saved with the adapter: adapter_config.json stays PEFT's
+        config._register_custom_module(classes)
+    return config
+
+
+def _with_kernels(model: PeftModel, kernels: Kernels) -> PeftModel:
+    if kernels == "tunelab":
+        from tunelab.model.kernels.fused_lora import uncast_adapter_inputs
+
+        uncast_adapter_inputs(model)
     return model
-
-
-def _input_dtype_free(module: BaseTunerLayer) -> bool:
-    """True when no adapter of this layer computes anything in its input's dtype."""
-    variants = getattr(module, "lora_variant", None) or {}
-    magnitudes = getattr(module, "lora_magnitude_vector", None) or {}
-    return all(name in magnitudes and isinstance(magnitudes[name], RowNormDoraLayer) for name in variants)

@@ -37,23 +37,25 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from tunelab.errors import TunelabError
-from tunelab.io import file_sha256
-from tunelab.registry.gate import GateResult, eval_summary, gate  # noqa: F401 (re-exported: the registry's API)
+from tunelab.io import MANIFEST, file_sha256, registry_root
+from tunelab.evaluation.result import EvalResult
 from tunelab.model.template_canary import tokenizer_identity
+from tunelab.registry.gate import GateResult, eval_summary, gate
+from tunelab.rundir import HELD_OUT, Manifest, RunDir, finished
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]*")
 ALIAS_RE = re.compile(r"[a-z][a-z0-9._-]*")  # starts with a letter, so NAME@3 is always a version number
 LATEST = "latest"  # NAME@latest, like NAME alone: the newest version
 DEFAULT_ALIAS = "production"
 INDEX = ".registry.sqlite"
-MANIFEST = "manifest.json"  # = tunelab.rundir.MANIFEST (not imported: that module loads torch)
-REQUIRED = ("adapter/adapter_config.json", "tokenizer/tokenizer_config.json", "config.json", "data.json")
+REQUIRED = ("tokenizer/tokenizer_config.json", "config.json", "data.json")
+TRAINED = ("adapter/adapter_config.json", "model/config.json")  # one of them: an adapter, or a fully tuned model
 NOT_COPIED = ("checkpoints",)  # optimizer state for `tunelab train --resume`: large, and not needed to serve
 
 SCHEMA = (
@@ -68,14 +70,6 @@ SCHEMA = (
 )
 
 
-def default_root() -> Path:
-    """$TUNELAB_REGISTRY, else $TUNELAB_HOME/registry (tunelab.model.load.tunelab_home(), which imports torch)."""
-    explicit = os.environ.get("TUNELAB_REGISTRY")
-    if explicit:
-        return Path(explicit).expanduser()
-    return Path(os.environ.get("TUNELAB_HOME") or Path.home() / ".cache" / "tunelab") / "registry"
-
-
 @dataclass(frozen=True)
 class Version:
     name: str
@@ -87,6 +81,11 @@ class Version:
     @property
     def ref(self) -> str:
         return f"{self.name}@{self.version}"
+
+    def evaluation(self) -> EvalResult | None:
+        """The version's held-out evaluation (what the gate reads), or None when it was never evaluated."""
+        path = self.path / HELD_OUT
+        return EvalResult.read(path) if path.is_file() else None
 
 
 @dataclass(frozen=True)
@@ -127,7 +126,7 @@ def validate_alias(alias: str) -> None:
 
 class Registry:
     def __init__(self, root: Path | None = None) -> None:
-        self.root = Path(root) if root is not None else default_root()
+        self.root = Path(root) if root is not None else registry_root()
         self.root.mkdir(parents=True, exist_ok=True)
         self._schema_ready = False
 
@@ -238,11 +237,10 @@ class Registry:
             raise TunelabError("--force needs --reason", fix="say why the gate is overridden, e.g. "
                                                              "--force --reason 'hotfix, eval rerun tomorrow'")
         v = self.resolve(ref)
-        eval_path = v.path / "eval.json"
-        verdict = gate(_read_json(eval_path) if eval_path.is_file() else None)
+        verdict = gate(v.evaluation())
         if not verdict.ok and not force:
             raise TunelabError(f"{v.ref} may not become {v.name}@{alias}: " + "; ".join(verdict.reasons),
-                               where=str(eval_path),
+                               where=str(v.path / HELD_OUT),
                                fix="improve the fine-tune (see its report), evaluate and register it again; or "
                                    "override knowingly with --force --reason '...' (both go to the event log)")
         with self._tx() as db:
@@ -350,25 +348,21 @@ class Registry:
 
 
 # ---------------------------------------------------------------------- run -> record
-def _read_manifest(run_dir: Path) -> dict[str, Any]:
-    if not run_dir.is_dir():
-        raise TunelabError(f"{run_dir} is not a directory", fix="pass a run directory printed by `tunelab train`")
-    if not (run_dir / MANIFEST).is_file():
-        raise TunelabError(f"{run_dir} is not a finished run (no {MANIFEST}: still training, or it stopped)",
-                           fix=f"finish it with `tunelab train --resume {run_dir}`, or pass a finished run")
-    manifest = _read_json(run_dir / MANIFEST)
-    files = manifest.get("files")
-    missing = [f for f in REQUIRED if not isinstance(files, dict) or f not in files]
+def _read_manifest(run_dir: Path) -> Manifest:
+    manifest = finished(run_dir).manifest()
+    missing = [f for f in REQUIRED if f not in manifest.files]
+    if not any(f in manifest.files for f in TRAINED):
+        missing.append(" or ".join(TRAINED))
     if missing:
         raise TunelabError(f"{MANIFEST} does not list {', '.join(missing)}", where=str(run_dir / MANIFEST),
                            fix="pass a run directory written by `tunelab train`")
     return manifest
 
 
-def _copy_verified(run_dir: Path, manifest: dict[str, Any], dest: Path) -> dict[str, str]:
+def _copy_verified(run_dir: Path, manifest: Manifest, dest: Path) -> dict[str, str]:
     """Copy every manifest file but checkpoints/; hash the *copy*, so what is registered is what was verified."""
     copied = {}
-    for rel, entry in sorted(manifest["files"].items()):
+    for rel, entry in sorted(manifest.files.items()):
         parts = Path(rel).parts
         if Path(rel).is_absolute() or ".." in parts:
             raise TunelabError(f"{MANIFEST} lists '{rel}', outside the run", where=str(run_dir / MANIFEST),
@@ -381,7 +375,7 @@ def _copy_verified(run_dir: Path, manifest: dict[str, Any], dest: Path) -> dict[
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(run_dir / rel, dest / rel)
         digest = file_sha256(dest / rel)
-        if digest != _dict(entry).get("sha256"):
+        if digest != entry.sha256:
             raise TunelabError(f"{rel} does not match its sha256 in {MANIFEST}: it changed after the run finished",
                                where=str(run_dir / rel),
                                fix="restore the file or retrain: a registered version must be exactly what was "
@@ -392,36 +386,25 @@ def _copy_verified(run_dir: Path, manifest: dict[str, Any], dest: Path) -> dict[
 
 
 def _build_record(folder: Path, source: Path, note: str | None, files: dict[str, str]) -> dict[str, Any]:
-    data = _read_json(folder / "data.json")
-    eval_path = folder / "eval.json"
+    copy = RunDir(folder)
+    data = copy.data()
+    eval_path = folder / HELD_OUT
     return {
         "format": "tunelab-registry/1",
         "source": str(source),
         "note": note,
         "registered_by": _actor(),
-        "base_model": data.get("base_model"),  # {spec, path, weights}: weights is a fingerprint of the files
+        "base_model": data.base_model.model_dump(),  # {spec, path, weights}: weights is a fingerprint of the files
         "tokenizer": tokenizer_identity(folder / "tokenizer"),
-        "data": {k: data.get(k) for k in ("sha256", "path", "rows", "splits")},
-        "config": _read_json(folder / "config.json"),
-        "eval": eval_summary(_read_json(eval_path) if eval_path.is_file() else None),
+        "data": {"sha256": data.sha256, "path": data.path, "rows": data.rows, "splits": data.splits},
+        "config": copy.config().model_dump(mode="json"),
+        "eval": eval_summary(EvalResult.read(eval_path) if eval_path.is_file() else None),
         "files": files,
     }
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise TunelabError(f"not valid JSON: {exc}", where=str(path), fix="restore the file or retrain") from None
-    return value if isinstance(value, dict) else {}
-
-
 def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")  # inside a staging folder: renamed whole
-
-
-def _dict(value: Any) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
 
 
 def _now() -> str:

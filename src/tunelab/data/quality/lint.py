@@ -44,7 +44,7 @@ from tunelab.data.quality.pii import KINDS as PII_KINDS
 from tunelab.data.quality.pii import PiiMatch, find_pii, masked_excerpt
 from tunelab.data.records import Conversation, PreferencePair
 from tunelab.data.split import is_classification
-from tunelab.data.read import Report, validate_file
+from tunelab.data.validate import Report, validate_file
 from tunelab.errors import TunelabError
 
 if TYPE_CHECKING:

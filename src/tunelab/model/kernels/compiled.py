@@ -1,38 +1,35 @@
-"""torch.compile for the elementwise chains between the matrix products: RMSNorm and the gated MLP.
+"""torch.compile for the elementwise chains between the matrix products, and for whole decoder layers.
 
-Why: on this CPU every eager elementwise op is one more pass over the activations and one
-more dispatch. Llama's RMSNorm is eight ops forward (a float copy, square, mean, add, rsqrt,
-multiply, cast back, weight) and about a dozen backward; the gated MLP's `act(gate) * up`
-is two forward and three backward. Inductor fuses each chain into one loop forward and one
-backward. Measured on the 2-core AMX CPU (bf16, 16 x 70 tokens x 576): RMSNorm forward +
-backward 3.1 -> 0.75 ms; SmolLM2 LoRA training 818 -> 873 tokens/s (steady state, steps 4-22).
+Why: every eager elementwise op is one more pass over the activations and one more dispatch.
+Llama's RMSNorm is eight ops forward (a float copy, square, mean, add, rsqrt, multiply, cast
+back, weight) and about a dozen backward; the gated MLP's `act(gate) * up` is two forward and
+three backward. Inductor fuses each chain into one loop forward and one backward (measured per
+CPU class in docs/benchmarks.md).
 
-What is compiled, and why only that:
+What is compiled (`use_compiled_kernels`), and why only that:
 - a `*RMSNorm` module's own `forward`, compiled once per class, so the model family's own
   formula (Llama's, Gemma's 1 + weight, ...) is what runs;
-- `act_fn(gate) * up` inside an MLP whose forward is exactly the Llama-family
-  `down_proj(act_fn(gate_proj(x)) * up_proj(x))` (checked on its source, so any other
-  MLP keeps its own forward);
-- DoRA's two elementwise passes (`tunelab.model.kernels.dora.combine` and `split_grad`), which switch its
-  layers over a plain linear base to the one-node `_DoraLinear` (eager, they are five to six
-  passes with fp32 temporaries; measured in `docs/benchmarks.md`).
-The matrix products, LoRA and attention stay eager: oneDNN already runs the products, and
-PEFT's per-call Python (active adapters, dtype checks) would break a compiled graph into
-pieces, each with its own guards (tried in session 6: +9% for 68 s of compile time).
+- `act_fn(gate) * up` inside an MLP whose forward computes `down_proj(act_fn(gate_proj(x)) *
+  up_proj(x))`, checked by running it (`is_gated_mlp`), so any other MLP keeps its own forward;
+- DoRA's two elementwise passes (`dora.combine` and `split_grad`), which switch its layers over a
+  plain linear base to the one-node `_DoraLinear`.
+The matrix products, LoRA and attention stay eager: oneDNN already runs the products, and PEFT's
+per-call Python (active adapters, dtype checks) breaks a compiled graph into pieces, each with its
+own guards. The norm and MLP get their compiled forward by a class swap (`kernels.swap_class`, which
+says why); `restore_eager` undoes it.
 
-`dynamic=True`: one compiled graph serves every batch shape, instead of a recompile for each
-new sequence length. The probe at setup pays the compile (6-7 s for SmolLM2 here with an
-empty cache, ~2 s with Inductor's on-disk cache warm); a forward without gradients
-(validation) compiles its own graph once more, a few seconds. Where torch.compile cannot
-run (no C++ compiler, an unsupported platform), the probe says so and everything stays eager.
+Whole decoder layers (`use_compiled_layers`, `train.compile_layers`) are one graph each, LoRA
+included: faster per step, for a compile of tens of seconds that only long runs pay back.
+
+`dynamic=True`: one compiled graph serves every batch shape, instead of a recompile for each new
+sequence length. A probe at setup pays the compile; where torch.compile cannot run (no C++
+compiler, an unsupported platform), the probe says so and everything stays eager.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import functools
-import inspect
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -41,12 +38,10 @@ import torch
 import torch._functorch.config  # AOTAutograd's settings (`LAYER_ACTIVATION_BUDGET`)
 from torch import nn
 
-from tunelab.model.kernels import dora
+from tunelab.model.kernels import dora, swap_class
 from tunelab.model.kernels.dora import DoraKernels, RowNormDoraLayer
 
 log = logging.getLogger(__name__)
-
-_GATED_MLP_SOURCE = "self.down_proj(self.act_fn(self.gate_proj(x))*self.up_proj(x))"
 
 
 def _gated(act_fn: nn.Module, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -57,10 +52,22 @@ _compiled_gated: Callable[..., torch.Tensor] | None = None
 _compiled_forwards: dict[type, Callable[..., torch.Tensor]] = {}
 
 
+# Graphs per compiled kernel: dynamo keys each on grad mode, autocast and dtype (2 x 2 x 2 with dynamic shapes), and
+# past torch's default of 8 it silently runs the kernel eager, which rounds unlike the compiled training graph
+# (a DPO reference would then differ from its policy at initialisation). A process that trains and evaluates more
+# than one run (a notebook, the test suite) reaches 8; this leaves room for that.
+RECOMPILE_LIMIT = 32
+
+
+def _compile(fn: Callable[..., Any]) -> Callable[..., Any]:
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    return torch.compile(fn, dynamic=True)
+
+
 def _gated_kernel() -> Callable[..., torch.Tensor]:
     global _compiled_gated
     if _compiled_gated is None:
-        _compiled_gated = torch.compile(_gated, dynamic=True)
+        _compiled_gated = _compile(_gated)
     return _compiled_gated
 
 
@@ -70,20 +77,19 @@ _compiled_dora: DoraKernels | None = None
 def _dora_kernels() -> DoraKernels:
     global _compiled_dora
     if _compiled_dora is None:
-        _compiled_dora = DoraKernels(torch.compile(dora.combine, dynamic=True),
-                                     torch.compile(dora.split_grad, dynamic=True))
+        _compiled_dora = DoraKernels(_compile(dora.combine), _compile(dora.split_grad))
     return _compiled_dora
 
 
 def _norm_kernel(cls: type) -> Callable[..., torch.Tensor]:
     """The class's own forward, compiled once for every instance (parameters are graph inputs)."""
     if cls not in _compiled_forwards:
-        _compiled_forwards[cls] = torch.compile(cls.forward, dynamic=True)
+        _compiled_forwards[cls] = _compile(cls.forward)
     return _compiled_forwards[cls]
 
 
 class _Compiled(nn.Module):
-    """What `_swap` puts in front of a module's own class; `_eager_class` is that class."""
+    """What `_compile_forward` puts in front of a module's own class; `_eager_class` is that class."""
 
     _eager_class: type
 
@@ -106,47 +112,83 @@ def is_rms_norm(module: nn.Module) -> bool:
     return type(module).__name__.endswith("RMSNorm") and isinstance(getattr(module, "weight", None), torch.Tensor)
 
 
+_gated_classes: dict[type, bool] = {}  # MLP class -> whether its forward is the gated formula (checked once)
+
+
 def is_gated_mlp(module: nn.Module) -> bool:
-    """A module whose forward is exactly `down_proj(act_fn(gate_proj(x)) * up_proj(x))`."""
-    if not all(hasattr(module, name) for name in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+    """Whether the module's own forward computes `down_proj(act_fn(gate_proj(x)) * up_proj(x))`.
+
+    Checked by running it: one small input through the class's forward and through the formula, in
+    eval mode (no dropout), bitwise equal (the same ops in the same order). Once per class. This finds
+    the Llama family (Llama, Mistral, Qwen2, Gemma, ...) however their code is written, and nothing else.
+    """
+    parts = [getattr(module, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
+    if not all(isinstance(p, nn.Module) for p in parts) or not callable(getattr(module, "act_fn", None)):
         return False
+    cls = module._eager_class if isinstance(module, _Compiled) else type(module)  # its own forward, not ours
+    if cls not in _gated_classes:
+        _gated_classes[cls] = _computes_gated(module, cls)
+    return _gated_classes[cls]
+
+
+@torch.no_grad()
+def _computes_gated(module: nn.Module, cls: type) -> bool:
+    gate = module.gate_proj
+    width = getattr(gate, "in_features", None)
+    floating = [p for p in module.parameters() if p.is_floating_point()]
+    if not isinstance(width, int) or not floating:
+        return False
+    x = torch.randn(1, 2, width, dtype=floating[0].dtype, device=floating[0].device)
+    was_training = module.training
+    module.eval()
     try:
-        cls = module._eager_class if isinstance(module, _Compiled) else type(module)  # its own forward, not ours
-        source = inspect.getsource(cls.forward)
-    except (OSError, TypeError):
+        ours = module.down_proj(module.act_fn(gate(x)) * module.up_proj(x))
+        theirs = cls.forward(module, x)
+    except Exception:  # noqa: BLE001 - a forward that does not take one hidden-state tensor: not this MLP
         return False
-    return _GATED_MLP_SOURCE in "".join(source.split())
+    finally:
+        module.train(was_training)
+    return isinstance(theirs, torch.Tensor) and torch.equal(ours, theirs)
 
 
-_swapped_classes: dict[tuple[type, type], type] = {}
+_compiled_classes: dict[tuple[type, type], type] = {}
 
 
-def _swap(module: nn.Module, mixin: type) -> None:
+def _compile_forward(module: nn.Module, mixin: type) -> None:
     """Give `module` a class that puts `mixin`'s forward before its own class's (state_dict unchanged)."""
     cls = type(module)
     key = (mixin, cls)
-    if key not in _swapped_classes:
-        _swapped_classes[key] = type(f"Compiled{cls.__name__}", (mixin, cls), {"_eager_class": cls})
-    module.__class__ = _swapped_classes[key]
+    if key not in _compiled_classes:
+        _compiled_classes[key] = type(f"Compiled{cls.__name__}", (mixin, cls), {"_eager_class": cls})
+    swap_class(module, _compiled_classes[key])
 
 
 def restore_eager(model: nn.Module) -> None:
     """Undo `use_compiled_kernels` and `use_compiled_layers`: every module runs its own eager forward again."""
     for module in model.modules():
         if isinstance(module, _Compiled):
-            module.__class__ = module._eager_class
-        if getattr(module, "_compiled_call_impl", None) is not None:
-            module._compiled_call_impl = None
+            swap_class(module, module._eager_class)
+        _set_compiled_call(module, None)
         if isinstance(module, RowNormDoraLayer):
             module.__dict__.pop("kernels", None)
 
 
-# Whole decoder layers (`use_compiled_layers`): one graph per layer class, forward and backward, with the
-# LoRA products, rotary embedding, attention and residuals in it. Measured on the 2-core AMX CPU (SmolLM2,
-# LoRA r16, batch 16 of Banking77, steady state): 867 -> 1,099 tokens/s against the kernels above, for a
-# compile of ~34 s with Inductor's cache empty, 14-17 s warm. Why not always: that compile outweighs
-# the gain on short runs (`train.setup._why_layers_stay_eager`). At the demo's ~1,100 tokens/s and a 1.2x
-# gain, a cold compile is paid back after ~220,000 tokens; 'auto' starts a little above that.
+def _set_compiled_call(module: nn.Module, call: Callable[..., Any] | None) -> Callable[..., Any] | None:
+    """Set what `nn.Module.compile` installed (None: the module's own eager call); returns what was there.
+
+    Workaround: torch has no public way to undo `nn.Module.compile` or to run one compiled module eagerly
+    (`torch.compiler.set_stance` switches every compiled function at once), so this sets the attribute
+    `compile` itself sets.
+    """
+    previous = getattr(module, "_compiled_call_impl", None)
+    if previous is not None or call is not None:
+        module._compiled_call_impl = call
+    return previous
+
+
+# Whole decoder layers pay their compile back after about this many trained tokens (`train.compile_layers:
+# auto`): a cold compile of ~35 s against ~1.2x the speed of the kernels above (2-core AMX VM, SmolLM2 LoRA;
+# docs/benchmarks.md has the measurements).
 LAYER_COMPILE_TOKENS = 300_000
 
 
@@ -160,12 +202,9 @@ def is_llama_layer(layer: nn.Module) -> bool:
 
 # What each compiled layer may keep for its backward, as a fraction of what it would keep saving everything
 # (AOTAutograd's `activation_memory_budget`): below 1, the partitioner recomputes cheap elementwise results
-# (norms, the MLP's act(gate)*up) in backward instead of holding them from forward to backward. Measured on the
-# 2-core AMX CPU (SmolLM2 LoRA, batch 16, bench/train_throughput.py's rows; tokens/s, then peak RSS):
-#     1.0: 1,012 / 1,731 MB   0.8: 1,126-1,233 / 1,554 MB   0.6: 1,144-1,174 / 1,456 MB   0.4: 1,102 / 1,358 MB
-# and packed 1.0: 1,055 / 1,721 MB, 0.8: 1,207-1,246 / 1,566 MB, 0.6: 1,196-1,198 / 1,456 MB. Saving less is
-# faster here, not slower: fewer activation-sized writes, reads and fresh pages per step. 0.6 keeps most of
-# 0.8's speed for another ~110 MB.
+# (norms, the MLP's act(gate)*up) in backward instead of holding them from forward to backward. Saving less
+# was also faster (fewer activation-sized writes and fresh pages per step); 0.6 kept most of the speed of
+# 0.8 for ~110 MB less (2-core AMX VM; the sweep is in docs/benchmarks.md).
 LAYER_ACTIVATION_BUDGET = 0.6
 
 
@@ -177,33 +216,29 @@ def use_compiled_layers(layers: list[nn.Module]) -> None:
     """
     for layer in layers:
         restore_eager(layer)
-        layer.compile(dynamic=True)
-        layer._compiled_call_impl = _within_activation_budget(layer._compiled_call_impl)
+        layer.compile(dynamic=True, backend=_inductor_within_activation_budget)
 
 
-def _within_activation_budget(call: Callable[..., Any]) -> Callable[..., Any]:
-    """`call` with AOTAutograd's activation budget set while it runs, so every (re)compile it triggers sees it;
-    the process-wide setting stays as it was for anything else compiled."""
-    @functools.wraps(call)
-    def budgeted(*args: Any, **kwargs: Any) -> Any:
-        with torch._functorch.config.patch(activation_memory_budget=LAYER_ACTIVATION_BUDGET):
-            return call(*args, **kwargs)
+def _inductor_within_activation_budget(graph: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+    """Inductor, with AOTAutograd's activation budget set while it compiles (the forward/backward partition
+    is decided then), so every (re)compile of a layer sees it; the process-wide setting stays as it was for
+    anything else compiled."""
+    from torch._inductor.compile_fx import compile_fx
 
-    return budgeted
+    with torch._functorch.config.patch(activation_memory_budget=LAYER_ACTIVATION_BUDGET):
+        return compile_fx(graph, example_inputs)
 
 
 @contextlib.contextmanager
 def eager_layers(model: nn.Module):
     """Within `with`: compiled layers run eager (a forward without gradients, e.g. validation, would otherwise
     compile a second graph of every layer for a few batches)."""
-    held = [(m, m._compiled_call_impl) for m in model.modules() if getattr(m, "_compiled_call_impl", None) is not None]
-    for module, _ in held:
-        module._compiled_call_impl = None
+    held = [(m, previous) for m in model.modules() if (previous := _set_compiled_call(m, None)) is not None]
     try:
         yield
     finally:
         for module, compiled in held:
-            module._compiled_call_impl = compiled
+            _set_compiled_call(module, compiled)
 
 
 @dataclass(frozen=True)
@@ -242,9 +277,9 @@ def use_compiled_kernels(model: nn.Module, autocast_dtype: torch.dtype | None) -
         log.warning("%s; RMSNorm and MLP activations stay eager", reason)
         return CompiledKernels(0, 0, reason)
     for norm in norms:
-        _swap(norm, CompiledNorm)
+        _compile_forward(norm, CompiledNorm)
     for mlp in mlps:
-        _swap(mlp, CompiledGatedMlp)
+        _compile_forward(mlp, CompiledGatedMlp)
     for layer in doras:
         layer.kernels = _dora_kernels()
     return CompiledKernels(len(norms), len(mlps), doras=len(doras))
@@ -253,7 +288,7 @@ def use_compiled_kernels(model: nn.Module, autocast_dtype: torch.dtype | None) -
 def _probe(norms: list[nn.Module], mlps: list[nn.Module], autocast_dtype: torch.dtype | None) -> None:
     for module in norms:
         norm = copy.deepcopy(module)
-        _swap(norm, CompiledNorm)  # the class the real modules will have, so the guards match theirs
+        _compile_forward(norm, CompiledNorm)  # the class the real modules will have, so the guards match
         x = torch.randn(2, 3, norm.weight.shape[-1], dtype=norm.weight.dtype, device=norm.weight.device,
                         requires_grad=True)  # a norm's input has its weight's dtype (bf16 base; fp32 full tuning)
         _run_probe(lambda: norm(x), autocast_dtype, x.device)

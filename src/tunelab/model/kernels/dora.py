@@ -45,8 +45,11 @@ from torch import nn
 class RowNormDoraLayer(DoraLinearLayer):
     """PEFT's DoraLinearLayer whose forward computes the weight norm by the identity above."""
 
-    _base_row_sq: torch.Tensor | None
-    kernels: DoraKernels | None = None  # set where compiled (`compiled_kernels`): then `fused_output` may run
+    kernels: DoraKernels | None = None  # set where compiled (`compiled.use_compiled_kernels`): then `fused_output` may run
+
+    def __init__(self, fan_in_fan_out: bool) -> None:
+        super().__init__(fan_in_fan_out)
+        self._base_row_sq: torch.Tensor | None = None  # ||W_i||^2 per output row, once per training (re)start
 
     def train(self, mode: bool = True) -> RowNormDoraLayer:
         # Like PEFT's cache: forget the base's row norms whenever training (re)starts, so a
@@ -216,7 +219,18 @@ class _DoraLinear(torch.autograd.Function):
 
 
 class RowNormDoraVariant(DoraLinearVariant):
-    """PEFT's DoRA variant, combining the output in one step when the base output can be reused."""
+    """PEFT's DoRA variant with `RowNormDoraLayer` as its magnitude layer, combining the output in one step
+    when the base output can be reused. tunelab's LoRA layers choose it (`fused_lora._FusedAdapter`)."""
+
+    @staticmethod
+    def init(module: nn.Module, adapter_name: str, **kwargs: Any) -> None:
+        """PEFT's initialisation (magnitude = the adapted weight's row norms), then the same layer as a
+        `RowNormDoraLayer`: only the forward differs, so parameters and state-dict keys are PEFT's."""
+        DoraLinearVariant.init(module, adapter_name, **kwargs)
+        peft_layer = module.lora_magnitude_vector[adapter_name]
+        layer = RowNormDoraLayer(fan_in_fan_out=peft_layer.fan_in_fan_out)
+        layer.weight = peft_layer.weight
+        module.lora_magnitude_vector[adapter_name] = layer
 
     @staticmethod
     def forward(module: nn.Module, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs: Any) -> torch.Tensor:
@@ -226,24 +240,3 @@ class RowNormDoraVariant(DoraLinearVariant):
             return DoraLinearVariant.forward(module, active_adapter, x, result, **kwargs)
         return dora.scaled_output(x, result, lora_A=module.lora_A[active_adapter], lora_B=module.lora_B[active_adapter],
                                   scaling=module.scaling[active_adapter], base_layer=module.get_base_layer())
-
-
-def use_row_norm_dora(model: nn.Module) -> int:
-    """Give every PEFT DoRA layer of `model` the row-norm forward; returns how many changed.
-
-    Only classes change (no new parameters or state-dict keys), so adapters save and load
-    exactly as PEFT's.
-    """
-    changed = 0
-    for module in model.modules():
-        variants = getattr(module, "lora_variant", None)
-        magnitudes = getattr(module, "lora_magnitude_vector", None)
-        if not variants or magnitudes is None:
-            continue
-        for name, variant in list(variants.items()):
-            if type(variant) is DoraLinearVariant and name in magnitudes and type(magnitudes[name]) is DoraLinearLayer:
-                variants[name] = RowNormDoraVariant()
-                magnitudes[name].__class__ = RowNormDoraLayer
-                magnitudes[name]._base_row_sq = None
-                changed += 1
-    return changed

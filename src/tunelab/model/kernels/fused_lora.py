@@ -35,10 +35,13 @@ module. `tests/test_fused_lora.py` checks outputs and gradients against PEFT's f
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
 from peft.tuners.lora.layer import Linear as LoraLinear
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.tuners.lora.variants import DoraLinearVariant
 from torch import nn
 
 from tunelab.model.kernels.dora import RowNormDoraLayer, RowNormDoraVariant
@@ -115,8 +118,14 @@ class _LoraLinear(torch.autograd.Function):
 
 
 class _FusedAdapter:
-    """What both fused classes share: when the fused path computes what PEFT's would, and `_AddLora` onto
-    a base's output. Mixed in before a PEFT LoRA layer class."""
+    """What both fused classes share: when the fused path computes what PEFT's would, `_AddLora` onto
+    a base's output, and DoRA by the row-norm identity (`dora.RowNormDoraVariant`). Mixed in before a
+    PEFT LoRA layer class."""
+
+    def resolve_lora_variant(self, *, config: Any, **kwargs: Any) -> Any:
+        """PEFT's choice of variant, with its DoRA replaced by tunelab's row-norm DoRA (same parameters)."""
+        variant = super().resolve_lora_variant(config=config, **kwargs)
+        return RowNormDoraVariant() if type(variant) is DoraLinearVariant else variant
 
     def _fusable_adapter(self, x: torch.Tensor) -> str | None:
         """The one active adapter, when `_AddLora` computes what PEFT's forward would; otherwise None."""
@@ -184,7 +193,7 @@ class FusedLoraLinear(_FusedAdapter, LoraLinear):
 
 
 class Fused4bitLinear(_FusedAdapter):
-    """Put before PEFT's bitsandbytes `Linear4bit` (a 4-bit NF4/FP4 base, QLoRA): a plain adapter by
+    """Mixed in before PEFT's bitsandbytes `Linear4bit` (a 4-bit NF4/FP4 base, QLoRA): a plain adapter by
     `_AddLora` onto the base's output. PEFT's forward clones that output first ("defensively", for a
     view that autograd could not modify in place) and then adds the adapter in three more passes;
     `_add_adapter` steps aside for a view. DoRA and the rest take PEFT's forward."""
@@ -195,20 +204,6 @@ class Fused4bitLinear(_FusedAdapter):
             return super().forward(x, *args, **kwargs)
         fused = self._add_adapter(adapter, x, self.base_layer(x))
         return super().forward(x) if fused is None else fused
-
-
-_fused_4bit_classes: dict[type, type] = {}
-
-
-def _is_peft_4bit(cls: type) -> bool:
-    """PEFT's LoRA layer over a bitsandbytes 4-bit base (defined only where bitsandbytes is installed)."""
-    return cls.__module__ == "peft.tuners.lora.bnb" and cls.__name__ == "Linear4bit"
-
-
-def _fused_4bit(cls: type) -> type:
-    if cls not in _fused_4bit_classes:
-        _fused_4bit_classes[cls] = type(f"Fused{cls.__name__}", (Fused4bitLinear, cls), {})
-    return _fused_4bit_classes[cls]
 
 
 def _fused_dora(variant: object, magnitude: nn.Module | None) -> bool:
@@ -228,15 +223,54 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
-def use_fused_lora(model: nn.Module) -> int:
-    """Give every plain PEFT LoRA `Linear` and 4-bit `Linear4bit` of `model` the fused forward, in place;
-    returns how many."""
-    swapped = 0
+@functools.cache
+def lora_layer_classes() -> dict[type[nn.Module], type[nn.Module]]:
+    """base layer type -> the LoRA layer class PEFT should build over it (`LoraConfig._register_custom_module`).
+
+    PEFT's custom-module mapping (its documented, experimental extension point, "custom models" in
+    PEFT's developer guide) matches with isinstance in insertion order, so the bitsandbytes 4-bit
+    layer, itself an `nn.Linear`, comes first. Adapters save and load exactly as PEFT's own layers.
+    """
+    classes: dict[type[nn.Module], type[nn.Module]] = {}
+    four_bit = _peft_4bit_class()
+    if four_bit is not None:
+        import bitsandbytes as bnb
+
+        classes[bnb.nn.Linear4bit] = type(f"Fused{four_bit.__name__}", (Fused4bitLinear, four_bit), {})
+    classes[nn.Linear] = FusedLoraLinear
+    return classes
+
+
+def _peft_4bit_class() -> type | None:
+    """PEFT's LoRA layer over a bitsandbytes 4-bit base, or None where bitsandbytes is not installed."""
+    from peft.import_utils import is_bnb_4bit_available
+
+    if not is_bnb_4bit_available():
+        return None
+    from peft.tuners.lora.bnb import Linear4bit
+
+    return Linear4bit
+
+
+def uncast_adapter_inputs(model: nn.Module) -> None:
+    """Switch off PEFT's cast of each adapted layer's input to the adapter's dtype, where nothing needs it.
+
+    Why: PEFT casts the input of every LoRA layer to its weights' dtype (fp32 here) before lora_A, and
+    under bf16 autocast lora_A casts it straight back to bf16: two copies of the layer's input and two
+    more in backward, for a bitwise-identical result (bf16 -> fp32 -> bf16 is exact). In fp32 the input
+    already has the adapter's dtype and nothing changes. Every forward of a bf16 base runs under
+    autocast (`Precision.autocast`); without it lora_A would raise a dtype error, never compute silently
+    in another precision. PEFT's own DoRA layer needs the cast (it computes its weight norm in the
+    input's dtype); tunelab's row-norm DoRA does not, so its layers lose the cast, and any other
+    variant keeps it.
+    """
     for module in model.modules():
-        if type(module) is LoraLinear:
-            module.__class__ = FusedLoraLinear
-            swapped += 1
-        elif _is_peft_4bit(type(module)):
-            module.__class__ = _fused_4bit(type(module))
-            swapped += 1
-    return swapped
+        if isinstance(module, BaseTunerLayer) and _input_dtype_free(module):
+            module.cast_input_dtype_enabled = False
+
+
+def _input_dtype_free(module: BaseTunerLayer) -> bool:
+    """True when no adapter of this layer computes anything in its input's dtype."""
+    variants = getattr(module, "lora_variant", None) or {}
+    magnitudes = getattr(module, "lora_magnitude_vector", None) or {}
+    return all(name in magnitudes and isinstance(magnitudes[name], RowNormDoraLayer) for name in variants)
