@@ -10,9 +10,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
+from tunelab.config import LoraConfig
 from tunelab.model.kernels import compiled as compiled_kernels
 from tunelab.model.kernels.compiled import CompiledGatedMlp, CompiledNorm, restore_eager, use_compiled_kernels
-from tunelab.config import LoraConfig
 from tunelab.model.load import attach_lora
 
 
@@ -42,6 +42,16 @@ def test_every_norm_and_mlp_is_swapped_and_state_dict_keys_stay():
     assert all(p.grad is None for p in model.parameters())  # the probe ran on copies
     restore_eager(model)
     assert type(model.model.norm) is LlamaRMSNorm and type(model.model.layers[0].mlp) is LlamaMLP
+
+
+def test_setup_draws_nothing_from_the_global_rng():
+    """The probes run once per process (cached): drawing from torch's RNG would shift a run's random stream by
+    what ran before it, and a run resumed in a fresh process would get other dropout masks than uninterrupted."""
+    model = _llama()
+    compiled_kernels._gated_classes.clear()  # the class check runs again, as in a fresh process
+    state = torch.get_rng_state()
+    use_compiled_kernels(model, None)
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 @pytest.mark.parametrize("length", [5, 11])  # two lengths: one compiled graph serves both (dynamic shapes)
@@ -122,7 +132,6 @@ def test_when_compile_fails_everything_stays_eager_and_says_why(monkeypatch: pyt
 
 def test_training_setup_compiles_unless_switched_off(make_config, classification_csv: Path):
     from helpers import run_log
-
     from tunelab.training.setup import setup
 
     for enabled in (True, False):

@@ -131,6 +131,17 @@ def is_gated_mlp(module: nn.Module) -> bool:
     return _gated_classes[cls]
 
 
+def _probe_input(*shape: int, dtype: torch.dtype, device: torch.device, requires_grad: bool = False) -> torch.Tensor:
+    """Random values from a private generator: a probe must not draw from torch's global RNG.
+
+    Why: the probes run once per process (their results are cached), so a draw from the global RNG would
+    move a run's random stream depending on what ran before in the process; a run resumed in a fresh
+    process would then draw other dropout masks than the same run uninterrupted.
+    """
+    generator = torch.Generator(device=device).manual_seed(0)
+    return torch.randn(*shape, dtype=dtype, device=device, generator=generator, requires_grad=requires_grad)
+
+
 @torch.no_grad()
 def _computes_gated(module: nn.Module, cls: type) -> bool:
     gate = module.gate_proj
@@ -138,7 +149,7 @@ def _computes_gated(module: nn.Module, cls: type) -> bool:
     floating = [p for p in module.parameters() if p.is_floating_point()]
     if not isinstance(width, int) or not floating:
         return False
-    x = torch.randn(1, 2, width, dtype=floating[0].dtype, device=floating[0].device)
+    x = _probe_input(1, 2, width, dtype=floating[0].dtype, device=floating[0].device)
     was_training = module.training
     module.eval()
     try:
@@ -289,14 +300,14 @@ def _probe(norms: list[nn.Module], mlps: list[nn.Module], autocast_dtype: torch.
     for module in norms:
         norm = copy.deepcopy(module)
         _compile_forward(norm, CompiledNorm)  # the class the real modules will have, so the guards match
-        x = torch.randn(2, 3, norm.weight.shape[-1], dtype=norm.weight.dtype, device=norm.weight.device,
-                        requires_grad=True)  # a norm's input has its weight's dtype (bf16 base; fp32 full tuning)
+        x = _probe_input(2, 3, norm.weight.shape[-1], dtype=norm.weight.dtype, device=norm.weight.device,
+                         requires_grad=True)  # a norm's input has its weight's dtype (bf16 base; fp32 full tuning)
         _run_probe(lambda: norm(x), autocast_dtype, x.device)
     for mlp in mlps:
         # A floating weight (a 4-bit base stores uint8 codes): gate and up come out of (autocast) linear layers
         weight = next(p for p in mlp.parameters() if p.is_floating_point())
         dtype = autocast_dtype or weight.dtype
-        gate, up = (torch.randn(2, 3, 8, dtype=dtype, device=weight.device, requires_grad=True) for _ in range(2))
+        gate, up = (_probe_input(2, 3, 8, dtype=dtype, device=weight.device, requires_grad=True) for _ in range(2))
         act = copy.deepcopy(mlp.act_fn)
         _run_probe(lambda: _gated_kernel()(act, gate, up), autocast_dtype, gate.device)
 
@@ -305,8 +316,8 @@ def _probe_dora(magnitude: torch.Tensor, autocast_dtype: torch.dtype | None) -> 
     """Both DoRA kernels once, on tensors shaped like a layer's (rows, out) output, as `_DoraLinear` calls them."""
     kernels = _dora_kernels()
     dtype = autocast_dtype or magnitude.dtype
-    base, lora = (torch.randn(3, 8, dtype=dtype, device=magnitude.device) for _ in range(2))
-    scale = torch.rand(8, dtype=magnitude.dtype, device=magnitude.device) + 0.5
+    base, lora = (_probe_input(3, 8, dtype=dtype, device=magnitude.device) for _ in range(2))
+    scale = _probe_input(8, dtype=magnitude.dtype, device=magnitude.device).abs() + 0.5
     with torch.no_grad():  # as inside an autograd.Function
         kernels.split_grad(lora, kernels.combine(base, lora, scale), scale)
 
