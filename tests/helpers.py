@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -164,7 +165,7 @@ def with_tunelab_layers(peft_model):
 
     from tunelab.model.kernels import lora_layer_classes
     from tunelab.model.kernels.dora import RowNormDoraLayer, RowNormDoraVariant
-    from tunelab.model.kernels.fused_lora import FusedLoraLinear, uncast_adapter_inputs
+    from tunelab.model.kernels.fused_lora import FusedLoraLinear
 
     ours = copy.deepcopy(peft_model)
     four_bit = {base: cls for base, cls in lora_layer_classes("tunelab").items() if cls is not FusedLoraLinear}
@@ -260,3 +261,28 @@ def run_data(**overrides) -> dict:
         "lengths": {"tokens": [30 + i % 17 for i in range(60)], "trained_tokens": [3 + i % 4 for i in range(60)]},
     }
     return {**data, **overrides}
+
+
+def assert_user_error(proc: subprocess.CompletedProcess[str], *fragments: str) -> str:
+    """A user mistake: exit 2, one `error:` line holding every fragment, no traceback, nothing on stdout."""
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr
+    assert proc.stdout == ""
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+def write_config(path: Path, model: str, data: Path, output_dir: Path, **data_keys: str) -> Path:
+    """A small CSV run config for CLI tests: fp32, one epoch at batch 8, 4 validation and 4 test rows."""
+    extra = "".join(f"  {k}: {v}\n" for k, v in data_keys.items())
+    path.write_text(
+        f"model: {model}\nname: cli\noutput_dir: {output_dir}\n"
+        f"data:\n  path: {data}\n  format: csv\n{extra}"
+        "train: {precision: fp32, batch_size: 8, epochs: 1, learning_rate: 1.0e-3, val_rows: 4}\n"
+        "eval: {max_rows: 4, batch_size: 4}\n",
+        encoding="utf-8",
+    )
+    return path

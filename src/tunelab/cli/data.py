@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, get_args
+from typing import TYPE_CHECKING, Annotated, get_args
 
 import typer
 from rich.console import Console
@@ -12,6 +12,9 @@ from rich.console import Console
 from tunelab.cli.render import err
 from tunelab.config import DEFAULT_SPLIT, DataConfig, DataFormat
 from tunelab.data.quality.near_dup import DEFAULT_THRESHOLD
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 data_app = typer.Typer(no_args_is_help=True, help="Check, lint, clean, convert and split data files.")
 
@@ -34,10 +37,9 @@ def data_validate(
 ) -> None:
     """Report every problem of a data file, one line each; exit code 1 if any is an error."""
     from tunelab.data.validate import print_report, validate_file
-    from tunelab.model.load import load_tokenizer
 
     report = validate_file(file, fmt, input_column=input_column, output_column=output_column,
-                           tokenizer=load_tokenizer(model) if model else None, max_length=max_length)
+                           tokenizer=_tokenizer(model), max_length=max_length)
     if as_json:
         print(json.dumps(report.to_json()))
     else:
@@ -80,10 +82,9 @@ def data_lint(
 ) -> None:
     """Quality: duplicates, near duplicates, conflicting answers, leakage, PII (masked), labels; exit 1 on errors."""
     from tunelab.data.quality.lint import lint_file, print_lint
-    from tunelab.model.load import load_tokenizer
 
     report = lint_file(file, fmt, against=against, input_column=input_column, output_column=output_column,
-                       tokenizer=load_tokenizer(model) if model else None, threshold=threshold)
+                       tokenizer=_tokenizer(model), threshold=threshold)
     if as_json:
         print(json.dumps(report.to_json()))
     else:
@@ -131,3 +132,11 @@ def data_split(
         print_split(result, Console(soft_wrap=True))
 
 
+def _tokenizer(model: str | None) -> PreTrainedTokenizerBase | None:
+    """The model's tokenizer when `--model` is given. Imported only then: loading it brings in transformers and
+    torch (seconds), which the data verbs otherwise never need."""
+    if model is None:
+        return None
+    from tunelab.model.load import load_tokenizer
+
+    return load_tokenizer(model)

@@ -32,10 +32,12 @@ def parse_sets(sets: list[str] | None) -> dict[str, Any]:
 
 def _run(config: Path | None, sets: list[str] | None, as_json: bool, resume: Path | None = None) -> None:
     from tunelab.config import load_config
-    from tunelab.pipeline import run_pipeline
     from tunelab.rundir import RunDir
 
+    # The config first: a mistake in it is reported before torch is imported (seconds).
     cfg = RunDir(resume).config() if resume else load_config(config, parse_sets(sets))
+    from tunelab.pipeline import run_pipeline
+
     summary = run_pipeline(cfg, resume=resume)
     if summary is None:  # a torchrun process other than rank 0: it trained its share, rank 0 reports
         return
@@ -103,10 +105,11 @@ def plan(
     """Estimate a run before spending compute: tokens, steps, time (from a measured probe), cost, memory."""
     from tunelab.config import load_config
     from tunelab.io import write_text_atomic
+
+    cfg = load_config(config, parse_sets(sets))  # before torch is imported, as in `train`
     from tunelab.planning import DEFAULT_PRICE_PER_HOUR, make_plan
 
-    result = make_plan(load_config(config, parse_sets(sets)),
-                       price_per_hour=DEFAULT_PRICE_PER_HOUR if price_per_hour is None else price_per_hour)
+    result = make_plan(cfg, price_per_hour=DEFAULT_PRICE_PER_HOUR if price_per_hour is None else price_per_hour)
     if output:
         write_text_atomic(output, result.model_dump_json(indent=2) + "\n")
     if as_json:
