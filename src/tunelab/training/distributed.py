@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import os
 from dataclasses import dataclass
 
@@ -70,8 +71,23 @@ def init_from_env() -> World:
 
 
 def shutdown(world: World) -> None:
+    """Leave the process group. Call `unwrap` on every DDP module first (see there)."""
     if world.active and dist.is_initialized():
+        gc.collect()  # a DDP wrapper left in a reference cycle is freed now, while the group exists (see unwrap)
         dist.destroy_process_group()
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The module inside a DDP wrapper (an FSDP-sharded module is its own); drop the wrapper before `shutdown`.
+
+    Why: DDP's C++ reducer holds a reference to the process group. Freed after the group was destroyed, the
+    reducer frees the group itself, from a destructor that keeps the GIL while it joins gloo's threads, and a
+    gloo thread that waits for the GIL then never ends: a process that hangs at exit (seen under torchrun,
+    one rank in a few dozen runs). Freed while the group still exists, it only drops one reference.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    return module.module if isinstance(module, DistributedDataParallel) else module
 
 
 def local_rows(global_micro_batch: list, world: World) -> list:

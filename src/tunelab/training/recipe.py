@@ -40,9 +40,13 @@ from tunelab.progress import bar
 from tunelab.rundir import BaseModelIdentity, Hyperparameter, Lengths, RunData, RunDir
 from tunelab.training import distributed
 from tunelab.training.checkpoint import (
-    best_checkpoint, complete_checkpoints, load_checkpoint, load_weights as load_checkpoint_weights, mark_best,
+    best_checkpoint,
+    complete_checkpoints,
+    load_checkpoint,
+    mark_best,
     save_checkpoint,
 )
+from tunelab.training.checkpoint import load_weights as load_checkpoint_weights
 from tunelab.training.distributed import World
 from tunelab.training.early_stop import EarlyStopping
 from tunelab.training.memory import peak_memory_mb
@@ -100,7 +104,7 @@ def train(cfg: RunConfig, resume: Path | None = None, records: Records | None = 
     s = setup(cfg, world, records)
     cfg, t = s.cfg, s.cfg.train  # 'auto' values resolved
     model, tokenizer, data, objective = s.model, s.tokenizer, s.data, s.objective
-    optimizer, scheduler, loss_module = s.optimizer, s.scheduler, s.loss_module
+    optimizer, scheduler = s.optimizer, s.scheduler
 
     start = 0
     if resume is None:
@@ -138,7 +142,7 @@ def train(cfg: RunConfig, resume: Path | None = None, records: Records | None = 
         for step in range(start + 1, s.steps + 1):
             started = time.perf_counter()
             group, weights = s.local_step(step)
-            loss, _, step_stats = backward_on(loss_module, group, s.precision, world, weights)
+            loss, _, step_stats = backward_on(s.loss_module, group, s.precision, world, weights)
             step_trained = _sum_over_processes([b.trained_tokens * w for b, w in zip(group, weights)], world)
             grad_norm = None
             if t.max_grad_norm is not None:
@@ -181,6 +185,7 @@ def train(cfg: RunConfig, resume: Path | None = None, records: Records | None = 
                 break
             if stop_requested and step < s.steps:
                 export.close()
+                s.loss_module = distributed.unwrap(s.loss_module)  # before leaving the group (see unwrap)
                 distributed.shutdown(world)
                 raise Interrupted(
                     f"stopped by {stop.requested or 'a signal to another process'} after step {step} of {s.steps}; "
@@ -209,6 +214,7 @@ def train(cfg: RunConfig, resume: Path | None = None, records: Records | None = 
         run.write_manifest()  # whole: evaluation (pipeline.py) adds eval.json and rewrites it
         if s.sharded:  # rank 0 goes on alone (evaluation): the saved model, whole, instead of its shards
             model = load_weights(run.path / "model", torch.float32, cfg.model.kernels).eval()
+    s.loss_module = distributed.unwrap(s.loss_module)  # the caller leaves the process group next (see unwrap)
     return TrainResult(
         run=run, model=model, tokenizer=tokenizer, setup=s, train_seconds=train_seconds,
         tokens_per_second=real_tokens / max(train_seconds, 1e-9),
