@@ -13,6 +13,12 @@ import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+    from tunelab.data.tokenize import TokenizedExample
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures"  # data files of known content (formats/, malformed/)
@@ -286,3 +292,91 @@ def write_config(path: Path, model: str, data: Path, output_dir: Path, **data_ke
         encoding="utf-8",
     )
     return path
+
+
+def sft_loss(model):
+    """The SFT loss module the recipe steps on, over `model`."""
+    from tunelab.training.objectives import Sft
+    from tunelab.training.step import ObjectiveLoss
+
+    return ObjectiveLoss(model, Sft())
+
+
+def varied_examples(tokenizer) -> list[TokenizedExample]:
+    """Four short conversations of four lengths and at least three numbers of trained tokens."""
+    from tunelab.data.records import Conversation, Message
+    from tunelab.data.tokenize import tokenize_conversations
+
+    pairs = [
+        ("yes", "no"),
+        ("the quick brown fox jumps over the lazy dog", "good night"),
+        ("hello world", "You are a helpful assistant."),
+        ("what is two plus two and why", "four"),
+    ]
+    convs = [Conversation((Message("user", u), Message("assistant", a)), f"t:{i}") for i, (u, a) in enumerate(pairs)]
+    exs, _ = tokenize_conversations(tokenizer, convs, max_length=256)
+    assert len({len(e.input_ids) for e in exs}) == 4, "examples must differ in length"
+    assert len({e.trained_tokens for e in exs}) >= 3, "examples must differ in trained tokens"
+    return exs
+
+
+def lora_grads_and_zero(model) -> dict[str, torch.Tensor]:
+    """The trainable parameters' gradients, then zeroed for the next backward."""
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+def lora_with_random_adapter(tiny_model_dir, seed: int):
+    """Tiny model + LoRA whose adapter weights are all non-zero.
+
+    LoRA B starts at 0, which would make every lora_A gradient 0 and hide mistakes.
+    """
+    import torch
+
+    from tunelab.config import LoraConfig
+    from tunelab.model.load import attach_lora, load_model, resolve_model
+
+    model, tokenizer = load_model(resolve_model(str(tiny_model_dir)))
+    model = attach_lora(model, LoraConfig(rank=4, alpha=8))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    model.train()
+    return model, tokenizer
+
+
+# (prompt, chosen, rejected): short answers the tiny tokenizer knows
+PAIRS = [
+    ("what is two plus two", "four", "maybe"),
+    ("good morning", "hello world", "no"),
+    ("where is my card", "card_arrival", "refund"),
+    ("help with rate", "exchange_rate the quick brown fox", "top_up"),
+    ("is the phone ok", "lost_phone", "good night"),
+    ("thank you", "yes", "the lazy dog jumps over the quick brown fox"),
+]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    """One JSON object per line."""
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def chosen_rejected_rows(pairs=PAIRS) -> list[dict]:
+    """The pairs as {"prompt", "chosen", "rejected"} rows."""
+    return [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in pairs]
+
+
+def dpo_rows(pairs=PAIRS) -> list[dict]:
+    """The pairs in OpenAI's preference shape (input.messages, preferred_output, non_preferred_output)."""
+    return [{"input": {"messages": [{"role": "user", "content": p}]},
+             "preferred_output": [{"role": "assistant", "content": c}],
+             "non_preferred_output": [{"role": "assistant", "content": r}]} for p, c, r in pairs]
+
+
+def many_pairs(n: int) -> list[tuple[str, str, str]]:
+    """n pairs with distinct prompts and the first pair's answers."""
+    return [(f"{p} {i}", c, r) for i in range(n) for p, c, r in PAIRS[:1]]

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import hashlib
-import json
-from pathlib import Path
 
 import pytest
 
+from helpers import chosen_rejected_rows, dpo_rows, many_pairs, write_jsonl
 from tunelab.config import DataConfig
 from tunelab.data.prepare import prepare_data, prepare_preference_data
-from tunelab.data.tokenize import IGNORE_INDEX
-from tunelab.data.split import split_conversations
 from tunelab.data.read import read_conversations
+from tunelab.data.split import split_conversations
+from tunelab.data.tokenize import IGNORE_INDEX
 from tunelab.errors import TunelabError
 
 
@@ -66,34 +65,6 @@ def test_val_rows_zero_means_no_validation(classification_csv, tiny_tokenizer):
 
 
 # ---------------------------------------------------------------- preference pairs (DPO)
-
-PAIRS = [
-    ("what is two plus two", "four", "maybe"),
-    ("good morning", "hello world", "no"),
-    ("where is my card", "card_arrival", "refund"),
-    ("help with rate", "exchange_rate the quick brown fox", "top_up"),
-    ("is the phone ok", "lost_phone", "good night"),
-    ("thank you", "yes", "the lazy dog jumps over the quick brown fox"),
-]
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
-
-
-def chosen_rejected_rows(pairs=PAIRS) -> list[dict]:
-    return [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in pairs]
-
-
-def dpo_rows(pairs=PAIRS) -> list[dict]:
-    return [{"input": {"messages": [{"role": "user", "content": p}]},
-             "preferred_output": [{"role": "assistant", "content": c}],
-             "non_preferred_output": [{"role": "assistant", "content": r}]} for p, c, r in pairs]
-
-
-def many_pairs(n: int) -> list[tuple[str, str, str]]:
-    return [(f"{p} {i}", c, r) for i in range(n) for p, c, r in PAIRS[:1]]
 
 
 

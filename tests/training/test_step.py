@@ -5,67 +5,22 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tunelab.config import LoraConfig
+from helpers import lora_grads_and_zero, lora_with_random_adapter, sft_loss, varied_examples
 from tunelab.data.batches import collate
-from tunelab.data.records import Conversation, Message
-from tunelab.data.tokenize import TokenizedExample, tokenize_conversations
-from tunelab.model.load import attach_lora, load_model, resolve_model
 from tunelab.model.precision import choose_precision
-from tunelab.training.objectives import Sft
-from tunelab.training.step import ObjectiveLoss, backward_on
-
-
-def loss_of(model):
-    """The SFT loss module the recipe steps on, over `model`."""
-    return ObjectiveLoss(model, Sft())
-
-
-def _examples(tokenizer) -> list[TokenizedExample]:
-    pairs = [
-        ("yes", "no"),
-        ("the quick brown fox jumps over the lazy dog", "good night"),
-        ("hello world", "You are a helpful assistant."),
-        ("what is two plus two and why", "four"),
-    ]
-    convs = [Conversation((Message("user", u), Message("assistant", a)), f"t:{i}") for i, (u, a) in enumerate(pairs)]
-    exs, _ = tokenize_conversations(tokenizer, convs, max_length=256)
-    assert len({len(e.input_ids) for e in exs}) == 4, "examples must differ in length"
-    assert len({e.trained_tokens for e in exs}) >= 3, "examples must differ in trained tokens"
-    return exs
-
-
-def _lora_grads(model) -> dict[str, torch.Tensor]:
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    model.zero_grad(set_to_none=True)
-    return grads
-
-
-def _lora_with_random_adapter(tiny_model_dir, seed: int):
-    """Tiny model + LoRA whose adapter weights are all non-zero.
-
-    LoRA B starts at 0, which would make every lora_A gradient 0 and hide mistakes.
-    """
-    model, tokenizer = load_model(resolve_model(str(tiny_model_dir)))
-    model = attach_lora(model, LoraConfig(rank=4, alpha=8))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in model.named_parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-    model.train()
-    return model, tokenizer
+from tunelab.training.step import backward_on
 
 
 def test_accumulation_1x4_equals_4x1(tiny_model_dir):
-    model, tokenizer = _lora_with_random_adapter(tiny_model_dir, seed=0)
+    model, tokenizer = lora_with_random_adapter(tiny_model_dir, seed=0)
     precision = choose_precision("fp32")
-    exs = _examples(tokenizer)
+    exs = varied_examples(tokenizer)
     pad = tokenizer.pad_token_id
 
-    loss_big, *_ = backward_on(loss_of(model), [collate(exs, pad)], precision)
-    big = _lora_grads(model)
-    loss_acc, *_ = backward_on(loss_of(model), [collate([e], pad) for e in exs], precision)
-    acc = _lora_grads(model)
+    loss_big, *_ = backward_on(sft_loss(model), [collate(exs, pad)], precision)
+    big = lora_grads_and_zero(model)
+    loss_acc, *_ = backward_on(sft_loss(model), [collate([e], pad) for e in exs], precision)
+    acc = lora_grads_and_zero(model)
 
     assert loss_acc == pytest.approx(loss_big, rel=1e-5)
     assert big.keys() == acc.keys() and len(big) == 2 * 7 * 2  # A and B, 7 linear layers, 2 blocks
@@ -76,7 +31,7 @@ def test_accumulation_1x4_equals_4x1(tiny_model_dir):
     # The normalisation matters with these examples: averaging per-micro-batch means would differ.
     naive = 0.0
     for e in exs:
-        naive += backward_on(loss_of(model), [collate([e], pad)], precision)[0] / len(exs)
+        naive += backward_on(sft_loss(model), [collate([e], pad)], precision)[0] / len(exs)
     model.zero_grad(set_to_none=True)
     assert abs(naive - loss_big) > 1e-3
 

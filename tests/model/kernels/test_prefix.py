@@ -6,62 +6,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tunelab.config import LoraConfig
+from helpers import lora_grads_and_zero, lora_with_random_adapter, sft_loss, varied_examples
 from tunelab.data.batches import collate
-from tunelab.data.records import Conversation, Message
-from tunelab.data.tokenize import TokenizedExample, tokenize_conversations
-from tunelab.model.load import attach_lora, load_model, resolve_model
+from tunelab.data.tokenize import TokenizedExample
 from tunelab.model.precision import choose_precision
-from tunelab.training.objectives import Sft
-from tunelab.training.step import ObjectiveLoss, backward_on
-
-
-def loss_of(model):
-    """The SFT loss module the recipe steps on, over `model`."""
-    return ObjectiveLoss(model, Sft())
-
-
-def _examples(tokenizer) -> list[TokenizedExample]:
-    pairs = [
-        ("yes", "no"),
-        ("the quick brown fox jumps over the lazy dog", "good night"),
-        ("hello world", "You are a helpful assistant."),
-        ("what is two plus two and why", "four"),
-    ]
-    convs = [Conversation((Message("user", u), Message("assistant", a)), f"t:{i}") for i, (u, a) in enumerate(pairs)]
-    exs, _ = tokenize_conversations(tokenizer, convs, max_length=256)
-    assert len({len(e.input_ids) for e in exs}) == 4, "examples must differ in length"
-    assert len({e.trained_tokens for e in exs}) >= 3, "examples must differ in trained tokens"
-    return exs
-
-
-def _lora_grads(model) -> dict[str, torch.Tensor]:
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    model.zero_grad(set_to_none=True)
-    return grads
-
-
-def _lora_with_random_adapter(tiny_model_dir, seed: int):
-    """Tiny model + LoRA whose adapter weights are all non-zero.
-
-    LoRA B starts at 0, which would make every lora_A gradient 0 and hide mistakes.
-    """
-    model, tokenizer = load_model(resolve_model(str(tiny_model_dir)))
-    model = attach_lora(model, LoraConfig(rank=4, alpha=8))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in model.named_parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-    model.train()
-    return model, tokenizer
+from tunelab.training.step import backward_on
 
 
 def test_shared_prefix_gives_the_same_loss_and_gradients(tiny_model_dir):
     """Computing the common prefix once per batch is an optimisation, not a change of the loss."""
-    model, tokenizer = _lora_with_random_adapter(tiny_model_dir, seed=1)
+    model, tokenizer = lora_with_random_adapter(tiny_model_dir, seed=1)
     precision = choose_precision("fp32")
-    exs = _examples(tokenizer)  # all start with the template's default system prompt
+    exs = varied_examples(tokenizer)  # all start with the template's default system prompt
     pad = tokenizer.pad_token_id
 
     shared = collate(exs, pad)
@@ -70,10 +26,10 @@ def test_shared_prefix_gives_the_same_loss_and_gradients(tiny_model_dir):
     # the prefix stops before any position that predicts a trained token
     assert (shared.labels[:, : shared.shared_prefix + 1] == -100).all()
 
-    loss_shared, *_ = backward_on(loss_of(model), [shared], precision)
-    g_shared = _lora_grads(model)
-    loss_plain, *_ = backward_on(loss_of(model), [plain], precision)
-    g_plain = _lora_grads(model)
+    loss_shared, *_ = backward_on(sft_loss(model), [shared], precision)
+    g_shared = lora_grads_and_zero(model)
+    loss_plain, *_ = backward_on(sft_loss(model), [plain], precision)
+    g_plain = lora_grads_and_zero(model)
     assert loss_shared == pytest.approx(loss_plain, rel=1e-5)
     for name in g_plain:
         torch.testing.assert_close(g_shared[name], g_plain[name], rtol=1e-4, atol=1e-6, msg=name)
@@ -95,12 +51,12 @@ def test_no_shared_prefix_when_rows_differ_from_the_start(tiny_tokenizer):
 def test_prefix_in_batch_and_cached_prefix_equal_the_plain_forward(tiny_model_dir, monkeypatch, packed, room):
     """Both ways of computing the shared prefix once (inside the same forward, in a row's padding or as one
     more row; or a forward of its own into a KV cache) give the plain forward's loss and gradients."""
-    from tunelab.model.kernels import attention
     from tunelab.data.pack import collate_packed
     from tunelab.model import scoring
+    from tunelab.model.kernels import attention
 
-    model, tokenizer = _lora_with_random_adapter(tiny_model_dir, seed=3)
-    exs, pad = _examples(tokenizer), tokenizer.pad_token_id
+    model, tokenizer = lora_with_random_adapter(tiny_model_dir, seed=3)
+    exs, pad = varied_examples(tokenizer), tokenizer.pad_token_id
     if not room:  # rows without trailing padding: the longest example twice, differing from token 8 on
         longest = max(exs, key=lambda e: len(e.input_ids))
         other = list(longest.input_ids)
@@ -124,7 +80,7 @@ def test_prefix_in_batch_and_cached_prefix_equal_the_plain_forward(tiny_model_di
         forwards.clear()
         loss, _ = scoring.token_loss_sum(model, b)
         loss.backward()
-        return float(loss), _lora_grads(model)
+        return float(loss), lora_grads_and_zero(model)
 
     expected_loss, expected_grads = loss_and_grads(plain)
     for in_batch in (True, False):
@@ -147,8 +103,8 @@ def test_a_sliding_window_shorter_than_the_rows_keeps_the_kv_cache_path(tiny_mod
     transformers' masks, so its prefix goes through the KV cache (two forwards), with the same loss."""
     from tunelab.model import scoring
 
-    model, tokenizer = _lora_with_random_adapter(tiny_model_dir, seed=3)
-    batch = collate(_examples(tokenizer), tokenizer.pad_token_id)
+    model, tokenizer = lora_with_random_adapter(tiny_model_dir, seed=3)
+    batch = collate(varied_examples(tokenizer), tokenizer.pad_token_id)
     body = model.get_base_model().model
     forwards = []
     hook = body.register_forward_hook(lambda *a: forwards.append(1))

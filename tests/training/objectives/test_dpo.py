@@ -2,53 +2,24 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
 
+from helpers import PAIRS, chosen_rejected_rows, write_jsonl
 from tunelab.config import DataConfig, LoraConfig
+from tunelab.data.pairs import PairBatch, collate_pairs
+from tunelab.data.prepare import prepare_preference_data
 from tunelab.data.tokenize import IGNORE_INDEX
 from tunelab.errors import TunelabError
 from tunelab.model.load import attach_lora, load_model, resolve_model
-from tunelab.data.pairs import PairBatch, collate_pairs
-from tunelab.data.prepare import prepare_preference_data
 from tunelab.model.precision import choose_precision
 from tunelab.model.scoring import sequence_logprobs
 from tunelab.training.objectives.dpo import Dpo, DpoStats, dpo_loss_sum, reference_logprobs, require_adapter
 
 BETA = 0.1
-# (prompt, chosen, rejected): short answers the tiny tokenizer knows
-PAIRS = [
-    ("what is two plus two", "four", "maybe"),
-    ("good morning", "hello world", "no"),
-    ("where is my card", "card_arrival", "refund"),
-    ("help with rate", "exchange_rate the quick brown fox", "top_up"),
-    ("is the phone ok", "lost_phone", "good night"),
-    ("thank you", "yes", "the lazy dog jumps over the quick brown fox"),
-]
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
-
-
-def chosen_rejected_rows(pairs=PAIRS) -> list[dict]:
-    return [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in pairs]
-
-
-def dpo_rows(pairs=PAIRS) -> list[dict]:
-    return [{"input": {"messages": [{"role": "user", "content": p}]},
-             "preferred_output": [{"role": "assistant", "content": c}],
-             "non_preferred_output": [{"role": "assistant", "content": r}]} for p, c, r in pairs]
-
-
-def many_pairs(n: int) -> list[tuple[str, str, str]]:
-    return [(f"{p} {i}", c, r) for i in range(n) for p, c, r in PAIRS[:1]]
-
 
 def dpo_validation(model, batches: list[PairBatch], beta: float, precision) -> dict[str, float]:
     """The DPO objective's validation, as the recipe runs it (sums, then means)."""
