@@ -46,18 +46,20 @@ from tunelab.evaluation.kv_cache import reserved_cache
 from tunelab.model.kernels import attention
 from tunelab.model.kernels.attention import generation_kernels
 from tunelab.model.kernels.prefix import (
-    IN_PLACE_PREFIX, MIN_GENERATION_PREFIX, common_prefix_length, reads_prefix_in_place,
+    IN_PLACE_PREFIX,
+    MIN_GENERATION_PREFIX,
+    common_prefix_length,
+    reads_prefix_in_place,
 )
 from tunelab.model.load import body_and_head
 from tunelab.model.precision import Precision
 
 # batch_size=None ("auto"): rows per batch from a token budget. A decode step's fixed cost (30 layers of small
-# ops) dominates at these sizes, so more rows per step is nearly free until the rows' tokens add up. Measured
-# on the 2-core AMX CPU, 300 Banking77 demo prompts (~33 tokens) + 16 new tokens: batch 32 -> 369 tokens/s,
-# 64 -> 463, 128 -> 577, 256 -> 563. What counts is what each row's KV cache holds: the whole prompt when
-# a short shared prefix is copied into every row (the demo prompt: 128 rows), the part after the prefix when
-# a long one is read in place (IN_PLACE_PREFIX; the 77-label prompt, ~36 of ~607 tokens: 128 rows, where
-# with the prefix copied it was 39).
+# ops) dominates at these sizes, so more rows per step is nearly free until the rows' tokens add up: on the
+# demo prompts, tokens/s rose up to 128 rows and not beyond (2-core AMX VM; the sweep is in docs/benchmarks.md).
+# What counts is what each row's KV cache holds: the whole prompt when a short shared prefix is copied into
+# every row (the demo prompt: 128 rows), the part after the prefix when a long one is read in place
+# (IN_PLACE_PREFIX; the 77-label prompt, ~36 of ~607 tokens: 128 rows, where with the prefix copied it was 39).
 AUTO_TOKEN_BUDGET = 24_576  # rows x (longest cached prompt part in the batch + max_new_tokens)
 AUTO_MAX_ROWS = 128
 PREFILL_MAX_PADDING = 128  # padding tokens a prompt-pass chunk may carry before a new chunk starts (see _prefill)
@@ -102,7 +104,7 @@ class GenerationRun:
 
 
 @torch.no_grad()
-@generation_kernels()  # SDPA attention: faster decoding, see tunelab/attention.py
+@generation_kernels()  # SDPA attention: faster decoding, see model/kernels/attention.py
 def generate(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -150,9 +152,9 @@ def generate(
         prefix_len = 0
     # A long prefix (few-shot examples, a label list) is read in place by every row with our attention on CPU
     # (attention.behind_shared_prefix), and the rows' caches hold only their own tokens. A short one (a system
-    # prompt) is copied into every row, where one SDPA call per layer is faster than two. Measured on 300
-    # Banking77 prompts: 571-token prefix, copied 197 -> in place 361 tokens/s; 13-token prefix, copied 700,
-    # in place 636.
+    # prompt) is copied into every row, where one SDPA call per layer is faster than two. (2-core AMX VM, 300
+    # Banking77 prompts, 571-token prefix: copied 197, in place 361 tokens/s; the 13-token case is in
+    # docs/benchmarks.md.)
     in_place = prefix_len >= IN_PLACE_PREFIX and reads_prefix_in_place(model)
     prefix_kv = [(layer.keys, layer.values) for layer in prefix_cache.layers] if in_place else None
     cached_prefix = 0 if in_place else prefix_len  # prefix columns in each row's cache and mask
@@ -213,8 +215,9 @@ def sample_next(
     Row i draws with `generators[i]` alone.
     """
     if temperature == 0:
-        # max(...).indices, not argmax: the same first index of the largest value, and on this CPU
-        # 2.4 ms instead of 15.7 ms for (128, 49,152) bf16 logits (argmax has no vectorised bf16 path).
+        # max(...).indices, not argmax: the same first index of the largest value, and faster on CPU, where
+        # argmax has no vectorised bf16 path (2.4 ms instead of 15.7 ms for (128, 49,152) bf16 logits on the
+        # 2-core AMX VM).
         return logits.max(dim=-1).indices
     assert generators is not None and len(generators) == logits.shape[0], "one generator per row"
     probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, V); fp32 even under a bf16 autocast
@@ -311,7 +314,7 @@ def _prefill(
             ).last_hidden_state  # (b, w, H)
             # The head on a contiguous (b, H) matrix: only the last position, one plain matmul.
             # (Through a PEFT wrapper, transformers' `logits_to_keep` slice became a batched matmul that
-            # copied the whole 49,152 x 576 head weight per row: 4x slower generation.)
+            # copied the whole 49,152 x 576 head weight per row: 4x slower generation on the 2-core AMX VM.)
             logits.append(head(hidden[:, -1].contiguous()))
         if not buffers:
             buffers = [_cache_buffers(layer, len(suffixes), cached_prefix + width + reserve) for layer in cache.layers]
@@ -364,12 +367,6 @@ def _generate_batch(
     stop_tensor = torch.tensor(sorted(stop_ids))
     ends_tensor = torch.tensor(sorted(ending_ids))
     for step in range(max_new_tokens):
-        if step > 0:
-            with precision.autocast():
-                hidden = body(
-                    input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True
-                ).last_hidden_state  # (A, 1, H), A = active rows
-                logits = head(hidden[:, -1].contiguous())  # (A, vocab)
         rows = active.tolist()
         # Generators follow their rows through `active`, so dropping finished rows keeps each row's own.
         row_generators = None if generators is None else [generators[row] for row in rows]
@@ -386,9 +383,13 @@ def _generate_batch(
         if keep.numel() < active.numel():  # finished rows leave the batch: no compute spent on them
             cache.batch_select_indices(keep)
             active, next_ids, mask, positions = active[keep], next_ids[keep], mask[keep], positions[keep]
-        ids = next_ids[:, None]  # (A, 1)
         mask = torch.cat([mask, torch.ones((mask.shape[0], 1), dtype=torch.long)], dim=1)
         positions = positions + 1
+        with precision.autocast():  # the next step's logits: one token per active row
+            hidden = body(
+                input_ids=next_ids[:, None], attention_mask=mask, position_ids=positions, cache=cache, use_cache=True
+            ).last_hidden_state  # (A, 1, H), A = active rows
+            logits = head(hidden[:, -1].contiguous())  # (A, vocab)
     return list(zip(new_tokens, stopped))
 
 
