@@ -117,14 +117,14 @@ def _weight_copy_bytes(model, batch, precision) -> int:
 
 def run_side(args: argparse.Namespace) -> dict:
     import torch
-
     from train_throughput import _rows
+
     from tunelab.config import LoraConfig
     from tunelab.data.batches import collate
     from tunelab.data.tokenize import tokenize_conversations
     from tunelab.model.load import attach_lora
-    from tunelab.model.quantize import quantize_base, weight_bytes
     from tunelab.model.precision import choose_precision
+    from tunelab.model.quantize import quantize_base, weight_bytes
     from tunelab.model.scoring import token_loss_sum
     from tunelab.training.step import make_optimizer
 

@@ -17,7 +17,7 @@ session 14; tunelab's side groups by length too; tunelab puts its largest batch 
 sampler the batch with the longest example), no
 torch_compile (it compiles the whole model: minutes on 2 cores, and again for new
 sequence lengths, which 8 steps cannot pay back). tunelab's side sets up as
-train.setup does for a run long enough to pay for compiling (train.compile_layers: auto
+training.setup does for a run long enough to pay for compiling (train.compile_layers: auto
 compiles from 300,000 tokens to train; this benchmark's few steps measure the speed such
 a run trains at): the RMSNorm and MLP activations compiled (tunelab.model.kernels.compiled), and
 for every method but dora the whole decoder layers too, before the untimed warm-up; the
@@ -31,7 +31,7 @@ result row each; a method is a branch of each side's model setup or collate:
     lora     the work above.
     dora     LoRA with use_dora=True on both sides (PEFT's DoRA).
     int8     a frozen 8-bit base. tunelab: its built-in int8 (Int8Linear: int8 weights, one
-             scale per row; load_model + quantize_base, as train.setup does). TRL: the model
+             scale per row; load_model + quantize_base, as training.setup does). TRL: the model
              loaded with BitsAndBytesConfig(load_in_8bit=True), what a TRL user does for an
              8-bit base (bitsandbytes LLM.int8 Linear8bitLt; it trains on CPU with
              bitsandbytes 0.50.2. Where it cannot, the row says "failed" with the error,
@@ -54,7 +54,7 @@ result row each; a method is a branch of each side's model setup or collate:
              both sides take about the same tokens per step.
 
 Both sides' processes run on the same malloc: tcmalloc where the system has it (--allocator;
-tunelab's CLI relaunches itself on it, see tunelab/allocator.py), which TRL gains from too.
+tunelab's CLI relaunches itself on it, see tunelab/cli/allocator.py), which TRL gains from too.
 
 Each side runs in its own subprocess (so peak RSS is that side's alone); for each method
 the sides alternate tunelab, TRL, and with --rounds the methods repeat in turn; each
@@ -122,15 +122,14 @@ def run_tunelab(args: argparse.Namespace) -> dict:
     import matmul_replay  # beside this script
     import torch
 
-    from tunelab.model.kernels.compiled import use_compiled_kernels, use_compiled_layers
     from tunelab.config import LoraConfig
     from tunelab.data.batches import collate
     from tunelab.data.pack import collate_packed
     from tunelab.data.tokenize import tokenize_conversations
-    from tunelab.model.load import attach_lora, load_model, resolve_model
-    from tunelab.model.quantize import quantize_base
-    from tunelab.model.load import decoder_layers
+    from tunelab.model.kernels.compiled import use_compiled_kernels, use_compiled_layers
+    from tunelab.model.load import attach_lora, decoder_layers, load_model, resolve_model
     from tunelab.model.precision import choose_precision
+    from tunelab.model.quantize import quantize_base
     from tunelab.training.objectives import Sft
     from tunelab.training.setup import epoch_stream
     from tunelab.training.step import ObjectiveLoss, backward_on, make_optimizer
@@ -143,7 +142,7 @@ def run_tunelab(args: argparse.Namespace) -> dict:
     quantize_base(model, quantize, precision.weights_dtype)  # int8: here, in place; nf4: done while loading
     model.config.use_cache = False
     model = attach_lora(model, LoraConfig(rank=16, alpha=32, use_dora=args.method == "dora"))
-    loss = ObjectiveLoss(model, Sft())  # the run's SFT loss, as train.setup builds it
+    loss = ObjectiveLoss(model, Sft())  # the run's SFT loss, as training.setup builds it
     total = args.warmup + args.steps
     examples, _ = tokenize_conversations(tokenizer, _rows(total * args.batch), max_length=MAX_LENGTH)
     stream = epoch_stream(examples, args.batch, 1.0, seed=0)
@@ -153,7 +152,7 @@ def run_tunelab(args: argparse.Namespace) -> dict:
         return (collate_packed(micro, tokenizer.pad_token_id) if args.method == "packed"  # rows as wide as the longest
                 else collate(micro, tokenizer.pad_token_id))
 
-    compile_started = time.perf_counter()  # as train.setup does, before the first step
+    compile_started = time.perf_counter()  # as training.setup does, before the first step
     kernels = use_compiled_kernels(model, torch.bfloat16 if precision.bf16 else None)
     layers = args.compile_layers and args.method != "dora" and not kernels.unavailable
     if layers:  # as setup._compile_layers: compile on one forward + backward, then drop its gradients
@@ -386,7 +385,7 @@ def main() -> None:
                         default="tcmalloc" if allocator.find_tcmalloc() and not allocator.opted_out(os.environ)
                         else "system",
                         help="malloc of both sides' processes (default tcmalloc where the system has it, unless "
-                        "TUNELAB_ALLOCATOR=system; see tunelab/allocator.py)")
+                        "TUNELAB_ALLOCATOR=system; see tunelab/cli/allocator.py)")
     parser.add_argument("--rounds", type=int, default=1, help="alternating rounds; each side's best is kept")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--side", choices=["tunelab", "trl"], help=argparse.SUPPRESS)  # child process

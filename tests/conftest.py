@@ -19,7 +19,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-from helpers import _corpus, BOT, CHAT_TEMPLATE, EOT, classification_rows, make_run_config, write_csv  # noqa: E402
+from helpers import BOT, CHAT_TEMPLATE, EOT, _corpus, classification_rows, make_run_config, write_csv  # noqa: E402
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -11,12 +11,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from helpers import expected_files, files_of
 from tunelab.config import RunConfig
 from tunelab.errors import TunelabError
 from tunelab.evaluation.result import EvalResult
 from tunelab.rundir import MANIFEST, RunData, RunDir, finished, load_run
-
-from helpers import expected_files, files_of
 
 
 def test_run_directory_holds_exactly_the_expected_files(trained_run):

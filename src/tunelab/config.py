@@ -12,7 +12,7 @@ A run is described by one `RunConfig`, usually read from YAML:
 
 Every key has a default here, and only here. `epochs`, `batch_size` and `learning_rate` default
 to "auto" (as OpenAI's fine-tuning API does): the run log and `tunelab plan` say what was chosen
-and why (train/auto.py). Unknown keys and bad values are errors that name the key and the allowed
+and why (training/auto.py). Unknown keys and bad values are errors that name the key and the allowed
 values; `load_config` reports all of them at once.
 """
 
@@ -51,7 +51,7 @@ class DataConfig(_Strict):
 
     path: Path | None = Field(
         None, description="Data file: chat JSONL, prompt/completion, Alpaca, ShareGPT, preference pairs, or CSV/TSV. "
-        "Required unless the records are passed in memory (tunelab.training(cfg, records=...)).")
+        "Required unless the records are passed in memory (tunelab.train(cfg, records=...)).")
     format: DataFormat = Field(
         "auto", description="How rows are read (see DataFormat above); 'auto' decides from the suffix (.csv/.tsv) or "
         "the keys of the first rows, and the run log says what it found.",
@@ -109,7 +109,7 @@ class TrainConfig(_Strict):
     grad_accumulation: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     learning_rate: float | Literal["auto"] = Field(
         "auto", description="Peak learning rate; 'auto': by method (LoRA ~10x a full fine-tune's), scaled with the "
-        "batch (train/auto.py)."
+        "batch (training/auto.py)."
     )
     weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay.")
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Fraction of steps spent warming up linearly.")
@@ -335,5 +335,5 @@ def _set_dotted(raw: dict, dotted: str, value: object) -> None:
         node = node[key]
         if not isinstance(node, dict):
             where = ".".join(parents[: depth + 1])
-            raise TunelabError(f"--set {dotted}: '{where}' is not a section", fix=f"set a key that exists, e.g. train.epochs")
+            raise TunelabError(f"--set {dotted}: '{where}' is not a section", fix="set a key that exists, e.g. train.epochs")
     node[leaf] = value

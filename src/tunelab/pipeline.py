@@ -28,7 +28,14 @@ from tunelab.io import file_sha256
 from tunelab.model.load import load_model, resolve_model
 from tunelab.model.precision import Precision, choose_precision
 from tunelab.rundir import (
-    HELD_OUT, ComparisonSummary, ContenderSummary, ForgettingSummary, RunDir, RunSummary, finished, load_run,
+    HELD_OUT,
+    ComparisonSummary,
+    ContenderSummary,
+    ForgettingSummary,
+    RunDir,
+    RunSummary,
+    finished,
+    load_run,
 )
 from tunelab.training import distributed
 from tunelab.training.objectives import objective_for
@@ -75,7 +82,7 @@ def evaluate_trained(result: TrainResult) -> EvalResult:
 
 def evaluate_run_dir(run_dir: Path, data: Path | None = None, data_format: str | None = None,
                      overrides: dict[str, Any] | None = None) -> RunSummary:
-    """`tunelab eval RUN_DIR [--data FILE]` (and `tunelab.evaluation`): evaluate a finished run again.
+    """`tunelab eval RUN_DIR [--data FILE]` (and `tunelab.evaluate`): evaluate a finished run again.
 
     Without `data` the run's own held-out rows are used (the split is a pure function of the data, so
     they are the rows held out at training time) and eval.json is rewritten. With `data`, every row of

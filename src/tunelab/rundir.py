@@ -7,14 +7,14 @@
       config.json         the resolved RunConfig (absolute paths, every default filled in, no 'auto' left)
       data.json           RunData: the data report, the base model's identity, why each hyperparameter, the template
       metrics.jsonl       one JSON object per optimizer step / validation
-      checkpoints/        step-NNNNNNN/: weights, optimizer, scheduler, RNG (train/checkpoint.py); the last K kept
-      eval.json           the held-out evaluation (evaluate/result.py: EvalResult); what the registry's gate reads
+      checkpoints/        step-NNNNNNN/: weights, optimizer, scheduler, RNG (training/checkpoint.py); the last K kept
+      eval.json           the held-out evaluation (evaluation/result.py: EvalResult); what the registry's gate reads
       evals/NAME/         other evaluations (`tunelab eval RUN --data FILE`): eval.json + report, one folder each
       report.html/.md     the held-out evaluation for people
       manifest.json       written last: every file with its size and sha256, the run's summary, the evaluations
 
 Every file is written to a temporary name and renamed, and `manifest.json` comes last, so a directory
-without a manifest is an unfinished run and is never loaded. `tunelab.training` writes the manifest when
+without a manifest is an unfinished run and is never loaded. `tunelab.train` writes the manifest when
 training ends; evaluating rewrites it with the files and the summary it adds.
 """
 

@@ -39,8 +39,9 @@ def make_examples(vocab: int, pad_id: int) -> list[TokenizedExample]:
 @pytest.fixture(scope="module")
 def models(tiny_model_dir):
     """One fp32 copy of the tiny Llama per attention implementation, with the loaded config (use_cache=True)."""
-    import tunelab.model.kernels.attention  # noqa: F401  (registers "tunelab_gqa")
     from transformers import AutoModelForCausalLM
+
+    import tunelab.model.kernels.attention  # noqa: F401  (registers "tunelab_gqa")
 
     return {
         impl: AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation=impl).eval()

@@ -13,7 +13,6 @@ from tunelab.data.records import Message
 from tunelab.errors import TunelabError
 
 
-
 def read_csv(path, input_column: str, output_column: str, system_prompt: str | None):
     return read_conversations(DataConfig(path=path, format="csv", input_column=input_column,
                                          output_column=output_column, system_prompt=system_prompt))

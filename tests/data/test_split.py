@@ -5,7 +5,6 @@ from __future__ import annotations
 import random
 from collections import Counter
 
-
 from tunelab.data.records import Conversation, Message
 from tunelab.data.split import is_classification, split_conversations
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from tunelab.data.records import Conversation, Message
 from tunelab.data.tokenize import IGNORE_INDEX, render_prompt, tokenize_conversations
 

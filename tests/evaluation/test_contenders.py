@@ -12,8 +12,8 @@ from tunelab.data.records import Conversation, Message
 from tunelab.data.tokenize import render_prompt, tokenize_conversations
 from tunelab.evaluation.compare import RowText, compare
 from tunelab.evaluation.contenders import contender_prompts, draw_shots, evaluate_run, few_shot_messages, reference_loss
-from tunelab.evaluation.result import Contender
 from tunelab.evaluation.generate import generate
+from tunelab.evaluation.result import Contender
 from tunelab.model.precision import choose_precision
 from tunelab.model.scoring import validation_loss
 

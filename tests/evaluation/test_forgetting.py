@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from tunelab.errors import TunelabError
-from tunelab.evaluation.result import Forgetting
 from tunelab.evaluation.forgetting import (
     CATEGORIES,
     ProbeItem,
@@ -20,6 +19,7 @@ from tunelab.evaluation.forgetting import (
     run_forgetting_check,
     score_probe_answer,
 )
+from tunelab.evaluation.result import Forgetting
 from tunelab.model.precision import Precision
 
 FP32 = Precision(False, "cpu", "fp32 (test)")

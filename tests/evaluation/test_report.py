@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from helpers import run_data
 from tunelab.evaluation.report import fmt_p, plot_confusion, write_report
 from tunelab.evaluation.result import Confusion
-
-from helpers import run_data
 
 HOSTILE = "<script>alert(1)</script>"
 LABELS = ["card_arrival", "exchange_rate", "lost_phone", "top_up", "refund"]

@@ -8,11 +8,10 @@ import re
 import pytest
 from pydantic import BaseModel
 
+from helpers import REPO
 from tunelab.errors import TunelabError
 from tunelab.evaluation import result
 from tunelab.evaluation.result import EvalResult
-
-from helpers import REPO
 
 DOC = (REPO / "docs" / "eval-format.md").read_text(encoding="utf-8")
 

@@ -9,11 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import classification_rows, make_run_config, run_log, write_csv
 from tunelab.data.pack import collate_packed
 from tunelab.model.kernels.compiled import eager_layers, restore_eager
 from tunelab.model.scoring import trained_logits, validation_loss
-
-from helpers import classification_rows, make_run_config, run_log, write_csv
 
 
 def _setup(make_config, csv: Path, **train):

@@ -12,9 +12,8 @@ import pytest
 import torch
 import yaml
 
-from tunelab.training.distributed import World, local_rows
-
 from helpers import run_data
+from tunelab.training.distributed import World, local_rows
 
 
 def test_local_rows_split_a_global_micro_batch_without_overlap():

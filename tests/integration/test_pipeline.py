@@ -72,8 +72,8 @@ def test_a_bf16_run_trains_evaluates_and_reloads(tmp_path, make_config, classifi
     """Every path that runs the model (training, validation, generation, reference losses, the forgetting
     probe, reloading) runs a bf16 base with fp32 adapters under autocast, as the skipped input cast requires."""
     from tunelab.evaluation.generate import generate
-    from tunelab.rundir import load_run
     from tunelab.model.precision import choose_precision
+    from tunelab.rundir import load_run
 
     cfg = make_config(classification_csv, train={"precision": "bf16", "epochs": 1, "eval_every": 2},
                       eval={"compare_base": True})

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import json
 
-from tunelab.planning import make_plan
-
 from helpers import cli, pairs_file
+from tunelab.planning import make_plan
 
 
 def test_plan_counts_the_run_and_writes_nothing(classification_csv, tmp_path, make_config):

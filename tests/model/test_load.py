@@ -109,8 +109,8 @@ def test_peft_builds_tunelab_layers_that_save_and_reload_as_peft_s(tiny_model_di
 
 def test_peft_dora_layers_keep_the_input_cast(tiny_model_dir):
     """PEFT's own DoRA norm is computed in the input's dtype: a layer still holding it keeps the cast."""
-    from peft import get_peft_model
     from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
     from peft.tuners.lora.dora import DoraLinearLayer
     from peft.tuners.tuners_utils import BaseTunerLayer
 

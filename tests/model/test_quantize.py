@@ -23,7 +23,12 @@ from tunelab.data.tokenize import tokenize_conversations
 from tunelab.errors import TunelabError
 from tunelab.model.load import attach_lora, load_model, resolve_model
 from tunelab.model.quantize import (
-    Int8Linear, QuantizedInfo, quantization_available, quantization_config, quantize_base, require_quantization,
+    Int8Linear,
+    QuantizedInfo,
+    quantization_available,
+    quantization_config,
+    quantize_base,
+    require_quantization,
     weight_bytes,
 )
 from tunelab.model.scoring import token_loss_sum

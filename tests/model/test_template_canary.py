@@ -7,6 +7,7 @@ import re
 
 import pytest
 
+from helpers import CHAT_TEMPLATE
 from tunelab.errors import TunelabError
 from tunelab.model.template_canary import (
     CANARIES,
@@ -16,8 +17,6 @@ from tunelab.model.template_canary import (
     render_canaries,
     template_fingerprint,
 )
-
-from helpers import CHAT_TEMPLATE
 
 
 def altered(tokenizer, **attrs):

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+from helpers import comparison, eval_json
 from tunelab.evaluation.result import EvalResult
 from tunelab.registry.gate import eval_summary, gate
-
-from helpers import comparison, eval_json
 
 
 def result(**kwargs) -> EvalResult:

@@ -13,12 +13,11 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
+from helpers import comparison, eval_json, run_data
 from tunelab.cli.models import diff_records, models_app
 from tunelab.errors import TunelabError
 from tunelab.evaluation.result import EvalResult
 from tunelab.registry.store import INDEX, Registry, eval_summary
-
-from helpers import comparison, eval_json, run_data
 
 
 def good_eval(**comparisons: dict[str, Any]) -> dict[str, Any]:

@@ -7,8 +7,8 @@ import json
 import torch
 from safetensors.torch import load_file
 
-from tunelab.training.early_stop import EarlyStopping
 from tunelab.training.checkpoint import best_checkpoint, complete_checkpoints
+from tunelab.training.early_stop import EarlyStopping
 from tunelab.training.recipe import train
 
 

@@ -2,10 +2,9 @@
 
 Why: a training step allocates and frees hundreds of activation buffers of a few MB each. glibc's
 malloc gives many of them back to the kernel and takes them again, and pays for it in page faults
-and freshly zeroed pages; tcmalloc keeps them for the next step. Measured on the 2-core AMX
-machine (SmolLM2-135M, LoRA, decoder layers compiled): 1,007-1,044 -> 1,196-1,278 tokens/s at
-batch 16, 776-1,014 -> 1,311-1,435 at batch 64 (docs/benchmarks.md, session 10). jemalloc, tried
-the same way, gained less (1,063-1,119 at batch 16).
+and freshly zeroed pages; tcmalloc keeps them for the next step. Training on it ran faster at
+batch 16, and more so at batch 64 (776-1,014 -> 1,311-1,435 tokens/s on the 2-core AMX VM);
+jemalloc gained less. The figures are in docs/benchmarks.md.
 
 A process cannot change its malloc once it has started: libc's is bound when the program loads.
 The only way in is LD_PRELOAD at exec, which is what PyTorch's own CPU launcher
@@ -30,8 +29,8 @@ RELAUNCHED_VARIABLE = "TUNELAB_ALLOCATOR_RELAUNCHED"  # set in the relaunched pr
 # gperftools' allocator: the minimal build (Debian/Ubuntu libtcmalloc-minimal4), else the full one.
 LIBRARIES = ("tcmalloc_minimal", "tcmalloc")
 INSTALL_HINT = "apt install libtcmalloc-minimal4"
-# tcmalloc returns freed pages to the kernel slowly by default; 0 keeps them (a few % more tokens/s
-# measured at batch 16, within the machine's noise but never worse). A user's own setting wins.
+# tcmalloc returns freed pages to the kernel slowly by default; 0 keeps them (a few % more tokens/s at
+# batch 16 on the 2-core AMX VM, within its noise but never worse). A user's own setting wins.
 TCMALLOC_DEFAULTS = {"TCMALLOC_RELEASE_RATE": "0"}
 
 
@@ -109,5 +108,5 @@ def describe() -> str:
     if opted_out(os.environ):
         return f"system malloc ({OPT_OUT_VARIABLE}=system)"
     if find_tcmalloc() is None and sys.platform.startswith("linux"):
-        return f"system malloc ({INSTALL_HINT}: up to ~20% faster CPU training)"
+        return f"system malloc (tcmalloc trains faster on CPU: {INSTALL_HINT})"
     return "system malloc"

@@ -9,6 +9,7 @@ conflicts, leakage, PII) -> split -> tokenize -> batches / pack / pairs -> prepa
 a report).
 """
 
-from tunelab.data.validate import Report, validate_file as validate
+from tunelab.data.validate import Report
+from tunelab.data.validate import validate_file as validate
 
 __all__ = ["Report", "validate"]

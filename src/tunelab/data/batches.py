@@ -10,8 +10,8 @@ trades places with the first, as transformers' `LengthGroupedSampler` puts its l
 example first, for two reasons. A run that does not fit in memory fails at its first
 step, not hours in. And the allocator reaches its peak at once: the later, smaller steps
 reuse those pages instead of faulting in fresh ones when a larger batch first comes
-(on this 2-core VM a page fault costs ~15 us; a batch-64 run that met its widest batch
-late spent 1.1 GB of faults and 6 s on that one step, docs/benchmarks.md).
+(a batch-64 run that met its widest batch late spent 6 s on that one step, 2-core AMX VM;
+docs/benchmarks.md).
 
 Collation pads on the right. Two examples of lengths 3 and 5:
 

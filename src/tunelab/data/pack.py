@@ -85,9 +85,9 @@ def row_capacity(lengths: list[int], pack_length: int | None) -> int:
 
     pack_length None (the default): rows exactly as wide as the longest example. On a CPU, where
     attention is dense over a packed row (block-diagonal mask), a position's attention costs
-    grow with its row's width, so wider rows than the batch needs are slower: measured on
-    SmolLM2, LoRA, batch 16 of Banking77, forward + backward 638 ms per step at the longest
-    example's width, 700 at 80 tokens, 761 at 128, 801 at 162.
+    grow with its row's width, so wider rows than the batch needs are slower (a LoRA step of
+    batch 16: 638 ms at the longest example's width, 801 at 162 tokens, 2-core AMX VM; the
+    sweep is in docs/benchmarks.md).
     """
     longest = max(lengths)
     return longest if pack_length is None else max(pack_length, longest)
@@ -144,7 +144,7 @@ def _packed_behind_prefix(
     """Rows of [shared prefix | remainder | remainder | ... | pads]: the prefix is computed once per step.
 
     Why: chat data with a fixed system prompt repeats it in every example (Banking77: 12 of ~40
-    tokens). Unpacked, the loss already runs a shared prefix once per batch (`loop.py`); plain
+    tokens). Unpacked, the loss already runs a shared prefix once per batch (`model/kernels/prefix.py`); plain
     packing would give that up. Here each remainder sits behind one copy of the prefix, its
     positions continuing at P as if the prefix were its own, and attends the prefix plus the
     earlier tokens of its own remainder; `segment_ids` says which is which, and the loss turns it

@@ -5,7 +5,7 @@
     data.train, data.validation                                          # tokenized, ready to batch
     data.report.tokens_per_example.mean                                  # DataReport (data.json keeps it)
 
-Either reads `cfg.path`, or `records` passed in memory (`tunelab.training(cfg, records=[...])`).
+Either reads `cfg.path`, or `records` passed in memory (`tunelab.train(cfg, records=[...])`).
 """
 
 from __future__ import annotations

@@ -95,7 +95,7 @@ def _read_checked(cfg: DataConfig, records: Records | None) -> Report:
         raise_for_errors(report)
     elif cfg.path is None:
         raise TunelabError("no data: the config sets no data.path", fix="set data.path to a data file "
-                           "(relative to the config), or pass records=[...] to tunelab.training")
+                           "(relative to the config), or pass records=[...] to tunelab.train")
     else:
         report = read_checked(cfg.path, cfg.format, input_column=cfg.input_column, output_column=cfg.output_column)
     if report.detected:

@@ -45,9 +45,7 @@ from tunelab.evaluation.compare import RowText, compare, confidence_intervals
 from tunelab.evaluation.forgetting import run_forgetting_check
 from tunelab.evaluation.generate import generate
 from tunelab.evaluation.metrics import score, task_for_metric_setting
-from tunelab.evaluation.result import (
-    Confusion, Contender, EvalResult, FewShot, Generation, Sampling,
-)
+from tunelab.evaluation.result import Confusion, Contender, EvalResult, FewShot, Generation, Sampling
 from tunelab.model.kernels.prefix import IN_PLACE_PREFIX, reads_prefix_in_place, shared_prefix_kv
 from tunelab.model.load import body_and_head
 from tunelab.model.precision import Precision

@@ -22,8 +22,8 @@ the `forgetting` object of eval.json (docs/eval-format.md).
 from __future__ import annotations
 
 import contextlib
-import logging
 import json
+import logging
 import re
 from dataclasses import dataclass
 from importlib import resources

@@ -1,8 +1,8 @@
 """A KV cache with room reserved for the tokens still to come, so decoding writes in place.
 
 transformers' DynamicCache grows by `torch.cat` on every decode step: each step copies the
-whole cache of every layer to append one token. Measured on this 2-core CPU (128 Banking77
-demo prompts, 16 new tokens, SmolLM2): those copies were 0.54 s of a 3.35 s run, 6 GB moved.
+whole cache of every layer to append one token: 0.54 s of a 3.35 s run of 128 Banking77
+demo prompts (2-core AMX VM; docs/benchmarks.md).
 Here each layer's keys and values live in a buffer with `reserve` spare slots; a step
 writes its token into the next slot and hands attention a view of the filled part (the
 CPU flash-attention kernel reads such a strided view as fast as a contiguous tensor).

@@ -28,9 +28,9 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ValidationError
 
+from tunelab.errors import first_problem
 from tunelab.evaluation.compare import ALPHA
 from tunelab.evaluation.result import DISPLAY_NAMES, Comparison, Confusion, EvalResult, Forgetting
-from tunelab.errors import first_problem
 from tunelab.io import write_text_atomic
 
 if TYPE_CHECKING:

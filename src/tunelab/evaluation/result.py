@@ -4,7 +4,7 @@
     result.contenders["finetune"].metrics["accuracy"]    # typed from here on, no .get() guards
     result.write(run_dir / "eval.json")                  # atomically
 
-docs/eval-format.md describes the same fields for people; `tests/evaluate/test_result.py` checks
+docs/eval-format.md describes the same fields for people; `tests/evaluation/test_result.py` checks
 that every field here is named there and that the example in it parses.
 
 Format history: `tunelab-eval/2` dropped the flat `summary` that `/1` carried beside the
@@ -25,7 +25,7 @@ from tunelab.io import write_json_atomic
 FORMAT = "tunelab-eval/2"
 Task = Literal["classification", "structured", "free_text", "preference"]
 Interval = tuple[float, float]  # a 95% interval [low, high]
-# The contenders, as reports and tables name them (evaluate/contenders.py says what each is).
+# The contenders, as reports and tables name them (evaluation/contenders.py says what each is).
 DISPLAY_NAMES = {"finetune": "fine-tune", "base_zero_shot": "base zero-shot", "base_few_shot": "base few-shot"}
 
 

@@ -5,31 +5,30 @@
 Every linear layer of the base except the LM head (tied to the embeddings in most
 small models) is stored quantized; embeddings and norms stay in the compute dtype.
 LoRA weights stay fp32 and are saved in plain PEFT format, so an adapter trained over
-a quantized base loads over the unquantized one (tests/test_quantize.py).
+a quantized base loads over the unquantized one (tests/model/test_quantize.py).
 
     model, tok = load_model(resolved, dtype, quantize=method)    # nf4: quantized while loading
     info = quantize_base(model, method, dtype)                    # int8: quantized here, in place
     console.print(info.describe())                                # method, layers, MB before -> after
 
-Why these two. Measured on a 2-core AMX CPU, SmolLM2-135M, LoRA r16 on all linear
-layers, batch 16 of ~40-token rows, bf16 autocast, against the bf16 base in the same
-run (bench/quantized_base.py --candidates; train speed, eval-forward speed, base weights):
+Why these two. `bench/quantized_base.py --candidates` trains and evaluates each candidate
+against the bf16 base in the same run (int8 kept 0.93x of the bf16 base's training speed
+on the 2-core AMX VM; the table is in docs/benchmarks.md):
 
-    int8 (Int8Linear below)          0.93x train, 0.85x eval, 0.61x weights, first loss +0.00
-    nf4 (bitsandbytes Linear4bit)    0.88x train, 0.78x eval, 0.42x weights, first loss +0.70
-    torchao int8 weight-only         0.86x train, 0.80x eval, 0.61x weights, but keeps a bf16 copy
-                                     of every weight for backward: 422 MB held per step
-    bitsandbytes int8 (Linear8bitLt) 0.72x train, 0.36x eval (LLM.int8 in eval: fp16 math on CPU)
-    HQQ 8-bit                        0.77x train, 0.73x eval; transformers 5.23 cannot load it
-                                     (HqqConfig: "not available yet"), PEFT's 'all-linear'
-                                     does not see HQQLinear, quantizing takes 10-100 s
+    int8 (Int8Linear below)          the fastest, and the bf16 base's first loss
+    nf4 (bitsandbytes Linear4bit)    the smallest weights, a higher first loss
+    torchao int8 weight-only         slower, and keeps a bf16 copy of every weight for backward
+    bitsandbytes int8 (Linear8bitLt) the slowest (LLM.int8 in eval: fp16 math on CPU)
+    HQQ 8-bit                        transformers 5.23 cannot load it (HqqConfig: "not available
+                                     yet"), PEFT's 'all-linear' does not see HQQLinear, and
+                                     quantizing is slow
 
 `Int8Linear` is torchao's arithmetic (int8 weights, one scale per row, matmul in the
 compute dtype) with a backward that re-casts the int8 weight instead of keeping a
 copy: no dependency, one path for training and evaluation. nf4 is bitsandbytes' QLoRA
-format, the standard on CUDA; it also runs on this CPU (with the workaround in
-`quantize_base`) and saves the most, but starts further from the bf16 base on this
-small model (the gap was ~0.1 nats after 8 LoRA steps).
+format, the standard on CUDA; it also runs on CPU (with the workaround in `quantize_base`
+for CPUs with AVX512-BF16) and saves the most, but starts further from the bf16 base on
+this small model (SmolLM2-135M: the gap was ~0.1 nats after 8 LoRA steps).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ A pure function of the evaluation (`EvalResult`, docs/eval-format.md), so the ru
 own: promotion needs the fine-tune significantly better (p < 0.05, delta > 0) than every base
 contender it was compared with (base_zero_shot at least), and no forgetting flagged. Supervised
 runs compare generated answers; preference (DPO) runs compare how often each model prefers the
-chosen answer (evaluate/preference.py); the rule is the same.
+chosen answer (evaluation/preference.py); the rule is the same.
 """
 
 from __future__ import annotations

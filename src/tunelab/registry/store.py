@@ -43,8 +43,8 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.errors import TunelabError
-from tunelab.io import MANIFEST, file_sha256, registry_root
 from tunelab.evaluation.result import EvalResult
+from tunelab.io import MANIFEST, file_sha256, registry_root
 from tunelab.model.template_canary import tokenizer_identity
 from tunelab.registry.gate import GateResult, eval_summary, gate
 from tunelab.rundir import HELD_OUT, Manifest, RunDir, finished
@@ -288,7 +288,7 @@ class Registry:
                 if pointing and not force:
                     raise TunelabError(
                         f"{v.ref} is what {', '.join(f'{name}@{a}' for a in pointing)} points at", where=str(self.root),
-                        fix=f"promote another version or roll back first, or pass --force (which removes the alias)")
+                        fix="promote another version or roll back first, or pass --force (which removes the alias)")
                 # A forced delete removes the alias outright (never a silent move to an older version), and
                 # the deleted version leaves every alias history, so no rollback can land on it.
                 for alias in pointing:

@@ -33,25 +33,16 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from tunelab.model.kernels.attention import NAME as TUNELAB_ATTENTION
 from tunelab.config import LoraConfig
+from tunelab.model.kernels.attention import NAME as TUNELAB_ATTENTION
 from tunelab.model.quantize import weight_bytes
 
-# Activations are multiplied by this. Measured on this project's 2-core AMX CPU (one thread; torch 2.13,
-# transformers 5.23, peft 0.21): SmolLM2-135M-Instruct, bf16 autocast, rows of random tokens with the last
-# 5 trained (no shared prefix), one fresh process per measurement. Measured = RSS after loading and
-# attaching (VmRSS) + the growth of the peak (VmHWM, reset through /proc/self/clear_refs after loading) over
-# one step (forward + backward + AdamW step) + the AdamW moments, which exist during every later step's
-# backward. MB; estimate with CALIBRATION = 1.4 (fixed + batch x per example):
-#   LoRA r16 all-linear, batch  8 x  40 tokens:  333 + 318 + 39 =  690  estimate  918 (1.33x)
-#   LoRA r16 all-linear, batch 16 x  40 tokens:  333 + 1005 + 39 = 1377  estimate 1469 (1.07x)
-#   LoRA r16 all-linear, batch 32 x  40 tokens:  333 + 1948 + 39 = 2320  estimate 2571 (1.11x)
-#   LoRA r16 all-linear, batch  8 x 128 tokens:  333 + 1700 + 39 = 2072  estimate 2238 (1.08x)
-#   LoRA r16 all-linear, batch  2 x 512 tokens:  333 + 2340 + 39 = 2712  estimate 3099 (1.14x)
-#   full tuning,         batch  8 x  40 tokens:  259 + 1476 (to the end of backward) + 1076 = 2811
-#                                                estimate 3481 (1.24x)
-# The formula alone (CALIBRATION = 1) came out at 0.77-0.83x of the measured activations for batches of
-# 16 and more; small batches (8 x 40) measure less per row than larger ones (allocator reuse).
+# Activations are multiplied by this. The formula alone came out below the measured activations for
+# batches of 16 and more; 1.4 puts the estimate above the measured memory of every configuration it was
+# checked against (SmolLM2-135M: LoRA r16 at batches of 2 to 32 rows and 40 to 512 tokens, full tuning at
+# batch 8), by at most 1.33x (2-core AMX VM). Small batches measure less per row than larger ones
+# (allocator reuse), so they get the widest margin. The measurements, and how they were taken, are in
+# docs/benchmarks.md.
 CALIBRATION = 1.4
 
 # Attention implementations that materialise the (heads, T, T) scores; SDPA / flash kernels do not.

@@ -22,7 +22,12 @@ from tunelab.data.pack import pack_summary
 from tunelab.data.read import Records
 from tunelab.errors import TunelabError
 from tunelab.model.kernels.compiled import (
-    LAYER_COMPILE_TOKENS, CompiledKernels, is_llama_layer, restore_eager, use_compiled_kernels, use_compiled_layers,
+    LAYER_COMPILE_TOKENS,
+    CompiledKernels,
+    is_llama_layer,
+    restore_eager,
+    use_compiled_kernels,
+    use_compiled_layers,
 )
 from tunelab.model.load import ResolvedModel, attach_lora, decoder_layers, load_model, resolve_model, unfreeze_all
 from tunelab.model.precision import Precision, choose_precision

@@ -12,10 +12,9 @@ from peft import get_peft_model
 from peft.tuners.lora.dora import DoraLinearLayer
 from torch import nn
 
+from helpers import with_tunelab_layers
 from tunelab.model.kernels.dora import RowNormDoraLayer
 from tunelab.model.load import load_model, resolve_model
-
-from helpers import with_tunelab_layers
 
 IDS = torch.randint(0, 200, (3, 14), generator=torch.Generator().manual_seed(0))
 
@@ -169,7 +168,7 @@ def test_scaled_combine_gradients_are_exact():
     gen = torch.Generator().manual_seed(0)
     base, lora = (torch.randn(2, 3, 5, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(2))
     scale = torch.rand(5, generator=gen, dtype=torch.float64).add(0.5).requires_grad_()
-    assert torch.autograd.gradcheck(lambda b, l, g: _ScaleAdapted.apply(b, l, g, 1.7), (base, lora, scale))
+    assert torch.autograd.gradcheck(lambda b, a, g: _ScaleAdapted.apply(b, a, g, 1.7), (base, lora, scale))
 
 
 def test_bf16_combine_keeps_small_magnitude_changes():

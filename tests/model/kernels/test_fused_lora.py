@@ -12,12 +12,11 @@ from peft import get_peft_model
 from peft.tuners.lora.layer import Linear as LoraLinear
 from torch import nn
 
+from helpers import tunelab_layer_count, with_tunelab_layers
 from tunelab.model.kernels import fused_lora
 from tunelab.model.kernels.fused_lora import FusedLoraLinear
 from tunelab.model.load import load_model, resolve_model
 from tunelab.model.quantize import quantize_base
-
-from helpers import tunelab_layer_count, with_tunelab_layers
 
 
 def _peft_lora(tiny_model_dir, dtype: torch.dtype = torch.float32, dropout: float = 0.0, alpha: float = 8,

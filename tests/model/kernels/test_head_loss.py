@@ -132,8 +132,8 @@ def test_token_loss_sum_keeps_no_logits_for_backward(tiny_model_dir):
     from tunelab.config import LoraConfig
     from tunelab.data.batches import collate
     from tunelab.data.tokenize import IGNORE_INDEX, TokenizedExample
-    from tunelab.model.load import attach_lora
     from tunelab.model import scoring
+    from tunelab.model.load import attach_lora
 
     model = attach_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
                         LoraConfig(rank=4, alpha=8))

@@ -9,6 +9,7 @@ import pytest
 import torch
 from peft.tuners.lora.layer import Linear as LoraLinear
 
+from helpers import REPO, classification_rows
 from tunelab.data.records import Message
 from tunelab.data.tokenize import render_prompt
 from tunelab.evaluation.generate import generate
@@ -19,8 +20,6 @@ from tunelab.model.load import attach_lora, load_adapter, load_model, resolve_mo
 from tunelab.model.precision import choose_precision
 from tunelab.training.setup import setup
 from tunelab.training.step import backward_on
-
-from helpers import REPO, classification_rows
 
 METHODS = {"lora": {}, "dora": {"use_dora": True}, "int8": {"quantize_base": "int8"}}
 

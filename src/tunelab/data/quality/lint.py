@@ -37,8 +37,8 @@ from typing import TYPE_CHECKING
 
 from rich.console import Console
 
-from tunelab.data.quality import overlap
 from tunelab.data.findings import ALL_KINDS, Finding
+from tunelab.data.quality import overlap
 from tunelab.data.quality.near_dup import DEFAULT_THRESHOLD
 from tunelab.data.quality.pii import KINDS as PII_KINDS
 from tunelab.data.quality.pii import PiiMatch, find_pii, masked_excerpt

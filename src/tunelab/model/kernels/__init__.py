@@ -15,7 +15,7 @@
                the last bits of bf16 rounding.
 
 The switch is read where a model is loaded (`model.load`: attention, LoRA layer classes) and where a
-run is set up (`train.setup`: compiled kernels, the loss, the prefix layout).
+run is set up (`training.setup`: compiled kernels, the loss, the prefix layout).
 """
 
 from __future__ import annotations

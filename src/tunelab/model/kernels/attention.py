@@ -3,8 +3,8 @@
 Why write this by hand: transformers' eager attention calls `repeat_kv`, which
 materialises every KV head `num_key_value_groups` times. SmolLM2 has 9 query heads
 on 3 KV heads, so with a 640-token cache and 32 rows each decode step copied 46 MB
-per layer: 70% of the base model's evaluation time on this CPU. SDPA's CPU kernel is
-no better here, and its flash-attention backward is slow for short training rows.
+per layer: most of the base model's evaluation time (70% on the 2-core AMX VM). SDPA's
+CPU kernel is no better here, and its flash-attention backward is slow for short training rows.
 
 Instead, the query heads that share a KV head are stacked along the query axis,
 so one matmul serves the whole group and K/V are read in place:
@@ -17,13 +17,12 @@ It is registered with transformers' AttentionInterface under the name
 "tunelab_gqa" and uses the eager (additive float) mask.
 
 Within `generation_kernels()` (batched generation) it calls torch's SDPA with
-`enable_gqa=True` instead, which also reads K/V in place and fuses the softmax:
-measured on 300 Banking77 prompts at batch 128, 594 -> 647 generated tokens/s (demo
-prompt) and 200 -> 217 (the 77-label prompt). Everything else keeps the matmul form:
-SDPA's CPU backward is slower in training (824 -> 658 tokens/s at batch 32), and a
-loss computed without gradients (validation, DPO's reference log-probs) must round
-exactly like the same loss with them: DPO's rewards are 0 at initialisation only if
-the reference and the policy run the same kernels.
+`enable_gqa=True` instead, which also reads K/V in place and fuses the softmax: on the
+2-core AMX VM it generated faster on both Banking77 prompts. Everything else keeps the
+matmul form: SDPA's CPU backward trained slower there, and a loss computed without
+gradients (validation, DPO's reference log-probs) must round exactly like the same loss
+with them: DPO's rewards are 0 at initialisation only if the reference and the policy
+run the same kernels. The measurements behind these choices are in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -56,8 +55,8 @@ def prefix_in_batch(row: int, column: int, length: int, width: int) -> dict[str,
     covers (prefix | own) keys, under a (B, 1, T, length + T) mask that decides who sees what (the
     prefix's own tokens see only themselves). Gradients reach the prefix through the gather.
     Why: the alternative, a separate forward of the prefix into a KV cache, runs every layer's
-    ~200 kernels a second time for a dozen tokens; on this CPU that pass cost about as much as
-    the 12 x 16 tokens it saved (training, batch 16).
+    ~200 kernels a second time for a dozen tokens; that pass cost about as much as the
+    12 x 16 tokens it saved (training, batch 16, 2-core AMX VM).
     Why a tensor passed as an argument, not a context variable: torch.compile traces a tensor
     argument into the graph (one graph for every batch), but stops at a context variable.
     """
@@ -116,8 +115,9 @@ def _attention_behind_prefix(
         out = (out_p * exp(lse_p - m) + out_s * exp(lse_s - m)) / (exp(lse_p - m) + exp(lse_s - m))
 
     torch's CPU flash kernel is called directly because SDPA does not return the log-sum-exp.
-    Measured on this CPU against the same softmax as matmuls (bf16, 40 rows, 571-token prefix):
-    one decode step 902 -> 558 us per layer, a 36-token prompt pass 28.4 -> 7.6 ms.
+    Faster than the same softmax as matmuls, in decoding and most in the prompt pass (a 36-token
+    prompt pass of 40 rows behind a 571-token prefix: 28.4 -> 7.6 ms, 2-core AMX VM; the decode
+    step is in docs/benchmarks.md).
     """
     b, h, t, d = query.shape
     folded = query.transpose(0, 1).reshape(1, h, b * t, d)  # (1, H, B*T, D): every row's queries, one sequence

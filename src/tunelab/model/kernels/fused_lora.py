@@ -4,9 +4,9 @@ PEFT adds a LoRA adapter to a layer's output as `result + lora_B(lora_A(x)) * sc
 forward, the rank-r product writes a new output-sized tensor, the scaling reads and
 writes it again and the sum a third time; backward, autograd repeats that pattern (a
 scaled copy of the gradient, then the input gradient of the adapter as a new tensor
-added to the base's). The adapter's own arithmetic is ~3% of the layer's, yet on this
-CPU those passes made an adapted layer of SmolLM2 cost about twice the frozen base
-layer alone (batch 16, q_proj fwd+bwd: 1.16 ms base, 2.37 ms with PEFT's adapter).
+added to the base's). The adapter's own arithmetic is ~3% of the layer's, yet those
+passes made an adapted layer of SmolLM2 cost about twice the frozen base layer alone
+(2-core AMX VM; the timing is in docs/benchmarks.md).
 
 `_AddLora` does the same arithmetic with the scaling folded into B (an r-wide matrix)
 and the sum done by the matrix product itself (`addmm_` into the base output):
@@ -30,7 +30,7 @@ no variant (except tunelab's DoRA with its kernels compiled, which goes to the o
 no bias on B, not merged. Anything else takes PEFT's own forward. Parameters, adapter
 files and merging stay PEFT's. PEFT's bitsandbytes `Linear4bit` (QLoRA) gets `_AddLora` too.
 PEFT has no such path (its forward is written for every variant at once), hence this
-module. `tests/test_fused_lora.py` checks outputs and gradients against PEFT's forward.
+module. `tests/model/kernels/test_fused_lora.py` checks outputs and gradients against PEFT's forward.
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ from typing import Any
 
 import torch
 from peft.tuners.lora.layer import Linear as LoraLinear
-from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.tuners.lora.variants import DoraLinearVariant
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from tunelab.model.kernels.dora import RowNormDoraLayer, RowNormDoraVariant

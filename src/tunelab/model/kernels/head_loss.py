@@ -18,13 +18,12 @@ dependency would be a Triton (GPU) package.
 Numerics: the same products and casts as the plain path (logits rounded to the compute dtype, the
 softmax in fp32, the logit gradient rounded to the compute dtype before its product with the head);
 the loss's incoming gradient is applied after the product rather than before it, one more rounding
-of the (N, d) gradient. `tests/test_head_loss.py` checks it against the plain path and, in fp64,
+of the (N, d) gradient. `tests/model/kernels/test_head_loss.py` checks it against the plain path and, in fp64,
 against finite differences.
 
-Measured on the 2-core AMX CPU (SmolLM2, bf16, 100-140 trained tokens, head forward + backward): the
-plain path takes 22-31 ms (29-45 ms the first time a size is seen), this one 17-27 ms. Training speed is
-unchanged within the machine's noise; peak RSS of the benchmark's LoRA side 1,428 -> 1,387 MB, and of a
-step of 16 x 128 tokens all trained ~3.78 -> ~2.36 GB (docs/benchmarks.md).
+What it buys is memory. On the 2-core AMX VM the head was no slower than the plain path and training
+speed did not move beyond noise, while a step of 16 x 128 tokens, all trained, peaked at ~2.36 GB
+instead of ~3.78 GB. The timings and peaks are in docs/benchmarks.md.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ once, and every row's attention reads them. Where each piece lives:
     forward     `body_hidden` below: the one function every loss and score calls (three ways, below)
     attention   kernels/attention.py: `prefix_in_batch` (training: the prefix's keys prepended to every
                 row's), `behind_shared_prefix` (no gradients: a precomputed prefix read in place)
-    generation  evaluate/generate.py: the prefix's KV cache built once, copied into rows when short,
+    generation  evaluation/generate.py: the prefix's KV cache built once, copied into rows when short,
                 read in place when at least IN_PLACE_PREFIX = 128 tokens long
 
 `body_hidden(body, batch, prefix_kv)` returns the hidden states of positions P..T-1 and takes one of:

@@ -1,9 +1,9 @@
 """What a training objective is: the one interface SFT and DPO implement, and the recipe calls.
 
-Everything that differs between objectives lives behind it, so the recipe (`train/recipe.py`),
+Everything that differs between objectives lives behind it, so the recipe (`training/recipe.py`),
 the setup and the plan hold no `if objective == ...`; adding one (KTO, ORPO) means one new module.
 
-    objective = objective_for(cfg, shard=False)       # train/objectives/__init__.py: the one choice
+    objective = objective_for(cfg, shard=False)       # training/objectives/__init__.py: the one choice
     data = objective.prepare(cfg.data, tokenizer, val_rows, records)
     batch = objective.collate(data.train[:16], pad_id)
     loss_sum, stats = objective.loss(model, batch)     # a SUM: the step divides by its loss units

@@ -29,11 +29,11 @@ from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tunelab.config import DataConfig, EvalConfig
+from tunelab.data.batches import Batch
 from tunelab.data.pairs import PairBatch, TokenizedPair, collate_pairs
 from tunelab.data.prepare import PreparedPairs, prepare_preference_data, split_pairs
 from tunelab.data.read import Records, read_preference_pairs
 from tunelab.data.records import PreferencePair
-from tunelab.data.batches import Batch
 from tunelab.errors import TunelabError
 from tunelab.evaluation.result import EvalResult
 from tunelab.model.precision import Precision

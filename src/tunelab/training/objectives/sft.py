@@ -5,7 +5,7 @@
 
 The LM head runs only where a token is trained. Validation reports the mean loss per trained
 token and the token accuracy; the held-out evaluation generates an answer per test row for the
-fine-tune, the base zero-shot and the base few-shot (evaluate/contenders.py).
+fine-tune, the base zero-shot and the base few-shot (evaluation/contenders.py).
 """
 
 from __future__ import annotations
