@@ -26,9 +26,9 @@ def test_smollm2_two_steps_on_banking77(tmp_path):
     from tunelab.data.tokenize import IGNORE_INDEX, render_prompt, tokenize_conversations
     from tunelab.evaluation.generate import generate
     from tunelab.model.load import resolve_model, tunelab_home
+    from tunelab.model.precision import choose_precision
     from tunelab.pipeline import run_pipeline
     from tunelab.rundir import load_run
-    from tunelab.model.precision import choose_precision
 
     resolved = resolve_model("smollm2-135m-instruct")
     assert resolved.path.is_relative_to(tunelab_home())  # converted into the test's home, not ~/.cache
@@ -41,7 +41,7 @@ def test_smollm2_two_steps_on_banking77(tmp_path):
         "train.val_rows": 8, "eval.max_rows": 8, "output_dir": str(tmp_path / "runs"),
     })
     summary = run_pipeline(cfg)
-    run = Path(summary["run_dir"])
+    run = Path(summary.run_dir)
 
     # the run directory is whole
     assert files_of(run) == expected_files(run)
@@ -51,8 +51,9 @@ def test_smollm2_two_steps_on_banking77(tmp_path):
     steps = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
     assert [s["step"] for s in steps] == [1, 2]
     assert all(math.isfinite(s["loss"]) for s in steps)
-    assert summary["train_rows"] == rows and summary["test_rows"] == 8
-    assert summary["task"] == "classification" and 0.0 <= summary["accuracy"] <= 1.0
+    assert summary.train_rows == rows and summary.test_rows == 8
+    assert summary.task == "classification" and summary.metric == "accuracy"
+    assert 0.0 <= summary.contenders["finetune"].value <= 1.0
 
     # the full report: three contenders on the same rows, comparisons, the forgetting probe, plots
     report = json.loads((run / "eval.json").read_text())
@@ -70,7 +71,7 @@ def test_smollm2_two_steps_on_banking77(tmp_path):
 
     # the fine-tune loads back and answers
     model, tokenizer, loaded_cfg = load_run(run)
-    assert loaded_cfg.model == "smollm2-135m-instruct"
+    assert loaded_cfg.model.name == "smollm2-135m-instruct"
     conv = Conversation((Message("system", "Classify the intent."), Message("user", "Where is my card?"),
                          Message("assistant", "card_arrival")), "doc")
     ids = render_prompt(tokenizer, conv.prompt_messages)
