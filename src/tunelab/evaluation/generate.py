@@ -18,7 +18,7 @@ Everything else is the plain algorithm:
     token (the end-of-turn) or `max_new_tokens` is reached. Rows are grouped by
     length so little work goes to padding; results come back in input order.
     The prompt pass runs on smaller runs of similar length than decoding does
-    (`_prefill`): decoding gains from many rows per step, the prompt pass only
+    (`prefill`): decoding gains from many rows per step, the prompt pass only
     pays for their padding.
 
 Each step's token is the argmax (temperature 0, the default) or a draw from the
@@ -62,7 +62,7 @@ from tunelab.model.precision import Precision
 # (IN_PLACE_PREFIX; the 77-label prompt, ~36 of ~607 tokens: 128 rows, where with the prefix copied it was 39).
 AUTO_TOKEN_BUDGET = 24_576  # rows x (longest cached prompt part in the batch + max_new_tokens)
 AUTO_MAX_ROWS = 128
-PREFILL_MAX_PADDING = 128  # padding tokens a prompt-pass chunk may carry before a new chunk starts (see _prefill)
+PREFILL_MAX_PADDING = 128  # padding tokens a prompt-pass chunk may carry before a new chunk starts (see prefill)
 
 
 @dataclass(frozen=True)
@@ -271,7 +271,7 @@ def _left_padded(suffixes: list[list[int]], width: int, pad_id: int) -> tuple[to
     return ids, mask
 
 
-def _prefill(
+def prefill(
     body: torch.nn.Module,
     head: torch.nn.Module,
     config: PretrainedConfig,
@@ -282,6 +282,7 @@ def _prefill(
     pad_id: int,
     precision: Precision,
     reserve: int,  # decode steps to come: slots kept free in every layer's cache (see kv_cache)
+    each_chunk: Callable[[range], contextlib.AbstractContextManager] | None = None,  # around each chunk's forward
 ) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
     """The prompt pass: (KV cache of the whole batch, first-token logits (B, vocab), attention mask (B, C + W)).
 
@@ -308,7 +309,8 @@ def _prefill(
             cache.batch_repeat_interleave(len(chunk))
         else:
             cache = DynamicCache(config=config)
-        with precision.autocast():
+        # The server says here which adapter each row of this chunk uses (serve/multi_lora.py).
+        with precision.autocast(), each_chunk(rows) if each_chunk else contextlib.nullcontext():
             hidden = body(
                 input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True
             ).last_hidden_state  # (b, w, H)
@@ -346,7 +348,7 @@ def _generate_batch(
     config: PretrainedConfig,
     suffixes: list[list[int]],  # sorted by length, shortest first (`prefill_chunks` groups neighbours)
     prefix_len: int,
-    cached_prefix: int,  # see _prefill
+    cached_prefix: int,  # see prefill
     prefix_cache: DynamicCache | None,
     max_new_tokens: int,
     stop_ids: set[int],
@@ -357,7 +359,7 @@ def _generate_batch(
     generators: list[torch.Generator] | None,  # one per row of `suffixes` when sampling, else None
 ) -> list[tuple[list[int], bool]]:
     b = len(suffixes)
-    cache, logits, mask = _prefill(body, head, config, suffixes, prefix_len, cached_prefix, prefix_cache, pad_id,
+    cache, logits, mask = prefill(body, head, config, suffixes, prefix_len, cached_prefix, prefix_cache, pad_id,
                                    precision, reserve=max_new_tokens)
     positions = torch.tensor([[prefix_len + len(s) - 1] for s in suffixes])  # (B, 1): each row's last prompt token
 
