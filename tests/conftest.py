@@ -163,3 +163,34 @@ def trained_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
         summary = tunelab.pipeline.run_pipeline(cfg)
     (result,) = captured
     return TrainedRun(summary, result, cfg)
+
+
+# name -> (lora config, seed of its random weights): two ranks, and one adapter on q/v only.
+ADAPTERS = {
+    "r4": ({"rank": 4, "alpha": 8}, 1),
+    "r8": ({"rank": 8, "alpha": 8}, 2),
+    "qv": ({"rank": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}, 3),
+}
+
+
+@pytest.fixture(scope="session")
+def adapter_runs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Three finished tiny runs whose adapters change the answers (serving tests): two ranks, two target sets.
+
+    Trained for one short epoch (so each run is whole), then given random weights: LoRA's B starts at zero,
+    and a barely trained adapter would answer like the base, hiding a request served with the wrong adapter.
+    """
+    import tunelab as tl
+    from serving import randomize_adapter
+
+    folder = tmp_path_factory.mktemp("adapters")
+    csv_path = write_csv(folder / "intents.csv", classification_rows())
+    runs = {}
+    for name, (lora, seed) in ADAPTERS.items():
+        cfg = make_run_config(tiny_model_dir, csv_path, folder / name, lora=lora, train={"epochs": 1, "val_rows": 0})
+        run = tl.train(cfg)
+        randomize_adapter(run.path, seed)
+        runs[name] = run.path
+    return runs
+
+

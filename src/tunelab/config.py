@@ -337,3 +337,35 @@ def _set_dotted(raw: dict, dotted: str, value: object) -> None:
             where = ".".join(parents[: depth + 1])
             raise TunelabError(f"--set {dotted}: '{where}' is not a section", fix="set a key that exists, e.g. train.epochs")
     node[leaf] = value
+
+
+class ServeConfig(_Strict):
+    """`tunelab serve`: one base model and many adapters behind an OpenAI-compatible API (tunelab/serve/)."""
+
+    host: str = Field("127.0.0.1", description="Address to bind; 127.0.0.1 serves this machine only.")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0: any free port, printed at start).")
+    base: str = Field(DEFAULT_MODEL, description="The base every adapter runs on (a name, HF folder or .gguf).")
+    models: list[str] = Field(
+        default_factory=list, description="What to serve besides the base: registry references (name, name@3, "
+        "name@production) and run directories. Empty: every model in the registry."
+    )
+    max_batch_rows: int = Field(32, ge=1, description="Requests decoded together in one step.")
+    token_budget: int = Field(1024, ge=16, description="Prompt tokens computed per step beside the decodes "
+                              "(one prompt always fits): bounds the pause a new request causes to running ones.")
+    max_lora_rank: int = Field(16, ge=1, description="Every adapter slot is this rank; a higher rank is refused.")
+    max_adapters: int = Field(8, ge=1, description="Adapters held in memory at once; idle ones are evicted LRU.")
+    max_adapters_per_step: int = Field(8, ge=1, description="Distinct adapters in one batch; others wait.")
+    queue_size: int = Field(64, ge=1, description="Requests waiting for a batch row; beyond it, 429.")
+    max_prompt_tokens: int = Field(4096, ge=1, description="A longer prompt is a 400 naming this limit.")
+    max_tokens: int = Field(1024, ge=1, description="The largest max_tokens a request may ask for (400 above).")
+    default_max_tokens: int = Field(256, ge=1, description="max_tokens when a chat request does not set it.")
+    max_body_bytes: int = Field(4 << 20, ge=1024, description="A larger request body is a 400.")
+    request_timeout: float = Field(600.0, gt=0, description="Seconds a request may take in all; then it is cancelled.")
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="As train.precision: decided from the CPU.")
+    lora_kernel: Literal["grouped", "masked", "gathered"] = Field(
+        "grouped", description="How rows of different adapters are computed together (serve/multi_lora.py); "
+        "bench/lora_kernels.py measures each on this CPU."
+    )
+    threads: int | None = Field(None, ge=1, description="torch threads for the engine; None: torch's default.")
+    api_keys: list[str] = Field(default_factory=list, description="Accepted bearer keys; empty: no key checked "
+                                "(then binding beyond 127.0.0.1 prints a warning).")

@@ -1,0 +1,1 @@
+"""Serve fine-tunes behind an OpenAI-compatible API."""

@@ -1,0 +1,375 @@
+"""The OpenAI-compatible HTTP API: routes, admission, chat template, tokens to text, streaming.
+
+    GET  /v1/models, /v1/models/{id}     the base and every servable adapter (serve/catalog.py)
+    POST /v1/chat/completions            messages -> the model's chat template -> the engine
+    POST /v1/completions                 a raw prompt -> the engine
+    GET  /health, /metrics               liveness; Prometheus text (serve/metrics.py)
+
+Everything a client sends is checked here, in this order, so the cheap refusals come first and an
+overloaded server spends nothing on a request it cannot take: the API key, the body's size, the
+queue (429 with Retry-After), the body's fields (400 naming each problem, never FastAPI's 422),
+the model (404), the prompt's length and max_tokens (400 naming the limit). Errors have OpenAI's
+shape (`{"error": {"message", "type", "param", "code"}}`, serve/protocol.py); no input gives a 500.
+The engine runs on its own thread (serve/engine.py); requests talk to it through `Request.on_event`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from tunelab.config import ServeConfig
+from tunelab.data.records import Message
+from tunelab.data.tokenize import render_prompt
+from tunelab.serve import engine as eng
+from tunelab.serve.catalog import Catalog, NotServable, Servable, UnknownModel
+from tunelab.serve.metrics import ServeMetrics
+from tunelab.serve.protocol import (
+    SSE_DONE,
+    ApiError,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    Completion,
+    CompletionRequest,
+    Model,
+    ModelList,
+    Usage,
+    new_id,
+    sse,
+    validation_error,
+)
+from tunelab.serve.text import TextPieces
+
+log = logging.getLogger("tunelab.serve")
+RETRY_AFTER_S = 1.0  # what a 429 asks the client to wait: about the time a few rows take to finish
+
+
+@dataclass
+class ServerState:
+    cfg: ServeConfig
+    engine: eng.Engine
+    catalog: Catalog
+    metrics: ServeMetrics
+    max_model_len: int  # positions the base model has: prompt + answer must fit
+    authenticate: Callable[[Request], None] | None = None  # raises ApiError(401); None: cfg.api_keys decides
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One request on its way to the engine, after every check passed."""
+
+    name: str  # as the request said it (echoed back)
+    servable: Servable
+    prompt: list[int]
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    seed: int | None
+    stops: list[str]
+
+
+def create_app(state: ServerState) -> FastAPI:
+    app = FastAPI(title="tunelab", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.tunelab = state
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        error = validation_error(exc.errors())
+        return JSONResponse(error.body(), status_code=error.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = "unknown_url" if exc.status_code == 404 else None  # as OpenAI answers an unknown path
+        body = {"error": {"message": str(exc.detail), "type": "invalid_request_error", "param": None, "code": code}}
+        return JSONResponse(body, status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _bug(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        error = ApiError.server_error(f"internal error: {type(exc).__name__}")
+        return JSONResponse(error.body(), status_code=error.status)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "running": state.engine.running(), "waiting": state.engine.waiting()}
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def list_models(request: Request) -> dict:
+        _authenticate(state, request)
+        listed = await asyncio.to_thread(state.catalog.listed)
+        return ModelList(data=[_model_card(state, name, created) for name, created in listed]).model_dump()
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str, request: Request) -> dict:
+        _authenticate(state, request)
+        servable = await _resolve(state, model_id)
+        return _model_card(state, model_id, servable.created).model_dump()
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await _admitted_body(state, request)
+        params = _parse(ChatCompletionRequest, body)
+        servable = await _resolve(state, params.model)
+        messages = [Message("system" if m.role == "developer" else m.role, m.text()) for m in params.messages]
+        if servable.system_prompt and messages[0].role != "system":
+            messages.insert(0, Message("system", servable.system_prompt))  # as in training (data/read.py)
+        try:
+            prompt = render_prompt(servable.tokenizer, messages)  # the template, exactly as training rendered it
+        except Exception as exc:  # the template refused this conversation (e.g. roles it does not allow)
+            raise ApiError.bad_request(f"the model's chat template cannot render these messages: {exc}",
+                                       param="messages") from None
+        job = _job(state, params.model, servable, list(prompt), params.max_new_tokens(state.cfg.default_max_tokens),
+                   params, "max_completion_tokens" if params.max_completion_tokens is not None else "max_tokens")
+        include_usage = bool(params.stream_options and params.stream_options.include_usage)
+        if params.stream:
+            return _stream(state, job, chat=True, include_usage=include_usage)
+        return await _complete(state, job, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await _admitted_body(state, request)
+        params = _parse(CompletionRequest, body)
+        servable = await _resolve(state, params.model)
+        text = params.prompt if isinstance(params.prompt, str) else params.prompt[0]
+        prompt = servable.tokenizer(text)["input_ids"]
+        if not prompt:
+            raise ApiError.bad_request("the prompt is empty", param="prompt")
+        job = _job(state, params.model, servable, list(prompt), params.max_tokens if params.max_tokens is not None
+                   else 16, params, "max_tokens")
+        include_usage = bool(params.stream_options and params.stream_options.include_usage)
+        if params.stream:
+            return _stream(state, job, chat=False, include_usage=include_usage)
+        return await _complete(state, job, chat=False)
+
+    return app
+
+
+# ---------------------------------------------------------------------- checks, in the order they run
+def _authenticate(state: ServerState, request: Request) -> None:
+    if state.authenticate is not None:
+        state.authenticate(request)
+        return
+    if not state.cfg.api_keys:
+        return
+    given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+    if not any(hmac.compare_digest(given.encode(), key.encode()) for key in state.cfg.api_keys):
+        raise ApiError(401, "Incorrect API key provided.", "invalid_request_error", code="invalid_api_key")
+
+
+async def _admitted_body(state: ServerState, request: Request) -> object:
+    """The request's JSON, after the key, the size and the queue have let it in."""
+    _authenticate(state, request)
+    limit = state.cfg.max_body_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError.bad_request(f"the request body has {declared} bytes, over the limit of {limit}")
+    if state.engine.queue_full():
+        state.metrics.rejected.inc()
+        raise ApiError.too_many_requests(RETRY_AFTER_S)
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > limit:
+            raise ApiError.bad_request(f"the request body is over the limit of {limit} bytes")
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ApiError.bad_request(f"the request body is not valid JSON: {exc}") from None
+
+
+def _parse(model: type[BaseModel], body: object):
+    if not isinstance(body, dict):
+        raise ApiError.bad_request("the request body must be a JSON object")
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        raise validation_error(exc.errors()) from None
+
+
+async def _resolve(state: ServerState, name: str) -> Servable:
+    try:
+        # Reads the registry (SQLite) and, the first time, the adapter's files: off the event loop.
+        return await asyncio.to_thread(state.catalog.resolve, name)
+    except UnknownModel:
+        raise ApiError.model_not_found(name) from None
+    except NotServable as exc:
+        raise ApiError.bad_request(f"the model `{name}` cannot be served: {exc}", param="model",
+                                   code="model_not_servable") from None
+
+
+def _job(state: ServerState, name: str, servable: Servable, prompt: list[int], max_new_tokens: int, params,
+         max_param: str) -> _Job:
+    cfg = state.cfg
+    if len(prompt) > cfg.max_prompt_tokens:
+        raise ApiError.bad_request(f"the prompt has {len(prompt)} tokens, over the server's limit of "
+                                   f"{cfg.max_prompt_tokens} (max_prompt_tokens)", param="messages")
+    if max_new_tokens > cfg.max_tokens:
+        raise ApiError.bad_request(f"{max_param} {max_new_tokens} is over the server's limit of {cfg.max_tokens}",
+                                   param=max_param)
+    if len(prompt) + max_new_tokens > state.max_model_len:
+        raise ApiError.bad_request(f"the prompt ({len(prompt)} tokens) plus {max_param} ({max_new_tokens}) is over "
+                                   f"the model's context of {state.max_model_len} tokens", param=max_param)
+    temperature = 1.0 if params.temperature is None else params.temperature  # OpenAI's default is 1
+    top_p = 1.0 if params.top_p is None else params.top_p
+    return _Job(name, servable, prompt, max_new_tokens, temperature, top_p, params.seed, params.stop_list)
+
+
+# ---------------------------------------------------------------------- running a request
+@dataclass
+class _Submitted:
+    request: eng.Request
+    queue: asyncio.Queue
+    deadline: float  # loop time
+
+
+def _submit(state: ServerState, job: _Job) -> _Submitted:
+    """Hand the job to the engine (429 when its queue is full); before any response has started."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[eng.Event] = asyncio.Queue()
+
+    def on_event(event: eng.Event) -> None:  # on the engine thread
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening any more
+            loop.call_soon_threadsafe(queue.put_nowait, event)
+
+    request = eng.Request(job.prompt, job.servable.adapter, job.max_new_tokens, job.servable.stop_token_ids,
+                          on_event, job.temperature, job.top_p, job.seed)
+    try:
+        state.engine.submit(request)
+    except eng.QueueFull:
+        state.metrics.rejected.inc()
+        raise ApiError.too_many_requests(RETRY_AFTER_S) from None
+    return _Submitted(request, queue, loop.time() + state.cfg.request_timeout)
+
+
+async def _events(state: ServerState, submitted: _Submitted) -> AsyncIterator[eng.Event]:
+    """The engine's events for a submitted job, until it finishes; cancels the engine's row when the caller
+    stops listening (a disconnected client, a stop string) or the request times out."""
+    loop = asyncio.get_running_loop()
+    try:
+        while True:
+            try:
+                left = max(0.0, submitted.deadline - loop.time())
+                event = await asyncio.wait_for(submitted.queue.get(), timeout=left)
+            except TimeoutError:
+                yield eng.Failed(f"the request took longer than request_timeout ({state.cfg.request_timeout:g} s)",
+                                 408)
+                return
+            yield event
+            if not isinstance(event, eng.Tokens):
+                return
+    finally:
+        submitted.request.cancelled = True  # a no-op once finished; else the engine frees the row at its next step
+
+
+async def _complete(state: ServerState, job: _Job, chat: bool) -> dict:
+    pieces = TextPieces(job.servable.tokenizer, job.stops)
+    started = time.monotonic()
+    timer = state.metrics.request_timer(job.name)
+    finished: eng.Finished | None = None
+    # aclosing: leaving early (a stop string) runs _events' `finally`, which frees the engine's row at once
+    async with contextlib.aclosing(_events(state, _submit(state, job))) as events:
+        async for event in events:
+            if isinstance(event, eng.Tokens):
+                timer.tokens(len(event.ids))
+                pieces.add(event.ids)
+                if pieces.stopped:
+                    break
+            elif isinstance(event, eng.Finished):
+                finished = event
+            else:
+                timer.done("error")
+                raise ApiError(event.status, event.message, "server_error")
+    text = pieces.text
+    reason = "stop" if pieces.stopped or finished is None else finished.reason
+    completion_tokens = len(pieces.ids)
+    usage = Usage(prompt_tokens=len(job.prompt), completion_tokens=completion_tokens,
+                  total_tokens=len(job.prompt) + completion_tokens)
+    timer.done(reason)
+    created = int(time.time())
+    log.debug("%s: %d tokens in %.2f s", job.name, completion_tokens, time.monotonic() - started)
+    if chat:
+        return ChatCompletion(
+            id=new_id("chatcmpl-"), created=created, model=job.name,
+            choices=[{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason}],
+            usage=usage,
+        ).model_dump()
+    return Completion(id=new_id("cmpl-"), created=created, model=job.name,
+                      choices=[{"index": 0, "text": text, "finish_reason": reason}], usage=usage).model_dump()
+
+
+def _stream(state: ServerState, job: _Job, chat: bool, include_usage: bool) -> StreamingResponse:
+    """Server-sent events: one chunk per piece of text, a last chunk with the finish reason, the usage chunk
+    when asked for (`stream_options.include_usage`), then `data: [DONE]`."""
+    response_id, created = new_id("chatcmpl-" if chat else "cmpl-"), int(time.time())
+    submitted = _submit(state, job)  # a full queue is still a 429, not a stream that fails
+
+    def chunk(text: str | None, reason: str | None, first: bool = False) -> str:
+        if chat:
+            delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text is not None else {})
+            return sse(ChatCompletionChunk(id=response_id, created=created, model=job.name,
+                                           choices=[{"index": 0, "delta": delta, "finish_reason": reason}]))
+        return sse(Completion(id=response_id, created=created, model=job.name,
+                              choices=[{"index": 0, "text": text or "", "finish_reason": reason}]))
+
+    async def body() -> AsyncIterator[str]:
+        pieces = TextPieces(job.servable.tokenizer, job.stops)
+        timer = state.metrics.request_timer(job.name)
+        reason = "stop"
+        if chat:
+            yield chunk(None, None, first=True)
+        async with contextlib.aclosing(_events(state, submitted)) as events:
+            async for event in events:
+                if isinstance(event, eng.Tokens):
+                    timer.tokens(len(event.ids))
+                    piece = pieces.add(event.ids)
+                    if piece:
+                        yield chunk(piece, None)
+                    if pieces.stopped:
+                        break
+                elif isinstance(event, eng.Finished):
+                    reason = event.reason
+                else:  # headers are gone: the error travels as an event, as OpenAI's stream does
+                    timer.done("error")
+                    yield sse(ApiError(event.status, event.message, "server_error").body())
+                    yield SSE_DONE
+                    return
+        rest = pieces.flush()
+        if rest:
+            yield chunk(rest, None)
+        yield chunk(None, "stop" if pieces.stopped else reason)
+        timer.done(reason)
+        if include_usage:
+            usage = Usage(prompt_tokens=len(job.prompt), completion_tokens=len(pieces.ids),
+                          total_tokens=len(job.prompt) + len(pieces.ids))
+            cls = ChatCompletionChunk if chat else Completion
+            yield sse(cls(id=response_id, created=created, model=job.name, choices=[], usage=usage))
+        yield SSE_DONE
+
+    return StreamingResponse(body(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _model_card(state: ServerState, name: str, created: int) -> Model:
+    base = state.catalog.base_name
+    return Model(id=name, created=created, owned_by="tunelab", parent=None if name == base else base, root=base)

@@ -1,0 +1,154 @@
+"""Many LoRA adapters in one batch: each row of a forward pass uses its own adapter, or none.
+
+Every linear layer an adapter may target is wrapped once, at server start, in a `MultiLoraLinear`
+that holds the base layer and a table of adapter slots:
+
+    A: (in, S, R)   slot s's down-projection in A[:, s]; R is the largest rank served, and a
+                    smaller rank is padded with zero columns, which adds exactly nothing
+    B: (S, R, out)  slot s's up-projection with its scale (alpha / r) folded in; zero rows pad
+
+    slot 0 holds zeros: the base model. A slot whose adapter does not target this layer holds zeros too.
+
+    y = x W^T + ((x A_s) B_s)   for each row, s = that row's slot; the r-wide middle in fp32
+
+Which slot each row uses is set once per forward by the engine (`rows_use`), not passed through
+transformers' forward signature: the model's own forward stays untouched. The grouping of rows by
+slot is computed once per step there, and read by all (layers x 7) wrapped linears.
+
+How the adapters' part is computed is a choice between equivalent arithmetics (`KERNELS`), chosen
+by `bench/lora_kernels.py` on this class of CPU (docs/benchmarks.md has the numbers):
+
+    grouped   for each adapter in the batch: its rows' x, times A_s, times B_s, added to their rows
+    masked    every row through all slots at once (x A_all), the other slots' columns zeroed, times B_all
+    gathered  each row's own A and B gathered into a (rows, in, R) batch and multiplied (vLLM's CPU path)
+
+The base rows are never touched by any of them (grouped skips slot 0; masked and gathered multiply by
+slot 0's zeros): a base request batched next to adapter requests gets exactly the base's answer
+(vLLM PR #48421 is the bug where it did not).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+LoraKernel = Literal["grouped", "masked", "gathered"]
+KERNELS: tuple[str, ...] = ("grouped", "masked", "gathered")
+
+
+@dataclass(frozen=True)
+class RowSlots:
+    """Which adapter slot each row of the current forward uses; grouped once for all layers."""
+
+    slots: torch.Tensor  # (B,) long; 0 = the base model
+    groups: tuple[tuple[int, torch.Tensor | None], ...]  # (slot, its rows) per adapter slot in use; None: all rows
+    kernel: LoraKernel
+
+    @classmethod
+    def of(cls, slots: list[int], kernel: LoraKernel = "grouped") -> RowSlots:
+        tensor = torch.tensor(slots, dtype=torch.long)
+        used = sorted(set(slots) - {0})
+        if len(used) == 1 and 0 not in slots:
+            groups: tuple[tuple[int, torch.Tensor | None], ...] = ((used[0], None),)
+        else:
+            groups = tuple((s, (tensor == s).nonzero().squeeze(1)) for s in used)
+        return cls(tensor, groups, kernel)
+
+
+_ROWS: contextvars.ContextVar[RowSlots | None] = contextvars.ContextVar("tunelab_lora_rows", default=None)
+
+
+@contextlib.contextmanager
+def rows_use(rows: RowSlots | None) -> Iterator[None]:
+    """Within this block, row i of every forward pass uses adapter slot `rows.slots[i]`."""
+    token = _ROWS.set(rows)
+    try:
+        yield
+    finally:
+        _ROWS.reset(token)
+
+
+class MultiLoraLinear(nn.Module):
+    """A base linear layer plus a table of adapter slots; see the module docstring for the layout."""
+
+    def __init__(self, base: nn.Linear, slots: int, rank: int) -> None:
+        super().__init__()
+        self.base = base
+        in_features, out_features = base.in_features, base.out_features
+        # Buffers, not parameters: never trained here, and not part of any state dict a user saves.
+        self.register_buffer("lora_a", torch.zeros(in_features, slots, rank), persistent=False)  # (in, S, R)
+        self.register_buffer("lora_b", torch.zeros(slots, rank, out_features), persistent=False)  # (S, R, out)
+        self.filled: set[int] = set()  # slots whose adapter targets this layer (others are zeros)
+
+    def write_slot(self, slot: int, a: torch.Tensor | None, b_scaled: torch.Tensor | None) -> None:
+        """Put one adapter's (r, in) A and (out, r) B (scale already folded in) into `slot`; None clears it."""
+        self.lora_a[:, slot].zero_()
+        self.lora_b[slot].zero_()
+        self.filled.discard(slot)
+        if a is None or b_scaled is None:
+            return
+        r = a.shape[0]
+        self.lora_a[:, slot, :r] = a.t().float()
+        self.lora_b[slot, :r] = b_scaled.t().float()
+        self.filled.add(slot)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        rows = _ROWS.get()
+        if rows is None or not self.filled or not any(slot in self.filled for slot, _ in rows.groups):
+            return y
+        with torch.autocast(x.device.type, enabled=False):  # the r-wide middle in fp32, whatever the base computes in
+            delta = _DELTA[rows.kernel](x.float(), self.lora_a, self.lora_b, rows)
+        if rows.kernel == "grouped" and isinstance(delta, list):
+            for idx, part in delta:
+                if idx is None:
+                    y = y + part.to(y.dtype)
+                else:
+                    y = y.index_add(0, idx, part.to(y.dtype))
+            return y
+        return y + delta.to(y.dtype)
+
+
+def _grouped(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rows: RowSlots):
+    """[(rows, (b, T, out) delta)] for each adapter slot in the batch."""
+    parts = []
+    for slot, idx in rows.groups:
+        xs = x if idx is None else x.index_select(0, idx)  # (b, T, in)
+        parts.append((idx, (xs @ a[:, slot]) @ b[slot]))
+    return parts
+
+
+def _masked(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rows: RowSlots) -> torch.Tensor:
+    """(B, T, out): x through every slot's A at once, all but the row's own slot zeroed, through every B."""
+    in_features, slots, rank = a.shape
+    h = x @ a.reshape(in_features, slots * rank)  # (B, T, S*R)
+    keep = torch.zeros(x.shape[0], slots, rank, dtype=h.dtype, device=h.device)
+    keep[torch.arange(x.shape[0]), rows.slots] = 1.0
+    return (h * keep.reshape(x.shape[0], 1, slots * rank)) @ b.reshape(slots * rank, -1)
+
+
+def _gathered(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rows: RowSlots) -> torch.Tensor:
+    """(B, T, out): each row's own (in, R) and (R, out) gathered, then batched matmuls."""
+    a_rows = a.permute(1, 0, 2)[rows.slots]  # (B, in, R)
+    return torch.bmm(torch.bmm(x, a_rows), b[rows.slots])
+
+
+_DELTA = {"grouped": _grouped, "masked": _masked, "gathered": _gathered}
+
+
+def wrap_linears(model: nn.Module, module_names: list[str], slots: int, rank: int) -> dict[str, MultiLoraLinear]:
+    """Replace each named nn.Linear of `model` by a MultiLoraLinear around it; name -> wrapper."""
+    wrapped: dict[str, MultiLoraLinear] = {}
+    for name in module_names:
+        base = model.get_submodule(name)
+        assert isinstance(base, nn.Linear), f"{name} is {type(base).__name__}, not nn.Linear"
+        wrapper = MultiLoraLinear(base, slots, rank).to(base.weight.device)
+        model.set_submodule(name, wrapper)
+        wrapped[name] = wrapper
+    return wrapped

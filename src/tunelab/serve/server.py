@@ -1,0 +1,85 @@
+"""Start a server: load the base once, wrap its linear layers for adapter slots, start the engine, run uvicorn.
+
+    tunelab serve [--model banking@production --model runs/x] [--host 0.0.0.0 --port 8000]
+
+    from tunelab.serve.server import build_state; state = build_state(ServeConfig(...))   # tests, embedding
+
+SIGTERM or Ctrl-C: uvicorn stops accepting connections and lets the responses in flight end (up to
+SHUTDOWN_GRACE_S), then re-raises the signal, so the process ends by it (exit status 143 for SIGTERM).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from tunelab.config import ServeConfig
+from tunelab.errors import TunelabError
+from tunelab.model.load import decoder_layers, load_model, load_tokenizer, resolve_model, weights_fingerprint
+from tunelab.model.precision import choose_precision
+from tunelab.registry import Registry
+from tunelab.serve.adapters import SlotTable
+from tunelab.serve.app import ServerState, create_app
+from tunelab.serve.catalog import Catalog, NotServable, UnknownModel
+from tunelab.serve.engine import Engine
+from tunelab.serve.metrics import ServeMetrics
+from tunelab.serve.multi_lora import wrap_linears
+
+log = logging.getLogger("tunelab.serve")
+SHUTDOWN_GRACE_S = 30.0
+
+
+def build_state(cfg: ServeConfig, registry: Registry | None = None) -> ServerState:
+    """Everything a server holds, engine started; `registry` defaults to the user's ($TUNELAB_REGISTRY)."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    precision = choose_precision(cfg.precision)
+    log.info("precision: %s", precision.reason)
+    resolved = resolve_model(cfg.base)
+    tokenizer = load_tokenizer(cfg.base)
+    registry = registry if registry is not None else Registry()
+    catalog = Catalog(cfg.base, tokenizer, weights_fingerprint(resolved), cfg.max_lora_rank, cfg.models, registry)
+    for name in cfg.models:  # named explicitly: refuse to start rather than serve without it (before loading)
+        try:
+            catalog.resolve(name)
+        except UnknownModel:
+            raise TunelabError(f"--model {name} is neither a run directory nor a model in the registry at "
+                               f"{registry.root}", fix="check the name with `tunelab models list`, or pass a "
+                               "finished run directory") from None
+        except NotServable as exc:
+            raise TunelabError(f"--model {name} cannot be served: {exc}", fix="serve another version, or "
+                               "leave it out") from None
+    catalog.preload()
+    model, tokenizer = load_model(resolved, dtype=precision.weights_dtype)
+    model.eval()
+    # Every linear layer of every decoder layer can take an adapter: which ones an adapter targets is per slot.
+    prefix = {id(m): n for n, m in model.named_modules()}
+    names = [f"{prefix[id(layer)]}.{n}" for layer in decoder_layers(model) for n, m in layer.named_modules()
+             if isinstance(m, torch.nn.Linear)]
+    layers = wrap_linears(model, names, cfg.max_adapters + 1, cfg.max_lora_rank)
+    slots = SlotTable(layers, cfg.max_adapters, catalog.adapter_configs)
+    engine = Engine(model, slots, precision, pad_token_id=tokenizer.pad_token_id, max_batch_rows=cfg.max_batch_rows,
+                    token_budget=cfg.token_budget, max_adapters_per_step=cfg.max_adapters_per_step,
+                    queue_size=cfg.queue_size, lora_kernel=cfg.lora_kernel)
+    engine.start()
+    return ServerState(cfg, engine, catalog, ServeMetrics(engine), model.config.max_position_embeddings)
+
+
+def serve(cfg: ServeConfig) -> None:
+    """Run until SIGTERM / Ctrl-C."""
+    import uvicorn
+
+    if cfg.host not in ("127.0.0.1", "localhost", "::1") and not cfg.api_keys:
+        log.warning("warning: serving on %s with no API key: anyone who can reach this port can use the models "
+                    "(set --api-key, or bind 127.0.0.1)", cfg.host)
+    state = build_state(cfg)
+    app = create_app(state)
+    names = ", ".join(name for name, _ in state.catalog.listed())
+    log.info("serving: %s (the address follows, from uvicorn; the API is under /v1)", names)
+    try:
+        # log_level info for uvicorn's "running on http://HOST:PORT" (the real port when --port 0); no access log
+        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info", access_log=False,
+                    timeout_graceful_shutdown=int(SHUTDOWN_GRACE_S))
+    finally:
+        state.engine.stop(grace_seconds=SHUTDOWN_GRACE_S)
