@@ -362,10 +362,11 @@ class ServeConfig(_Strict):
     max_body_bytes: int = Field(4 << 20, ge=1024, description="A larger request body is a 400.")
     request_timeout: float = Field(600.0, gt=0, description="Seconds a request may take in all; then it is cancelled.")
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="As train.precision: decided from the CPU.")
-    lora_kernel: Literal["grouped", "masked", "gathered"] = Field(
-        "grouped", description="How rows of different adapters are computed together (serve/multi_lora.py); "
-        "bench/lora_kernels.py measures each on this CPU."
+    lora_kernel: Literal["auto", "grouped", "masked", "gathered"] = Field(
+        "auto", description="How rows of different adapters are computed together (serve/multi_lora.py); auto: "
+        "grouped, or masked for a decode step with many adapters. bench/lora_kernels.py measures each on this CPU."
     )
-    threads: int | None = Field(None, ge=1, description="torch threads for the engine; None: torch's default.")
+    threads: int | None = Field(None, ge=1, description="torch threads for the engine; None: all cores but one "
+                                "(the HTTP side needs one of its own).")
     api_keys: list[str] = Field(default_factory=list, description="Accepted bearer keys; empty: no key checked "
                                 "(then binding beyond 127.0.0.1 prints a warning).")

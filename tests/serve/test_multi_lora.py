@@ -22,7 +22,7 @@ def _layer(ranks: dict[int, int], seed: int = 0) -> tuple[MultiLoraLinear, dict[
     return layer, weights
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel", [*KERNELS, "auto"])
 def test_each_row_gets_its_own_adapter(kernel):
     layer, weights = _layer({1: 4, 2: 8, 3: 2})
     slots = [0, 2, 1, 0, 3, 2, 2]
@@ -40,7 +40,7 @@ def test_each_row_gets_its_own_adapter(kernel):
             torch.testing.assert_close(y[row], expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel", [*KERNELS, "auto"])
 def test_one_adapter_for_every_row_and_outside_any_batch(kernel):
     layer, (weights) = _layer({2: 8})
     x = torch.randn(3, 2, 12)

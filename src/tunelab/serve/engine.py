@@ -107,7 +107,7 @@ class EngineStats:
 class Engine:
     def __init__(self, model: PreTrainedModel, slots: SlotTable, precision: Precision, *, pad_token_id: int,
                  max_batch_rows: int, token_budget: int, max_adapters_per_step: int, queue_size: int,
-                 lora_kernel: LoraKernel = "grouped") -> None:
+                 lora_kernel: LoraKernel = "auto") -> None:
         self.model = model
         self.body, self.head = body_and_head(model)
         self.slots = slots

@@ -15,8 +15,8 @@ Which slot each row uses is set once per forward by the engine (`rows_use`), not
 transformers' forward signature: the model's own forward stays untouched. The grouping of rows by
 slot is computed once per step there, and read by all (layers x 7) wrapped linears.
 
-How the adapters' part is computed is a choice between equivalent arithmetics (`KERNELS`), chosen
-by `bench/lora_kernels.py` on this class of CPU (docs/benchmarks.md has the numbers):
+How the adapters' part is computed is a choice between equivalent arithmetics (`KERNELS`); `auto`
+picks per forward from what `bench/lora_kernels.py` measured (docs/benchmarks.md has the numbers):
 
     grouped   for each adapter in the batch: its rows' x, times A_s, times B_s, added to their rows
     masked    every row through all slots at once (x A_all), the other slots' columns zeroed, times B_all
@@ -38,8 +38,12 @@ from typing import Literal
 import torch
 from torch import nn
 
-LoraKernel = Literal["grouped", "masked", "gathered"]
-KERNELS: tuple[str, ...] = ("grouped", "masked", "gathered")
+LoraKernel = Literal["auto", "grouped", "masked", "gathered"]
+KERNELS: tuple[str, ...] = ("grouped", "masked", "gathered")  # what "auto" chooses from
+# auto: a decode step (one token per row) with more adapters than this uses `masked`, anything else `grouped`.
+# On a 2-core AMD EPYC (Zen 4), with SmolLM2's shapes, grouped cost the least up to two adapters in a decode
+# batch, masked from eight (bench/lora_kernels.py; the table is in docs/benchmarks.md, "Serving").
+GROUPED_UP_TO = 2
 
 
 @dataclass(frozen=True)
@@ -51,7 +55,7 @@ class RowSlots:
     kernel: LoraKernel
 
     @classmethod
-    def of(cls, slots: list[int], kernel: LoraKernel = "grouped") -> RowSlots:
+    def of(cls, slots: list[int], kernel: LoraKernel = "auto") -> RowSlots:
         tensor = torch.tensor(slots, dtype=torch.long)
         used = sorted(set(slots) - {0})
         if len(used) == 1 and 0 not in slots:
@@ -103,9 +107,12 @@ class MultiLoraLinear(nn.Module):
         rows = _ROWS.get()
         if rows is None or not self.filled or not any(slot in self.filled for slot, _ in rows.groups):
             return y
+        kernel = rows.kernel
+        if kernel == "auto":
+            kernel = "masked" if x.shape[1] == 1 and len(rows.groups) > GROUPED_UP_TO else "grouped"
         with torch.autocast(x.device.type, enabled=False):  # the r-wide middle in fp32, whatever the base computes in
-            delta = _DELTA[rows.kernel](x.float(), self.lora_a, self.lora_b, rows)
-        if rows.kernel == "grouped" and isinstance(delta, list):
+            delta = _DELTA[kernel](x.float(), self.lora_a, self.lora_b, rows)
+        if isinstance(delta, list):
             for idx, part in delta:
                 if idx is None:
                     y = y + part.to(y.dtype)
