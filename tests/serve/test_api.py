@@ -112,6 +112,42 @@ def test_promote_and_rollback_take_effect_on_the_next_request(server):
     assert _greedy(client, "bank@production").choices[0].message.content == v1
 
 
+def test_promote_under_load_switches_every_later_request_and_fails_none(server):
+    """Requests keep arriving for bank@production while it moves from version 1 to 2: every request that
+    arrives after the promote answers as version 2, earlier ones as 1 or 2, and none fails."""
+    import time
+
+    url, _, registry = server
+    client = _client(url)
+    v1, v2 = (_greedy(client, f"bank@{v}").choices[0].message.content for v in (1, 2))
+    done: list[tuple[float, str | None]] = []  # (when the request was sent, its answer; None: it failed)
+    stop = threading.Event()
+
+    def keep_asking() -> None:
+        own = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=5, timeout=60)
+        while not stop.is_set():
+            sent = time.monotonic()
+            try:
+                done.append((sent, _greedy(own, "bank@production").choices[0].message.content))
+            except openai.OpenAIError:
+                done.append((sent, None))
+
+    workers = [threading.Thread(target=keep_asking) for _ in range(3)]
+    for w in workers:
+        w.start()
+    wait_until(lambda: len(done) >= 3)
+    registry.promote("bank@2", force=True, reason="test")
+    promoted = time.monotonic()
+    wait_until(lambda: sum(sent > promoted for sent, _ in done) >= 3)
+    stop.set()
+    for w in workers:
+        w.join()
+    registry.rollback("bank")  # as the other tests expect it
+    assert all(answer in (v1, v2) for _, answer in done), "a request failed or got another model's answer"
+    assert all(answer == v2 for sent, answer in done if sent > promoted)
+    assert any(answer == v1 for sent, answer in done if sent < promoted)
+
+
 def test_completions_endpoint(server):
     url, state, _ = server
     done = _client(url).completions.create(model="bank@1", prompt="good morning", max_tokens=5, temperature=0)
@@ -186,3 +222,18 @@ def test_health_and_metrics(server):
                  "tunelab_batch_rows_bucket", "tunelab_time_to_first_token_seconds_bucket",
                  "tunelab_adapter_slots_loaded"):
         assert name in text, name
+
+
+def test_the_readme_serve_example_runs_as_written(server, capsys):
+    """README's "Serve your fine-tunes" Python block, with this server's address and names put in."""
+    import re
+
+    from helpers import REPO
+
+    url, state, _ = server
+    section = (REPO / "README.md").read_text(encoding="utf-8").split("## Serve your fine-tunes", 1)[1]
+    (block,) = re.findall(r"```python\n(.*?)```", section.split("\n## ", 1)[0], re.S)
+    block = (block.replace("http://127.0.0.1:8000", url).replace("banking@production", "bank@production")
+             .replace('"smollm2-135m-instruct"', repr(state.catalog.base_name)))
+    exec(compile(block, "README.md", "exec"), {})  # noqa: S102 - the README's own code
+    assert capsys.readouterr().out.strip()

@@ -55,8 +55,8 @@ def test_a_minimal_request_parses_and_resolves_limits_and_stops():
 def test_fields_clients_send_routinely_are_accepted():
     req = chat(user="u1", logprobs=False, frequency_penalty=0, presence_penalty=0.0, n=1, tools=[], store=False,
                metadata={"k": "v"}, stream=True, stream_options={"include_usage": True},
-               response_format={"type": "json_object"})
-    assert req.stream and req.stream_options.include_usage and req.response_format.type == "json_object"
+               response_format={"type": "text"})
+    assert req.stream and req.stream_options.include_usage and req.response_format.type == "text"
     assert req.model_extra == {"metadata": {"k": "v"}, "store": False}
     assert chat(stream=None, temperature=None, stop=None).stream is False  # OpenAI's nullable parameters
 
@@ -67,6 +67,7 @@ def test_fields_clients_send_routinely_are_accepted():
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "function calling"),
     ({"frequency_penalty": 0.5}, "frequency_penalty", "omit frequency_penalty"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format", "json_schema"),
+    ({"response_format": {"type": "json_object"}}, "response_format", "does not constrain answers to JSON"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}}]}]},
      "messages.0.content", "'image_url'"),
     ({"stream_options": {"include_usage": True}}, "stream_options", "only allowed when stream is true"),

@@ -20,6 +20,7 @@ import contextlib
 import hmac
 import json
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -139,7 +140,9 @@ def create_app(state: ServerState) -> FastAPI:
         except Exception as exc:  # the template refused this conversation (e.g. roles it does not allow)
             raise ApiError.bad_request(f"the model's chat template cannot render these messages: {exc}",
                                        param="messages") from None
-        job = _job(state, params.model, servable, list(prompt), params.max_new_tokens(state.cfg.default_max_tokens),
+        # Unset: the server's default, within what the context leaves (as vLLM does).
+        room = min(state.cfg.default_max_tokens, max(1, state.max_model_len - len(prompt)))
+        job = _job(state, params.model, servable, list(prompt), params.max_new_tokens(room),
                    params, "max_completion_tokens" if params.max_completion_tokens is not None else "max_tokens")
         include_usage = bool(params.stream_options and params.stream_options.include_usage)
         if params.stream:
@@ -155,8 +158,8 @@ def create_app(state: ServerState) -> FastAPI:
         prompt = servable.tokenizer(text)["input_ids"]
         if not prompt:
             raise ApiError.bad_request("the prompt is empty", param="prompt")
-        job = _job(state, params.model, servable, list(prompt), params.max_tokens if params.max_tokens is not None
-                   else 16, params, "max_tokens")
+        room = min(state.cfg.default_max_tokens, max(1, state.max_model_len - len(prompt)))
+        job = _job(state, params.model, servable, list(prompt), params.max_new_tokens(room), params, "max_tokens")
         include_usage = bool(params.stream_options and params.stream_options.include_usage)
         if params.stream:
             return _stream(state, job, chat=False, include_usage=include_usage)
@@ -209,6 +212,9 @@ def _parse(model: type[BaseModel], body: object):
 
 async def _resolve(state: ServerState, name: str) -> Servable:
     try:
+        fixed = state.catalog.fixed(name)  # the base, a run directory already checked: no I/O
+        if fixed is not None:
+            return fixed
         # Reads the registry (SQLite) and, the first time, the adapter's files: off the event loop.
         return await asyncio.to_thread(state.catalog.resolve, name)
     except UnknownModel:
@@ -236,6 +242,42 @@ def _job(state: ServerState, name: str, servable: Servable, prompt: list[int], m
 
 
 # ---------------------------------------------------------------------- running a request
+class _Mailbox:
+    """Events from the engine thread into one event loop, with one wake-up of the loop per batch of events.
+
+    A decode step sends a token to every running request; waking the loop once per token (one
+    `call_soon_threadsafe` each) costs a system call per row per step on the engine's thread.
+    """
+
+    _by_loop: dict[int, _Mailbox] = {}
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.lock = threading.Lock()
+        self.pending: list[tuple[asyncio.Queue, eng.Event]] = []
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> _Mailbox:
+        mailbox = cls._by_loop.get(id(loop))
+        if mailbox is None or mailbox.loop is not loop:
+            mailbox = cls._by_loop[id(loop)] = cls(loop)
+        return mailbox
+
+    def post(self, queue: asyncio.Queue, event: eng.Event) -> None:  # on the engine thread
+        with self.lock:
+            self.pending.append((queue, event))
+            if len(self.pending) > 1:
+                return  # a wake-up is already on its way
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening any more
+            self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:  # on the event loop
+        with self.lock:
+            pending, self.pending = self.pending, []
+        for queue, event in pending:
+            queue.put_nowait(event)
+
+
 @dataclass
 class _Submitted:
     request: eng.Request
@@ -245,21 +287,16 @@ class _Submitted:
 
 def _submit(state: ServerState, job: _Job) -> _Submitted:
     """Hand the job to the engine (429 when its queue is full); before any response has started."""
-    loop = asyncio.get_running_loop()
     queue: asyncio.Queue[eng.Event] = asyncio.Queue()
-
-    def on_event(event: eng.Event) -> None:  # on the engine thread
-        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening any more
-            loop.call_soon_threadsafe(queue.put_nowait, event)
-
+    mailbox = _Mailbox.of(asyncio.get_running_loop())
     request = eng.Request(job.prompt, job.servable.adapter, job.max_new_tokens, job.servable.stop_token_ids,
-                          on_event, job.temperature, job.top_p, job.seed)
+                          lambda event: mailbox.post(queue, event), job.temperature, job.top_p, job.seed)
     try:
         state.engine.submit(request)
     except eng.QueueFull:
         state.metrics.rejected.inc()
         raise ApiError.too_many_requests(RETRY_AFTER_S) from None
-    return _Submitted(request, queue, loop.time() + state.cfg.request_timeout)
+    return _Submitted(request, queue, asyncio.get_running_loop().time() + state.cfg.request_timeout)
 
 
 async def _events(state: ServerState, submitted: _Submitted) -> AsyncIterator[eng.Event]:

@@ -61,6 +61,7 @@ class Catalog:
         given = [m for m in models if m not in self.run_dirs]
         self.registry_names = {m.partition("@")[0] for m in given} if models else None  # None: every name
         self._checked: dict[str, Servable | NotServable] = {}  # folder -> checked adapter, or why not
+        self._run_keys = {name: str(path.resolve()) for name, path in self.run_dirs.items()}
 
     def resolve(self, name: str) -> Servable:
         """The weights and template `name` stands for now; UnknownModel or NotServable otherwise."""
@@ -76,6 +77,15 @@ class Catalog:
         except TunelabError:
             raise UnknownModel(name) from None
         return self._check(version.path, name)
+
+    def fixed(self, name: str) -> Servable | None:
+        """`resolve(name)` without any I/O when the name cannot change meaning (the base, a run directory checked
+        before); None otherwise."""
+        if name == self.base_name:
+            return self.base
+        folder = self.run_dirs.get(name)
+        checked = self._checked.get(self._run_keys.get(name, "")) if folder is not None else None
+        return checked if isinstance(checked, Servable) else None
 
     def listed(self) -> list[tuple[str, int]]:
         """(id, created) of every name `resolve` accepts and can serve: the base, each run directory, and for

@@ -70,8 +70,10 @@ def _stream_options_need_stream(value: object, info: ValidationInfo) -> object:
 
 
 def _no_json_schema(value: object) -> object:
-    if isinstance(value, Mapping) and value.get("type") == "json_schema":
-        raise ValueError('json_schema is not supported by this server; send {"type": "json_object"} or omit it')
+    # Refused rather than accepted and ignored: a client that asks for JSON must not get free text silently.
+    if isinstance(value, Mapping) and value.get("type") in ("json_schema", "json_object"):
+        raise ValueError(f"{value.get('type')} is not supported yet: this server does not constrain answers to "
+                         "JSON; omit response_format (a fine-tune trained on JSON answers answers in JSON)")
     return value
 
 
@@ -84,9 +86,9 @@ class StreamOptions(BaseModel):
 
 
 class ResponseFormat(BaseModel):
-    """`response_format`: "json_object" is accepted and the server checks that the answer parses as JSON."""
+    """`response_format`: only "text" (json_object and json_schema are refused with a 400 saying so)."""
 
-    type: Literal["text", "json_object"]
+    type: Literal["text"]
 
 
 _NO_TOOLS = "function calling is not supported by this server"

@@ -11,6 +11,7 @@ SHUTDOWN_GRACE_S), then re-raises the signal, so the process ends by it (exit st
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -32,8 +33,10 @@ SHUTDOWN_GRACE_S = 30.0
 
 def build_state(cfg: ServeConfig, registry: Registry | None = None) -> ServerState:
     """Everything a server holds, engine started; `registry` defaults to the user's ($TUNELAB_REGISTRY)."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    threads = cfg.threads or engine_threads()
+    torch.set_num_threads(threads)
+    log.info("threads: %d for the engine (%s)", threads, "set" if cfg.threads else
+             f"{len(os.sched_getaffinity(0))} cores, one kept for HTTP, tokenizing and streaming")
     precision = choose_precision(cfg.precision)
     log.info("precision: %s", precision.reason)
     resolved = resolve_model(cfg.base)
@@ -64,6 +67,16 @@ def build_state(cfg: ServeConfig, registry: Registry | None = None) -> ServerSta
                     queue_size=cfg.queue_size, lora_kernel=cfg.lora_kernel)
     engine.start()
     return ServerState(cfg, engine, catalog, ServeMetrics(engine), model.config.max_position_embeddings)
+
+
+def engine_threads() -> int:
+    """All cores but one: the HTTP side (parsing, the chat template, tokens to text, SSE) needs a core of its own.
+
+    torch's worker threads wait for work by spinning, so on a small machine an HTTP thread that must share their
+    cores stalls every step: on 2 cores with both given to torch, a loaded server ran many times slower than with
+    one (docs/benchmarks.md, "Serving").
+    """
+    return max(1, len(os.sched_getaffinity(0)) - 1)
 
 
 def serve(cfg: ServeConfig) -> None:
