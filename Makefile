@@ -58,6 +58,9 @@ bench: $(STAMP)
 	$(BIN)/python bench/generate_throughput.py --rows 300 --json bench/results/generate_finetune_prompt.json
 	$(BIN)/python bench/generate_throughput.py --rows 300 --prompt labels --json bench/results/generate_labels_prompt.json
 	$(BIN)/python bench/methods.py --rows 1024 --json bench/results/methods.json
+	$(BIN)/python bench/lora_kernels.py --json bench/results/lora_kernels.json
+	# The server against a per-request adapter swap and `transformers serve`, Banking77 prompts (about 13 minutes).
+	$(BIN)/python bench/serve_throughput.py --prompts banking --threads 1 --json-out bench/results/serve_throughput.json
 	bash bench/demo_time.sh
 
 clean:
