@@ -237,3 +237,20 @@ def test_the_readme_serve_example_runs_as_written(server, capsys):
              .replace('"smollm2-135m-instruct"', repr(state.catalog.base_name)))
     exec(compile(block, "README.md", "exec"), {})  # noqa: S102 - the README's own code
     assert capsys.readouterr().out.strip()
+
+
+def test_with_api_keys_a_request_without_a_right_key_is_a_401_saying_how_to_send_one(server):
+    import dataclasses
+
+    from fastapi.testclient import TestClient
+
+    from tunelab.serve.app import create_app
+
+    _, state, _ = server
+    keyed = dataclasses.replace(state, cfg=state.cfg.model_copy(update={"api_keys": ["k-123"]}), mailbox=None)
+    client = TestClient(create_app(keyed))
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        refused = client.get("/v1/models", headers=headers)
+        assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
+        assert "Authorization: Bearer" in refused.json()["error"]["message"]
+    assert client.get("/v1/models", headers={"Authorization": "Bearer k-123"}).status_code == 200

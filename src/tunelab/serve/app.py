@@ -66,6 +66,7 @@ class ServerState:
     metrics: ServeMetrics
     max_model_len: int  # positions the base model has: prompt + answer must fit
     authenticate: Callable[[Request], None] | None = None  # raises ApiError(401); None: cfg.api_keys decides
+    mailbox: _Mailbox | None = None  # the engine's events into the event loop serving this state (set on first use)
 
 
 @dataclass(frozen=True)
@@ -140,14 +141,8 @@ def create_app(state: ServerState) -> FastAPI:
         except Exception as exc:  # the template refused this conversation (e.g. roles it does not allow)
             raise ApiError.bad_request(f"the model's chat template cannot render these messages: {exc}",
                                        param="messages") from None
-        # Unset: the server's default, within what the context leaves (as vLLM does).
-        room = min(state.cfg.default_max_tokens, max(1, state.max_model_len - len(prompt)))
-        job = _job(state, params.model, servable, list(prompt), params.max_new_tokens(room),
-                   params, "max_completion_tokens" if params.max_completion_tokens is not None else "max_tokens")
-        include_usage = bool(params.stream_options and params.stream_options.include_usage)
-        if params.stream:
-            return _stream(state, job, chat=True, include_usage=include_usage)
-        return await _complete(state, job, chat=True)
+        max_param = "max_completion_tokens" if params.max_completion_tokens is not None else "max_tokens"
+        return await _answer(state, params, servable, list(prompt), max_param, chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -158,12 +153,7 @@ def create_app(state: ServerState) -> FastAPI:
         prompt = servable.tokenizer(text)["input_ids"]
         if not prompt:
             raise ApiError.bad_request("the prompt is empty", param="prompt")
-        room = min(state.cfg.default_max_tokens, max(1, state.max_model_len - len(prompt)))
-        job = _job(state, params.model, servable, list(prompt), params.max_new_tokens(room), params, "max_tokens")
-        include_usage = bool(params.stream_options and params.stream_options.include_usage)
-        if params.stream:
-            return _stream(state, job, chat=False, include_usage=include_usage)
-        return await _complete(state, job, chat=False)
+        return await _answer(state, params, servable, list(prompt), "max_tokens", chat=False)
 
     return app
 
@@ -177,7 +167,9 @@ def _authenticate(state: ServerState, request: Request) -> None:
         return
     given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
     if not any(hmac.compare_digest(given.encode(), key.encode()) for key in state.cfg.api_keys):
-        raise ApiError(401, "Incorrect API key provided.", "invalid_request_error", code="invalid_api_key")
+        raise ApiError(401, "Incorrect API key provided: send one of the server's keys (its --api-key options) as "
+                            "`Authorization: Bearer KEY` (the SDK's api_key).", "invalid_request_error",
+                       code="invalid_api_key")
 
 
 async def _admitted_body(state: ServerState, request: Request) -> object:
@@ -224,6 +216,17 @@ async def _resolve(state: ServerState, name: str) -> Servable:
                                    code="model_not_servable") from None
 
 
+async def _answer(state: ServerState, params, servable: Servable, prompt: list[int], max_param: str, chat: bool):
+    """Check the limits, then answer whole or as a stream."""
+    # max_tokens unset: the server's default, within what the context leaves (as vLLM does).
+    room = min(state.cfg.default_max_tokens, max(1, state.max_model_len - len(prompt)))
+    job = _job(state, params.model, servable, prompt, params.max_new_tokens(room), params, max_param)
+    if params.stream:
+        include_usage = bool(params.stream_options and params.stream_options.include_usage)
+        return _stream(state, job, chat=chat, include_usage=include_usage)
+    return await _complete(state, job, chat=chat)
+
+
 def _job(state: ServerState, name: str, servable: Servable, prompt: list[int], max_new_tokens: int, params,
          max_param: str) -> _Job:
     cfg = state.cfg
@@ -249,19 +252,10 @@ class _Mailbox:
     `call_soon_threadsafe` each) costs a system call per row per step on the engine's thread.
     """
 
-    _by_loop: dict[int, _Mailbox] = {}
-
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.lock = threading.Lock()
         self.pending: list[tuple[asyncio.Queue, eng.Event]] = []
-
-    @classmethod
-    def of(cls, loop: asyncio.AbstractEventLoop) -> _Mailbox:
-        mailbox = cls._by_loop.get(id(loop))
-        if mailbox is None or mailbox.loop is not loop:
-            mailbox = cls._by_loop[id(loop)] = cls(loop)
-        return mailbox
 
     def post(self, queue: asyncio.Queue, event: eng.Event) -> None:  # on the engine thread
         with self.lock:
@@ -288,7 +282,10 @@ class _Submitted:
 def _submit(state: ServerState, job: _Job) -> _Submitted:
     """Hand the job to the engine (429 when its queue is full); before any response has started."""
     queue: asyncio.Queue[eng.Event] = asyncio.Queue()
-    mailbox = _Mailbox.of(asyncio.get_running_loop())
+    loop = asyncio.get_running_loop()
+    if state.mailbox is None or state.mailbox.loop is not loop:
+        state.mailbox = _Mailbox(loop)
+    mailbox = state.mailbox
     request = eng.Request(job.prompt, job.servable.adapter, job.max_new_tokens, job.servable.stop_token_ids,
                           lambda event: mailbox.post(queue, event), job.temperature, job.top_p, job.seed)
     try:
@@ -296,7 +293,7 @@ def _submit(state: ServerState, job: _Job) -> _Submitted:
     except eng.QueueFull:
         state.metrics.rejected.inc()
         raise ApiError.too_many_requests(RETRY_AFTER_S) from None
-    return _Submitted(request, queue, asyncio.get_running_loop().time() + state.cfg.request_timeout)
+    return _Submitted(request, queue, loop.time() + state.cfg.request_timeout)
 
 
 async def _events(state: ServerState, submitted: _Submitted) -> AsyncIterator[eng.Event]:

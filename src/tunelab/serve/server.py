@@ -73,8 +73,9 @@ def engine_threads() -> int:
     """All cores but one: the HTTP side (parsing, the chat template, tokens to text, SSE) needs a core of its own.
 
     torch's worker threads wait for work by spinning, so on a small machine an HTTP thread that must share their
-    cores stalls every step: on 2 cores with both given to torch, a loaded server ran many times slower than with
-    one (docs/benchmarks.md, "Serving").
+    cores can stall every step: while bench/serve_throughput.py was being written on a busy 2-core VM, the server
+    with both cores given to torch ran many times slower than with one (docs/benchmarks.md, the serving section;
+    not yet measured on an idle machine).
     """
     return max(1, len(os.sched_getaffinity(0)) - 1)
 
