@@ -4,11 +4,14 @@ answers equal the engine's reference, names resolve per request, and every refus
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
+from typing import Literal
 
 import httpx2 as httpx  # the HTTP client the openai SDK is built on
 import openai
 import pytest
+from pydantic import BaseModel
 
 from serving import serve_config, wait_until
 
@@ -153,6 +156,58 @@ def test_completions_endpoint(server):
     done = _client(url).completions.create(model="bank@1", prompt="good morning", max_tokens=5, temperature=0)
     assert done.object == "text_completion" and done.usage.completion_tokens <= 5
     assert done.choices[0].finish_reason in ("stop", "length")
+
+
+class Intent(BaseModel):
+    intent: Literal["card_lost", "refund"]
+    urgent: bool
+
+
+def test_a_json_schema_answer_follows_the_schema_through_the_sdks_parse(server):
+    """The tiny random model knows nothing of JSON: only the constraint can make its answers parse."""
+    url, state, _ = server
+    for model in ("bank@1", state.catalog.base_name):
+        completion = _client(url).chat.completions.parse(model=model, messages=MESSAGES, response_format=Intent,
+                                                         max_tokens=200, temperature=0)
+        choice = completion.choices[0]
+        assert choice.finish_reason == "stop" and isinstance(choice.message.parsed, Intent), choice.message.content
+    unconstrained = _greedy(_client(url), "bank@1").choices[0].message.content
+    with pytest.raises(ValueError):
+        json.loads(unconstrained)  # else the test above would prove nothing
+
+
+def test_a_json_object_stream_parses_once_joined(server):
+    url, _, _ = server
+    messages = [{"role": "user", "content": "answer in JSON: where is my card"}]
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "maximum": 99}}, "required": ["n"],
+              "additionalProperties": False}
+    stream = _client(url).chat.completions.create(
+        model="bank@2", messages=messages, max_tokens=200, temperature=0.8, seed=3, stream=True,
+        response_format={"type": "json_schema", "json_schema": {"name": "N", "schema": schema}})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert set(json.loads(text)) == {"n"} and json.loads(text)["n"] <= 99
+    answer = _client(url).chat.completions.create(model="bank@2", messages=messages, max_tokens=8, temperature=0,
+                                                  response_format={"type": "json_object"})
+    content = answer.choices[0].message.content
+    assert content.startswith("{") and answer.choices[0].finish_reason in ("stop", "length")
+    if answer.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(content), dict)
+
+
+@pytest.mark.parametrize(("fmt", "messages", "param", "says"), [
+    ({"type": "json_object"}, MESSAGES, "messages", "must contain the word 'json'"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}},
+     MESSAGES, "response_format", "schema"),
+])
+def test_a_json_format_that_cannot_be_enforced_is_a_400(server, fmt, messages, param, says):
+    url, _, _ = server
+    body = {"model": "bank@1", "messages": messages, "response_format": fmt}
+    response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and says in error["message"], error
 
 
 def test_an_unknown_model_is_a_404_never_the_base(server):

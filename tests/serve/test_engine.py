@@ -142,3 +142,26 @@ def test_a_seeded_sample_does_not_depend_on_its_neighbours(state, adapter_runs):
     assert again.wait().tokens == alone
     other_seed = _submit(state, adapter_runs, "r8", "thank you", temperature=1.0, seed=8).wait().tokens
     assert other_seed != alone
+
+
+def test_a_json_row_is_constrained_and_its_neighbours_are_not(state, references, adapter_runs):
+    """The grammar's mask applies to its own row only: unconstrained rows in the same steps keep their answers."""
+    import json
+
+    from tunelab.serve.protocol import ResponseFormat
+
+    tokenizer = state.catalog.base.tokenizer
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    fmt = ResponseFormat.model_validate({"type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
+    constraint = state.grammars.constraint(fmt, tokenizer, state.catalog.base.stop_token_ids)
+    pending = [(name, prompt, _submit(state, adapter_runs, name, prompt)) for name, prompt in
+               [(None, PROMPTS[0]), ("r4", PROMPTS[1])]]
+    constrained = _submit(state, adapter_runs, "r8", PROMPTS[2], max_new_tokens=120, constraint=constraint)
+    pending += [(name, prompt, _submit(state, adapter_runs, name, prompt)) for name, prompt in
+                [("qv", PROMPTS[3]), (None, PROMPTS[4])]]
+    for name, prompt, got in pending:
+        assert got.wait().tokens == references[(name, prompt)], (name, prompt)
+    got = constrained.wait()
+    assert got.end.reason == "stop", tokenizer.decode(got.tokens)
+    assert json.loads(tokenizer.decode(got.tokens)) in ({"ok": True}, {"ok": False})

@@ -61,13 +61,23 @@ def test_fields_clients_send_routinely_are_accepted():
     assert chat(stream=None, temperature=None, stop=None).stream is False  # OpenAI's nullable parameters
 
 
+def test_json_response_formats_are_read_as_the_sdk_sends_them():
+    assert chat(response_format={"type": "json_object"}).response_format.type == "json_object"
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    fmt = chat(response_format={"type": "json_schema", "json_schema": {"name": "A", "schema": schema,
+                                                                       "strict": True}}).response_format
+    assert fmt.json_schema.schema_ == schema and fmt.json_schema.strict is True
+
+
 @pytest.mark.parametrize("fields, param, says", [
     ({"n": 2}, "n", "one choice per request"),
     ({"logprobs": True}, "logprobs", "omit logprobs"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "function calling"),
     ({"frequency_penalty": 0.5}, "frequency_penalty", "omit frequency_penalty"),
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format", "json_schema"),
-    ({"response_format": {"type": "json_object"}}, "response_format", "does not constrain answers to JSON"),
+    ({"response_format": {"type": "json_schema"}}, "response_format", "needs a json_schema object"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "a b"}}}, "response_format.json_schema.name",
+     "should match pattern"),
+    ({"response_format": {"type": "xml"}}, "response_format.type", "'json_schema'"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}}]}]},
      "messages.0.content", "'image_url'"),
     ({"stream_options": {"include_usage": True}}, "stream_options", "only allowed when stream is true"),

@@ -52,6 +52,7 @@ from tunelab.serve.protocol import (
     sse,
     validation_error,
 )
+from tunelab.serve.structured import BadFormat, Grammars
 from tunelab.serve.text import TextPieces
 
 log = logging.getLogger("tunelab.serve")
@@ -65,6 +66,7 @@ class ServerState:
     catalog: Catalog
     metrics: ServeMetrics
     max_model_len: int  # positions the base model has: prompt + answer must fit
+    grammars: Grammars  # response_format json_object / json_schema
     authenticate: Callable[[Request], None] | None = None  # raises ApiError(401); None: cfg.api_keys decides
     mailbox: _Mailbox | None = None  # the engine's events into the event loop serving this state (set on first use)
 
@@ -81,6 +83,7 @@ class _Job:
     top_p: float
     seed: int | None
     stops: list[str]
+    constraint: eng.Constraint | None = None
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -142,7 +145,8 @@ def create_app(state: ServerState) -> FastAPI:
             raise ApiError.bad_request(f"the model's chat template cannot render these messages: {exc}",
                                        param="messages") from None
         max_param = "max_completion_tokens" if params.max_completion_tokens is not None else "max_tokens"
-        return await _answer(state, params, servable, list(prompt), max_param, chat=True)
+        constraint = await _json_constraint(state, params, servable)
+        return await _answer(state, params, servable, list(prompt), max_param, chat=True, constraint=constraint)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -216,11 +220,28 @@ async def _resolve(state: ServerState, name: str) -> Servable:
                                    code="model_not_servable") from None
 
 
-async def _answer(state: ServerState, params, servable: Servable, prompt: list[int], max_param: str, chat: bool):
+async def _json_constraint(state: ServerState, params: ChatCompletionRequest,
+                           servable: Servable) -> eng.Constraint | None:
+    fmt = params.response_format
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object" and not any("json" in m.text().lower() for m in params.messages):
+        # OpenAI's rule, and for the same reason: a model not told to answer in JSON, forced into it,
+        # tends to fill the answer with whitespace until max_tokens.
+        raise ApiError.bad_request("'messages' must contain the word 'json' in some form, to use 'response_format' "
+                                   "of type 'json_object'", param="messages")
+    try:  # the first request for a tokenizer builds llguidance's view of it (about a second): off the loop
+        return await asyncio.to_thread(state.grammars.constraint, fmt, servable.tokenizer, servable.stop_token_ids)
+    except BadFormat as exc:
+        raise ApiError.bad_request(str(exc), param="response_format") from None
+
+
+async def _answer(state: ServerState, params, servable: Servable, prompt: list[int], max_param: str, chat: bool,
+                  constraint: eng.Constraint | None = None):
     """Check the limits, then answer whole or as a stream."""
     # max_tokens unset: the server's default, within what the context leaves (as vLLM does).
     room = min(state.cfg.default_max_tokens, max(1, state.max_model_len - len(prompt)))
-    job = _job(state, params.model, servable, prompt, params.max_new_tokens(room), params, max_param)
+    job = _job(state, params.model, servable, prompt, params.max_new_tokens(room), params, max_param, constraint)
     if params.stream:
         include_usage = bool(params.stream_options and params.stream_options.include_usage)
         return _stream(state, job, chat=chat, include_usage=include_usage)
@@ -228,7 +249,7 @@ async def _answer(state: ServerState, params, servable: Servable, prompt: list[i
 
 
 def _job(state: ServerState, name: str, servable: Servable, prompt: list[int], max_new_tokens: int, params,
-         max_param: str) -> _Job:
+         max_param: str, constraint: eng.Constraint | None) -> _Job:
     cfg = state.cfg
     if len(prompt) > cfg.max_prompt_tokens:
         raise ApiError.bad_request(f"the prompt has {len(prompt)} tokens, over the server's limit of "
@@ -241,7 +262,7 @@ def _job(state: ServerState, name: str, servable: Servable, prompt: list[int], m
                                    f"the model's context of {state.max_model_len} tokens", param=max_param)
     temperature = 1.0 if params.temperature is None else params.temperature  # OpenAI's default is 1
     top_p = 1.0 if params.top_p is None else params.top_p
-    return _Job(name, servable, prompt, max_new_tokens, temperature, top_p, params.seed, params.stop_list)
+    return _Job(name, servable, prompt, max_new_tokens, temperature, top_p, params.seed, params.stop_list, constraint)
 
 
 # ---------------------------------------------------------------------- running a request
@@ -287,7 +308,8 @@ def _submit(state: ServerState, job: _Job) -> _Submitted:
         state.mailbox = _Mailbox(loop)
     mailbox = state.mailbox
     request = eng.Request(job.prompt, job.servable.adapter, job.max_new_tokens, job.servable.stop_token_ids,
-                          lambda event: mailbox.post(queue, event), job.temperature, job.top_p, job.seed)
+                          lambda event: mailbox.post(queue, event), job.temperature, job.top_p, job.seed,
+                          job.constraint)
     try:
         state.engine.submit(request)
     except eng.QueueFull:

@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 from transformers import PreTrainedModel
@@ -65,6 +65,14 @@ class Failed:
 Event = Tokens | Finished | Failed
 
 
+class Constraint(Protocol):
+    """What an answer may say next (serve/structured.py: JSON answers); the engine masks the other tokens."""
+
+    def allowed(self) -> torch.Tensor: ...  # (vocab,) bool; the end of turn is in it only when the answer may end
+
+    def advance(self, token: int) -> None: ...  # the token chosen (never an end of turn)
+
+
 @dataclass
 class Request:
     prompt: list[int]
@@ -75,6 +83,7 @@ class Request:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    constraint: Constraint | None = None  # response_format json_object / json_schema
     cancelled: bool = False  # set by the HTTP side (a disconnect, a stop string); read between steps
     arrived: float = field(default_factory=time.monotonic)
 
@@ -263,6 +272,10 @@ class Engine:
     def _take(self, logits: torch.Tensor, rows: list[int]) -> None:
         """Choose each row's next token from its logits (row j of `logits` is batch row rows[j]), send it,
         and drop the rows that ended."""
+        for j, row in enumerate(rows):
+            constraint = self.rows[row].request.constraint
+            if constraint is not None:
+                logits[j].masked_fill_(~constraint.allowed(), float("-inf"))
         chosen = torch.empty(len(rows), dtype=torch.long)
         by_setting: dict[tuple[float, float], list[int]] = {}
         for j, row in enumerate(rows):
@@ -278,6 +291,8 @@ class Engine:
             if token in r.request.stop_token_ids:
                 ended.append((row, "stop"))
                 continue
+            if r.request.constraint is not None:
+                r.request.constraint.advance(token)
             r.generated += 1
             r.next_token = token
             r.request.on_event(Tokens([token]))

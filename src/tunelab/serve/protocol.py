@@ -31,6 +31,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     model_serializer,
+    model_validator,
 )
 
 # ---------------------------------------------------------------------------------------------------------- requests
@@ -69,14 +70,6 @@ def _stream_options_need_stream(value: object, info: ValidationInfo) -> object:
     return value
 
 
-def _no_json_schema(value: object) -> object:
-    # Refused rather than accepted and ignored: a client that asks for JSON must not get free text silently.
-    if isinstance(value, Mapping) and value.get("type") in ("json_schema", "json_object"):
-        raise ValueError(f"{value.get('type')} is not supported yet: this server does not constrain answers to "
-                         "JSON; omit response_format (a fine-tune trained on JSON answers answers in JSON)")
-    return value
-
-
 class StreamOptions(BaseModel):
     """`stream_options`: only `include_usage` is honoured (`include_obfuscation` and the like are accepted)."""
 
@@ -85,10 +78,29 @@ class StreamOptions(BaseModel):
     include_usage: _Flag = False
 
 
-class ResponseFormat(BaseModel):
-    """`response_format`: only "text" (json_object and json_schema are refused with a 400 saying so)."""
+class JsonSchemaFormat(BaseModel):
+    """`response_format.json_schema`, as the SDK's `chat.completions.parse(response_format=Model)` sends it."""
 
-    type: Literal["text"]
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")  # None: any JSON value
+    strict: bool | None = None  # the answer always follows the schema; `strict` changes nothing here
+
+
+class ResponseFormat(BaseModel):
+    """`response_format`: "text", "json_object" (the answer is one JSON object) or "json_schema" (the answer
+    follows the schema). JSON answers are enforced token by token (serve/structured.py), not hoped for."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError('type "json_schema" needs a json_schema object: {"name": ..., "schema": {...}}')
+        return self
 
 
 _NO_TOOLS = "function calling is not supported by this server"
@@ -144,7 +156,7 @@ class ChatCompletionRequest(BaseModel):
     """The body of `POST /v1/chat/completions`.
 
     Honoured: messages, model, max_completion_tokens (else the deprecated max_tokens), temperature, top_p, stop,
-    seed, stream, stream_options.include_usage, response_format ("text" or "json_object").
+    seed, stream, stream_options.include_usage, response_format ("text", "json_object", "json_schema").
     Accepted only at their defaults: n, logprobs, top_logprobs, frequency_penalty, presence_penalty, logit_bias,
     tools, functions (and a message's tool_calls). Anything else (user, metadata, store, tool_choice, ...) is
     accepted and ignored.
@@ -162,7 +174,7 @@ class ChatCompletionRequest(BaseModel):
     max_tokens: _Limit = None  # deprecated by OpenAI in favour of max_completion_tokens; most clients still send it
     n: _N = None
     presence_penalty: _PresencePenalty = None
-    response_format: Annotated[ResponseFormat | None, BeforeValidator(_no_json_schema)] = None
+    response_format: ResponseFormat | None = None
     seed: int | None = None
     stop: _Stop = None
     stream: _Flag = False

@@ -26,6 +26,7 @@ from tunelab.serve.catalog import Catalog, NotServable, UnknownModel
 from tunelab.serve.engine import Engine
 from tunelab.serve.metrics import ServeMetrics
 from tunelab.serve.multi_lora import wrap_linears
+from tunelab.serve.structured import Grammars
 
 log = logging.getLogger("tunelab.serve")
 SHUTDOWN_GRACE_S = 30.0
@@ -66,7 +67,8 @@ def build_state(cfg: ServeConfig, registry: Registry | None = None) -> ServerSta
                     token_budget=cfg.token_budget, max_adapters_per_step=cfg.max_adapters_per_step,
                     queue_size=cfg.queue_size, lora_kernel=cfg.lora_kernel)
     engine.start()
-    return ServerState(cfg, engine, catalog, ServeMetrics(engine), model.config.max_position_embeddings)
+    return ServerState(cfg, engine, catalog, ServeMetrics(engine), model.config.max_position_embeddings,
+                       Grammars(model.config.vocab_size))
 
 
 def engine_threads() -> int:
