@@ -158,7 +158,8 @@ def _tunelab_app(spec: dict):
     from tunelab.serve.server import build_state
 
     registry = Registry(Path(tempfile.mkdtemp(prefix="bench-registry-")))  # empty: only the run dirs are served
-    cfg = ServeConfig(base=spec["base"], models=spec["models"], port=0, threads=spec.get("threads"))
+    cfg = ServeConfig(base=spec["base"], models=spec["models"], port=0, threads=spec.get("threads"),
+                      precision=spec["precision"])
     state = build_state(cfg, registry=registry)
     return create_app(state), lambda: state.engine.stop(grace_seconds=5)
 
@@ -192,7 +193,7 @@ def _swap_app(spec: dict):
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
-    precision = choose_precision("auto")  # as ServeConfig's default: the same dtype as tunelab's server
+    precision = choose_precision(spec["precision"])  # what the parent resolved: the dtype tunelab's server uses
     folder = Path(spec["folder"])
     tokenizer = AutoTokenizer.from_pretrained(folder)
     base = AutoModelForCausalLM.from_pretrained(folder, dtype=precision.weights_dtype)

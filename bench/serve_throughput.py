@@ -438,6 +438,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32, help="max_tokens of every request")
     parser.add_argument("--threads", type=int, help="torch threads of every server (tunelab: ServeConfig.threads; "
                         "swap: torch.set_num_threads; tf: OMP_NUM_THREADS); default: each one's default (all cores)")
+    parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                        help="of every server; auto: as `tunelab serve` decides it (a measured bf16/fp32 product)")
     parser.add_argument("--json-out", "--json", dest="json_out", type=Path, help="write the RESULT json here")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # a server process (bench/serve_baselines.py)
     args = parser.parse_args()
@@ -456,9 +458,12 @@ def main() -> None:
 
     from tunelab.cli import allocator
     from tunelab.model.load import resolve_model
-    from tunelab.model.precision import choose_precision, detect_hardware
+    from tunelab.model.precision import choose_serving_precision, detect_hardware
 
-    precision = choose_precision("auto")
+    if args.threads:
+        torch.set_num_threads(args.threads)  # the measurement behind `auto` runs on the servers' thread count
+    precision = choose_serving_precision(args.precision)  # every server computes in it
+    setting = "bf16" if precision.bf16 else "fp32"
     machine = {"cpu": detect_hardware().describe(), "cores": os.cpu_count(), "machine": platform.machine(),
                "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
                "allocator": allocator.active_allocator(), "precision": precision.reason,
@@ -504,7 +509,7 @@ def main() -> None:
                 target = Target(server, running.url, str(folder), [])
             else:
                 spec = {"kind": server, "base": args.base, "folder": str(folder), "models": adapter_ids,
-                        "threads": args.threads}
+                        "threads": args.threads, "precision": setting}
                 running = serve_baselines.start_child(Path(__file__).resolve(), spec)
                 target = Target(server, running.url, args.base, adapter_ids)
         except Exception as exc:  # a baseline that cannot start is reported, the others still run

@@ -361,7 +361,8 @@ class ServeConfig(_Strict):
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a chat request does not set it.")
     max_body_bytes: int = Field(4 << 20, ge=1024, description="A larger request body is a 400.")
     request_timeout: float = Field(600.0, gt=0, description="Seconds a request may take in all; then it is cancelled.")
-    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="As train.precision: decided from the CPU.")
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 weights where a decode-sized "
+                                                       "product measures 1.25x faster in bf16 at start, else fp32.")
     lora_kernel: Literal["auto", "grouped", "masked", "gathered"] = Field(
         "auto", description="How rows of different adapters are computed together (serve/multi_lora.py); auto: "
         "grouped, or masked for a decode step with many adapters. bench/lora_kernels.py measures each on this CPU."

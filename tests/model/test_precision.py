@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tunelab.model.precision import Hardware, choose_precision, detect_hardware
+from tunelab.model.precision import (
+    Hardware,
+    choose_precision,
+    choose_serving_precision,
+    detect_hardware,
+    measure_bf16_speedup,
+)
 
 AMX = Hardware("cpu", "Intel(R) Xeon(R) Platinum 8480+", "x86_64",
                ("AVX2", "FMA", "AVX-512", "AVX512-BF16", "AVX512-VNNI", "AMX-BF16", "AMX-INT8"), "AVX512")
@@ -52,3 +58,20 @@ def test_a_setting_in_the_config_wins():
 def test_descriptions_name_what_is_missing():
     assert ZEN2.describe() == "AMD EPYC 7B12 (x86_64: AVX2, FMA; no AMX)"
     assert "no AMX" not in AMX.describe() and "no AMX" not in GRAVITON.describe()
+
+
+def test_serving_takes_bf16_where_a_measured_decode_product_is_faster_in_it():
+    def never(): raise AssertionError("a precision set in the config needs no measurement")
+
+    fast, slow = choose_serving_precision("auto", ZEN4, lambda: 2.0), choose_serving_precision("auto", ZEN2, lambda: 0.3)
+    assert fast.bf16 and "2.0x faster in bf16" in fast.reason and ZEN4.name in fast.reason
+    assert not slow.bf16 and "0.30x as fast in bf16" in slow.reason
+    assert not choose_serving_precision("fp32", AMX, never).bf16 and choose_serving_precision("bf16", ZEN2, never).bf16
+
+
+def test_the_bf16_measurement_is_a_ratio_of_real_products():
+    ratio = measure_bf16_speedup(rows=2, k=64, n=64, repeats=3)
+    assert 0.01 < ratio < 100
+    state = torch.random.get_rng_state()
+    measure_bf16_speedup(rows=2, k=64, n=64, repeats=1)
+    assert torch.equal(state, torch.random.get_rng_state())  # its own generator: a resumed run stays bitwise

@@ -165,3 +165,21 @@ def test_a_json_row_is_constrained_and_its_neighbours_are_not(state, references,
     got = constrained.wait()
     assert got.end.reason == "stop", tokenizer.decode(got.tokens)
     assert json.loads(tokenizer.decode(got.tokens)) in ({"ok": True}, {"ok": False})
+
+
+def test_in_bf16_weights_and_cache_are_bf16_and_every_adapter_still_acts(tiny_model_dir, adapter_runs,
+                                                                         tmp_path_factory):
+    """What `precision: auto` picks where bf16 products are native: the adapters' deltas (kept in fp32 slots)
+    must survive the bf16 base, or every fine-tune would answer as the base."""
+    import torch
+
+    state = _state(tiny_model_dir, adapter_runs, tmp_path_factory, max_batch_rows=8, precision="bf16")
+    try:
+        assert next(state.engine.model.parameters()).dtype == torch.bfloat16
+        pending = {name: _submit(state, adapter_runs, name, PROMPTS[0]) for name in [None, *adapter_runs]}
+        answers = {name: tuple(got.wait().tokens) for name, got in pending.items()}
+        assert all(len(a) == MAX_NEW for a in answers.values() if a)
+        assert len(set(answers.values())) == len(answers), answers
+        assert state.engine.cache.buffers[0][0].dtype == torch.bfloat16
+    finally:
+        state.engine.stop(grace_seconds=5)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import platform
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,3 +136,50 @@ def choose_precision(setting: str, hardware: Hardware | None = None) -> Precisio
     else:
         why = "it has no bf16 matrix units, and emulated bf16 is slower than fp32"
     return Precision(False, "cpu", f"fp32: {hw.describe()}: {why}")
+
+
+# Serving's `auto` takes bf16 when a decode-sized product runs at least this much faster in it: below
+# that, bf16's rounding buys too little time to be worth answers that differ from the fp32 reference.
+SERVE_BF16_MIN_SPEEDUP = 1.25
+
+
+def measure_bf16_speedup(rows: int = 16, k: int = 576, n: int = 1536, repeats: int = 15) -> float:
+    """fp32 time / bf16 time of one (rows, k) x (k, n) product, each with its weights already in its dtype.
+
+    A decode step is such products (a few rows against a whole weight matrix): bound by reading the
+    weights, so halving their bytes helps wherever bf16 products are not emulated. Takes ~20 ms; uses the
+    threads torch is set to, and its own generator (no draw from the global RNG).
+    """
+    import time
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, k, generator=generator)
+    w = torch.randn(n, k, generator=generator)
+
+    def median_seconds(x: torch.Tensor, w: torch.Tensor) -> float:
+        torch.nn.functional.linear(x, w)  # warm-up: oneDNN builds its kernel on the first call
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            torch.nn.functional.linear(x, w)
+            times.append(time.perf_counter() - start)
+        return sorted(times)[len(times) // 2]
+
+    return median_seconds(x, w) / median_seconds(x.bfloat16(), w.bfloat16())
+
+
+def choose_serving_precision(setting: str, hardware: Hardware | None = None,
+                             speedup: Callable[[], float] = measure_bf16_speedup) -> Precision:
+    """`serve.precision`: as set, or for 'auto' on a CPU, bf16 weights where a measured decode-sized product is
+    `SERVE_BF16_MIN_SPEEDUP` times faster in bf16 (so AVX512-BF16 parts, which training leaves in fp32, serve in
+    bf16 when it pays), else fp32."""
+    hw = hardware or detect_hardware()
+    if setting != "auto" or hw.device == "cuda":
+        return choose_precision(setting, hw)
+    ratio = speedup()
+    if ratio >= SERVE_BF16_MIN_SPEEDUP:
+        return Precision(True, "cpu", f"bf16 weights: on {hw.describe()} a decode-sized matrix product ran "
+                                      f"{ratio:.1f}x faster in bf16 than in fp32 (measured at start)")
+    return Precision(False, "cpu", f"fp32: on {hw.describe()} a decode-sized matrix product ran {ratio:.2f}x "
+                                   "as fast in bf16 as in fp32 (measured at start): too little to pay for "
+                                   "bf16's rounding (set precision: bf16 to use it)")

@@ -18,7 +18,7 @@ import torch
 from tunelab.config import ServeConfig
 from tunelab.errors import TunelabError
 from tunelab.model.load import decoder_layers, load_model, load_tokenizer, resolve_model, weights_fingerprint
-from tunelab.model.precision import choose_precision
+from tunelab.model.precision import choose_serving_precision
 from tunelab.registry import Registry
 from tunelab.serve.adapters import SlotTable
 from tunelab.serve.app import ServerState, create_app
@@ -38,7 +38,7 @@ def build_state(cfg: ServeConfig, registry: Registry | None = None) -> ServerSta
     torch.set_num_threads(threads)
     log.info("threads: %d for the engine (%s)", threads, "set" if cfg.threads else
              f"{len(os.sched_getaffinity(0))} cores, one kept for HTTP, tokenizing and streaming")
-    precision = choose_precision(cfg.precision)
+    precision = choose_serving_precision(cfg.precision)
     log.info("precision: %s", precision.reason)
     resolved = resolve_model(cfg.base)
     tokenizer = load_tokenizer(cfg.base)
