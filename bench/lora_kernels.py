@@ -50,35 +50,48 @@ def layers() -> list[MultiLoraLinear]:
 
 
 def time_forward(stack: list[MultiLoraLinear], x: dict[int, torch.Tensor], rows: RowSlots | None,
-                 repeats: int) -> float:
-    """Median seconds for one pass through all seven layers (each fed an input of its own width)."""
-    times = []
+                 passes: int, clock=time.perf_counter) -> float:
+    """Seconds for one pass through all seven layers (each fed an input of its own width), averaged over `passes`."""
     with torch.no_grad(), rows_use(rows):
-        for _ in range(repeats):
-            started = time.perf_counter()
+        started = clock()
+        for _ in range(passes):
             for layer in stack:
                 layer(x[layer.base.in_features])
-            times.append(time.perf_counter() - started)
-    return statistics.median(times[len(times) // 5 :])  # the first fifth warms up
+        return (clock() - started) / passes
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=40, help="rounds; each times the base and every kernel once")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="cpu: the process's CPU time, for a machine busy with other work (one thread only)")
     parser.add_argument("--json", default=None, help="Write the results here too.")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.clock == "cpu" and torch.get_num_threads() != 1:
+        parser.error("--clock cpu needs --threads 1 (idle workers spinning would count as work)")
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     cpu = detect_hardware().describe()
-    print(f"CPU: {cpu}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"CPU: {cpu}; torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock")
     stack = layers()
     results = []
     for batch_name, (rows, tokens) in BATCHES.items():
         x = {w: torch.randn(rows, tokens, w) for w in {576, 1536}}
-        base = time_forward(stack, x, None, args.repeats)
         for mix_name, mix in MIXES.items():
-            slots = mix(rows)
+            contenders = {"base": None, **{k: RowSlots.of(mix(rows), k) for k in KERNELS}}
+            times: dict[str, list[float]] = {name: [] for name in contenders}
+            # Interleaved rounds, medians: a slow moment of the machine lands on every contender alike.
+            for round_ in range(args.rounds + 2):
+                for name, slots in contenders.items():
+                    elapsed = time_forward(stack, x, slots, passes=5, clock=clock)
+                    if round_ >= 2:  # two rounds of warm-up
+                        times[name].append(elapsed)
+            base = statistics.median(times["base"])
             row = {"batch": batch_name, "mix": mix_name, "base_ms": base * 1e3}
             for kernel in KERNELS:
-                row[kernel] = time_forward(stack, x, RowSlots.of(slots, kernel), args.repeats) / base
+                row[kernel] = statistics.median(times[kernel]) / base
             results.append(row)
     header = f"{'batch':14} {'adapters':14} {'base ms':>8} " + " ".join(f"{k:>9}" for k in KERNELS)
     print(header)

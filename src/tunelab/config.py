@@ -363,9 +363,9 @@ class ServeConfig(_Strict):
     request_timeout: float = Field(600.0, gt=0, description="Seconds a request may take in all; then it is cancelled.")
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 weights where a decode-sized "
                                                        "product measures 1.25x faster in bf16 at start, else fp32.")
-    lora_kernel: Literal["auto", "grouped", "masked", "gathered"] = Field(
+    lora_kernel: Literal["auto", "grouped", "masked", "gathered", "segmented"] = Field(
         "auto", description="How rows of different adapters are computed together (serve/multi_lora.py); auto: "
-        "grouped, or masked for a decode step with many adapters. bench/lora_kernels.py measures each on this CPU."
+        "grouped when one adapter serves every row, else segmented. bench/lora_kernels.py measures each on this CPU."
     )
     threads: int | None = Field(None, ge=1, description="torch threads for the engine; None: all cores but one "
                                 "(the HTTP side needs one of its own).")

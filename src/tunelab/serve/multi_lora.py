@@ -18,13 +18,15 @@ slot is computed once per step there, and read by all (layers x 7) wrapped linea
 How the adapters' part is computed is a choice between equivalent arithmetics (`KERNELS`); `auto`
 picks per forward from what `bench/lora_kernels.py` measured (docs/benchmarks.md has the numbers):
 
-    grouped   for each adapter in the batch: its rows' x, times A_s, times B_s, added to their rows
-    masked    every row through all slots at once (x A_all), the other slots' columns zeroed, times B_all
-    gathered  each row's own A and B gathered into a (rows, in, R) batch and multiplied (vLLM's CPU path)
+    grouped    for each adapter in the batch: its rows' x, times A_s, times B_s, added to their rows
+    masked     every row through all slots at once (x A_all), the other slots' columns zeroed, times B_all
+    gathered   each row's own A and B gathered into a (rows, in, R) batch and multiplied (vLLM's CPU path)
+    segmented  rows sorted by slot, then one grouped product through the A slots and one through the B
+               slots (torch's grouped_mm: each segment of rows times its own slot, no copy of any weight)
 
-The base rows are never touched by any of them (grouped skips slot 0; masked and gathered multiply by
-slot 0's zeros): a base request batched next to adapter requests gets exactly the base's answer
-(vLLM PR #48421 is the bug where it did not).
+The base rows are never touched by any of them (grouped skips slot 0; the others multiply by slot 0's
+zeros): a base request batched next to adapter requests gets exactly the base's answer (vLLM PR #48421
+is the bug where it did not).
 """
 
 from __future__ import annotations
@@ -32,18 +34,17 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 from torch import nn
 
-LoraKernel = Literal["auto", "grouped", "masked", "gathered"]
-KERNELS: tuple[str, ...] = ("grouped", "masked", "gathered")  # what "auto" chooses from
-# auto: a decode step (one token per row) with more adapters than this uses `masked`, anything else `grouped`.
-# On a 2-core AMD EPYC (Zen 4), with SmolLM2's shapes, grouped cost the least up to two adapters in a decode
-# batch, masked from eight (bench/lora_kernels.py; the table is in docs/benchmarks.md, "Serving").
-GROUPED_UP_TO = 2
+LoraKernel = Literal["auto", "grouped", "masked", "gathered", "segmented"]
+KERNELS: tuple[str, ...] = ("grouped", "masked", "gathered", "segmented")  # what "auto" chooses from
+# auto: `grouped` when one adapter serves every row (a plain x A B, no sorting), else `segmented`: on a 2-core
+# AMD EPYC (Zen 4) it cost the least or within a few percent of the least in every decode and prompt batch with
+# two or more adapters or base rows (bench/lora_kernels.py; the table is in docs/benchmarks.md, "Serving").
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,9 @@ class RowSlots:
     slots: torch.Tensor  # (B,) long; 0 = the base model
     groups: tuple[tuple[int, torch.Tensor | None], ...]  # (slot, its rows) per adapter slot in use; None: all rows
     kernel: LoraKernel
+    order: torch.Tensor | None  # the rows sorted by slot (segmented); None: they already are
+    inverse: torch.Tensor | None  # where each sorted row goes back to
+    _offsets: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def of(cls, slots: list[int], kernel: LoraKernel = "auto") -> RowSlots:
@@ -62,7 +66,19 @@ class RowSlots:
             groups: tuple[tuple[int, torch.Tensor | None], ...] = ((used[0], None),)
         else:
             groups = tuple((s, (tensor == s).nonzero().squeeze(1)) for s in used)
-        return cls(tensor, groups, kernel)
+        order = inverse = None
+        if any(a > b for a, b in zip(slots, slots[1:])):
+            order = torch.argsort(tensor, stable=True)
+            inverse = torch.argsort(order)
+        return cls(tensor, groups, kernel, order, inverse)
+
+    def offsets(self, n_slots: int, tokens: int) -> torch.Tensor:
+        """(n_slots,) int32: where each slot's segment of the sorted (rows x tokens) ends (grouped_mm's `offs`)."""
+        key = (n_slots, tokens)
+        if key not in self._offsets:  # once per forward, then read by every layer
+            counts = torch.bincount(self.slots, minlength=n_slots) * tokens
+            self._offsets[key] = torch.cumsum(counts, 0).to(torch.int32)
+        return self._offsets[key]
 
 
 _ROWS: contextvars.ContextVar[RowSlots | None] = contextvars.ContextVar("tunelab_lora_rows", default=None)
@@ -109,7 +125,7 @@ class MultiLoraLinear(nn.Module):
             return y
         kernel = rows.kernel
         if kernel == "auto":
-            kernel = "masked" if x.shape[1] == 1 and len(rows.groups) > GROUPED_UP_TO else "grouped"
+            kernel = "grouped" if len(rows.groups) == 1 and rows.groups[0][1] is None else "segmented"
         with torch.autocast(x.device.type, enabled=False):  # the r-wide middle in fp32, whatever the base computes in
             delta = _DELTA[kernel](x.float(), self.lora_a, self.lora_b, rows)
         if isinstance(delta, list):
@@ -146,7 +162,19 @@ def _gathered(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rows: RowSlots)
     return torch.bmm(torch.bmm(x, a_rows), b[rows.slots])
 
 
-_DELTA = {"grouped": _grouped, "masked": _masked, "gathered": _gathered}
+def _segmented(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rows: RowSlots) -> torch.Tensor:
+    """(B, T, out): the rows sorted by slot, each segment through its own slot's A, then its own B."""
+    batch, tokens, in_features = x.shape
+    if not all(n % 4 == 0 for n in (in_features, a.shape[2], b.shape[2])):  # grouped_mm wants 16-byte strides
+        return _grouped(x, a, b, rows)
+    xs = x if rows.order is None else x.index_select(0, rows.order)
+    offs = rows.offsets(a.shape[1], tokens)
+    h = torch.nn.functional.grouped_mm(xs.reshape(batch * tokens, in_features), a.permute(1, 0, 2), offs=offs)
+    delta = torch.nn.functional.grouped_mm(h, b, offs=offs).reshape(batch, tokens, -1)  # (B, T, out), sorted
+    return delta if rows.inverse is None else delta.index_select(0, rows.inverse)
+
+
+_DELTA = {"grouped": _grouped, "masked": _masked, "gathered": _gathered, "segmented": _segmented}
 
 
 def wrap_linears(model: nn.Module, module_names: list[str], slots: int, rank: int) -> dict[str, MultiLoraLinear]:
