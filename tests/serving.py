@@ -25,7 +25,8 @@ def randomize_adapter(run_dir: Path, seed: int, scale: float = 0.5) -> None:
 def serve_config(tiny_model_dir: Path, models: list[str], **overrides):
     from tunelab.config import ServeConfig
 
-    return ServeConfig(base=str(tiny_model_dir), models=models, **{"precision": "fp32", "max_lora_rank": 8, **overrides})
+    return ServeConfig(base=str(tiny_model_dir), models=models, **{"precision": "fp32", "max_lora_rank": 8,
+                                                                 "weight_layout": "plain", **overrides})
 
 
 class Collected:

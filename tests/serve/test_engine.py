@@ -167,19 +167,24 @@ def test_a_json_row_is_constrained_and_its_neighbours_are_not(state, references,
     assert json.loads(tokenizer.decode(got.tokens)) in ({"ok": True}, {"ok": False})
 
 
-def test_in_bf16_weights_and_cache_are_bf16_and_every_adapter_still_acts(tiny_model_dir, adapter_runs,
-                                                                         tmp_path_factory):
-    """What `precision: auto` picks where bf16 products are native: the adapters' deltas (kept in fp32 slots)
-    must survive the bf16 base, or every fine-tune would answer as the base."""
+def test_in_bf16_with_packed_weights_every_adapter_still_acts(tiny_model_dir, adapter_runs, tmp_path_factory):
+    """What `auto` picks where bf16 products are native and packing pays: the adapters' deltas (kept in fp32
+    slots) must survive the bf16 base and its packed products, or every fine-tune would answer as the base."""
     import torch
 
-    state = _state(tiny_model_dir, adapter_runs, tmp_path_factory, max_batch_rows=8, precision="bf16")
+    from tunelab.model.kernels.packed import PackedLinear, packing_speedup
+
+    layout = "packed" if packing_speedup(torch.bfloat16, rows=2, k=16, n=16, repeats=1) else "plain"
+    state = _state(tiny_model_dir, adapter_runs, tmp_path_factory, max_batch_rows=8, precision="bf16",
+                   weight_layout=layout)
     try:
         assert next(state.engine.model.parameters()).dtype == torch.bfloat16
+        packed = [m for m in state.engine.model.modules() if isinstance(m, PackedLinear)]
+        assert len(packed) == (0 if layout == "plain" else 2 * 7 + 1)  # 2 layers x 7 linears, and the head
         pending = {name: _submit(state, adapter_runs, name, PROMPTS[0]) for name in [None, *adapter_runs]}
         answers = {name: tuple(got.wait().tokens) for name, got in pending.items()}
         assert all(len(a) == MAX_NEW for a in answers.values() if a)
         assert len(set(answers.values())) == len(answers), answers
-        assert state.engine.cache.buffers[0][0].dtype == torch.bfloat16
+        assert state.engine.cache.buffers[0][0].dtype == torch.float32  # the attention of decode steps in fp32
     finally:
         state.engine.stop(grace_seconds=5)

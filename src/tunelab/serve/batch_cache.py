@@ -32,9 +32,10 @@ GROWTH = 64  # columns added at each reallocation: one copy of the cache every G
 
 
 class BatchCache:
-    def __init__(self, config: PretrainedConfig, rows_cap: int) -> None:
+    def __init__(self, config: PretrainedConfig, rows_cap: int, dtype: torch.dtype | None = None) -> None:
         self.config = config
         self.rows_cap = rows_cap
+        self.dtype = dtype  # of the buffers; None: the first prompt cache's
         self.n = 0  # active rows
         self.width = 0  # filled columns
         self.buffers: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer (keys, values)
@@ -61,7 +62,8 @@ class BatchCache:
         assert self.n + len(rows) <= self.rows_cap, "the engine admits no more rows than rows_cap"
         if not self.buffers:
             self.buffers = [
-                tuple(kv.new_zeros((self.rows_cap, kv.shape[1], 0, kv.shape[3])) for kv in (layer.keys, layer.values))
+                tuple(kv.new_zeros((self.rows_cap, kv.shape[1], 0, kv.shape[3]), dtype=self.dtype or kv.dtype)
+                      for kv in (layer.keys, layer.values))
                 for layer in cache.layers
             ]
         self._make_room(left=w, right=1)

@@ -127,7 +127,7 @@ class Engine:
         self.max_adapters_per_step = max_adapters_per_step
         self.queue_size = queue_size
         self.lora_kernel = lora_kernel
-        self.cache = BatchCache(model.config, max_batch_rows)
+        self.cache = self._new_cache()
         self.rows: list[_Row] = []  # row i of the batch cache
         self.stats = EngineStats()
         self._waiting: collections.deque[Request] = collections.deque()
@@ -328,4 +328,10 @@ class Engine:
             request = self.rows[i].request
             self._remove(i)
             request.on_event(Failed(message, status))
-        self.cache = BatchCache(self.model.config, self.max_batch_rows)
+        self.cache = self._new_cache()
+
+    def _new_cache(self) -> BatchCache:
+        # The running rows' keys and values in fp32 even when the weights are bf16: one decode step's attention
+        # reads every row's whole history, and torch's CPU flash attention ran it several times slower in bf16
+        # than in fp32 on an AVX512-BF16 CPU (docs/benchmarks.md, "Serving"); the cache is small beside the weights.
+        return BatchCache(self.model.config, self.max_batch_rows, dtype=torch.float32)

@@ -8,6 +8,7 @@
                                 scaling) and, on long runs, for whole decoder layers
                  head_loss.py   the LM head and the cross-entropy in row chunks (no vocab-wide tensor kept)
                  prefix.py      a prompt prefix every row shares, computed once
+                 packed.py      serving: frozen weights packed once in oneDNN's layout (ServeConfig.weight_layout)
     reference  plain PEFT and transformers: PEFT's own LoRA and DoRA layers, transformers' SDPA attention,
                nothing compiled, the plain cross-entropy, every row computed whole. The path the kernels
                are checked against in tests, and the one to take to rule them out when something looks

@@ -194,6 +194,15 @@ def grouped_query_attention(
         value = torch.cat([_prefix_rows(value, positions), value], dim=2)
     elif not compiling and _generation.get() and not torch.is_grad_enabled() and dropout == 0.0:
         mask = attention_mask[:, :, :, : key.shape[-2]] if attention_mask is not None else None
+        if key.dtype != query.dtype:
+            # A cache kept in another dtype than the model computes in (serving keeps fp32 keys and values under
+            # bf16 weights: serve/engine.py) decides the attention's dtype, autocast or not; the output goes back
+            # to the model's dtype.
+            with torch.autocast(query.device.type, enabled=False):
+                out = nn.functional.scaled_dot_product_attention(
+                    query.to(key.dtype), key, value, attn_mask=None if mask is None else mask.to(key.dtype)
+                    if mask.is_floating_point() else mask, scale=scaling, enable_gqa=True)  # (B, H, T, D)
+            return out.to(query.dtype).transpose(1, 2).contiguous(), None  # (B, T, H, D)
         out = nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
                                                          enable_gqa=True)  # (B, H, T, D)
         return out.transpose(1, 2).contiguous(), None  # (B, T, H, D)
