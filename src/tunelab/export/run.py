@@ -77,7 +77,6 @@ def run_export(requested: str | Path, cfg: ExportConfig) -> ExportRecord:
     src = preflight(requested, cfg)
     import torch
 
-    from tunelab import __version__
     from tunelab.export import verify
     from tunelab.export.source import base_record, load_base, load_tokenizer, load_unmerged, verification_prompts
 
@@ -87,7 +86,7 @@ def run_export(requested: str | Path, cfg: ExportConfig) -> ExportRecord:
     log.info("export: %s (%s) -> %s %s", src.name, src.method(), cfg.to, cfg.path)
     unmerged = load_unmerged(src)
     record = ExportRecord(target=cfg.to, path=str(cfg.path), source=src.record(), base=base, verified=cfg.verify,
-                          tunelab_version=__version__)
+                          tunelab_version=_version())
     check: Verifying | None = None
     if cfg.verify:
         prompts, prompt_source = verification_prompts(src, tokenizer, cfg.prompts)
@@ -118,7 +117,7 @@ def run_export(requested: str | Path, cfg: ExportConfig) -> ExportRecord:
                 if not src.full:
                     record.checks.append(verify.compare(
                         "merge", check.unmerged, check.merged, cfg.merge_tolerance, greedy_equal=True,
-                        what="fp32 base + adapter (unmerged, PEFT) vs the merged fp32 model"))
+                        relative=cfg.merge_relative, what="fp32 base + adapter (unmerged, PEFT) vs the merged fp32 model"))
                 record.checks.append(verify.non_vacuity(check.base, check.merged, cfg.non_vacuity, "the merged model"))
                 check.unmerged.logits.clear()  # (T, vocab) per prompt: freed once compared
             if cfg.to == "hf":
@@ -179,6 +178,7 @@ def _hf(cfg: ExportConfig, merged, tokenizer, record: ExportRecord, folder: Path
     limit = cfg.merge_tolerance if exact else cfg.gguf_tolerance["f16" if record.dtype == "float16" else "bf16"]
     record.checks.append(verify.compare(
         "hf-reload", check.merged, check.outputs(reloaded, check.merged), limit, greedy_equal=exact,
+        relative=cfg.merge_relative if exact else None,
         what=f"the folder reloaded by AutoModelForCausalLM ({record.dtype} on disk) vs the merged fp32 model"))
     saved = AutoTokenizer.from_pretrained(folder)
     stray = [n for n in ("adapter_config.json", "adapter_model.safetensors") if (folder / n).exists()]
@@ -219,8 +219,10 @@ def _gguf(src: ExportSource, cfg: ExportConfig, merged, tokenizer, record: Expor
     read_back = check.outputs(verify.load_gguf_model(path), check.merged)
     what = f"the {cfg.quant.upper()} GGUF read back by transformers' GGUF loader vs the merged fp32 model"
     if cfg.quant in cfg.gguf_tolerance:
+        exact = cfg.quant == "f32"
         record.checks.append(verify.compare("gguf-logits", check.merged, read_back, cfg.gguf_tolerance[cfg.quant],
-                                            greedy_equal=cfg.quant == "f32", what=what))
+                                            greedy_equal=exact, relative=cfg.merge_relative if exact else None,
+                                            what=what))
     elif cfg.quant in FOUR_BIT:
         result = verify.compare("gguf-logits", check.merged, read_back, what=what + " (4-bit: measured, not gated)")
         kept = result.figures["greedy_agreement"]
@@ -312,3 +314,12 @@ def _ollama(src: ExportSource, tokenizer, record: ExportRecord, folder: Path, gg
     write_text_atomic(folder / "Modelfile", text)
     if check is not None:
         record.checks.append(modelfile_check(text, tokenizer))
+
+
+def _version() -> str:
+    import importlib.metadata
+
+    try:  # not `tunelab.__version__`: the package root sits above this layer (tests/test_imports.py)
+        return importlib.metadata.version("tunelab")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"

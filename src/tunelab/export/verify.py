@@ -72,11 +72,14 @@ def figures(ref: Outputs, other: Outputs) -> dict[str, Any]:
 
 
 def compare(name: str, ref: Outputs, other: Outputs, max_diff: float | None = None, *, greedy_equal: bool = False,
-            min_top1: float | None = None, what: str = "") -> Check:
-    """A Check whose limits are: max |logit diff| <= max_diff, identical greedy continuations, top-1 >= min_top1."""
+            min_top1: float | None = None, relative: float | None = None, what: str = "") -> Check:
+    """A Check whose limits are: max |logit diff| <= max_diff (or `relative` x the largest |logit|, if larger),
+    identical greedy continuations, top-1 >= min_top1."""
     f = figures(ref, other)
     passed, limits = True, []
     if max_diff is not None:
+        if relative is not None:
+            max_diff = float(f"{max(max_diff, relative * f['max_abs_logit']):.3g}")
         passed &= f["max_abs_logit_diff"] <= max_diff
         f["limit"] = max_diff
         limits.append(f"max |logit diff| <= {max_diff:g}")
