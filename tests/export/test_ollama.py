@@ -32,7 +32,7 @@ def test_a_template_without_a_default_system_writes_no_system_line(tiny_tokenize
              "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
     tok = with_template(tiny_tokenizer, plain)
     text = modelfile(turn_format(tok, where="t"), "m.gguf", origin="t")
-    assert "SYSTEM" not in text and modelfile_check(text, tok).passed
+    assert "SYSTEM" not in parse_modelfile(text) and modelfile_check(text, tok).passed
 
 
 def test_a_wrong_modelfile_fails_its_check(tiny_tokenizer):

@@ -158,10 +158,13 @@ def test_no_verify_writes_and_says_so(export_runs, tmp_path):
 
 
 def test_a_merge_that_returns_the_base_fails_and_writes_nothing(export_runs, tmp_path, monkeypatch):
-    import tunelab.export.merge
+    import importlib
+
     from tunelab.errors import TunelabError
 
-    monkeypatch.setattr(tunelab.export.merge, "merge", lambda src, model: model.unload())  # drops the adapter
+    # (`tunelab.export` is also the function tl.export, so the module is looked up by name)
+    merge_module = importlib.import_module("tunelab.export.merge")
+    monkeypatch.setattr(merge_module, "merge", lambda src, model: model.unload())  # drops the adapter
     with pytest.raises(TunelabError, match="non-vacuity") as info:
         export(export_runs["lora"], "hf", tmp_path / "vacuous")
     assert "merge:" in str(info.value)  # unmerged vs "merged" differ too

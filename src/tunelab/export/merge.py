@@ -17,6 +17,7 @@ stop on, and no adapter_config.json: transformers re-attaches an adapter it find
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,6 +25,7 @@ import torch
 
 from tunelab.errors import TunelabError
 from tunelab.export.source import ExportSource, load_base
+from tunelab.io import write_json_atomic
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -73,8 +75,6 @@ def merge(src: ExportSource, unmerged: PeftModel | PreTrainedModel) -> PreTraine
 
 def base_dtype(folder: Path) -> torch.dtype:
     """The dtype the base's config.json names (`dtype`, or the older `torch_dtype`), else float32."""
-    import json
-
     config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
     name = config.get("dtype") or config.get("torch_dtype") or "float32"
     return getattr(torch, name) if name in ("float32", "float16", "bfloat16") else torch.float32
@@ -90,12 +90,13 @@ def save_hf(merged: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder:
     generation.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     # Cast a copy of the weights: the model stays fp32 for the checks that compare against it.
     state = {k: v.detach().to(dtype) for k, v in merged.state_dict().items()}
-    previous = config.dtype
-    config.dtype = dtype
-    try:
-        merged.save_pretrained(folder, state_dict=state, safe_serialization=True)
-    finally:
-        config.dtype = previous
+    merged.save_pretrained(folder, state_dict=state, safe_serialization=True)
+    # save_pretrained records the in-memory dtype (fp32) in config.json; the weights on disk are `dtype`, and
+    # loaders that read `dtype="auto"` (vLLM, TGI) must see that.
+    config_file = Path(folder) / "config.json"
+    saved = json.loads(config_file.read_text(encoding="utf-8"))
+    saved["dtype"] = str(dtype).removeprefix("torch.")
+    write_json_atomic(config_file, saved)
     tokenizer.save_pretrained(folder)
     for stray in ("adapter_config.json", "adapter_model.safetensors"):
         (Path(folder) / stray).unlink(missing_ok=True)
