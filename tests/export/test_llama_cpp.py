@@ -15,7 +15,7 @@ def _unavailable() -> str | None:
 
         get_lib()  # loads libllama: raises when the system's glibc is too old for the wheel
     except Exception as exc:  # noqa: BLE001 - ImportError, RuntimeError (dlopen), OSError
-        return f"llama.cpp unavailable: {str(exc).splitlines()[0][-160:]}"
+        return f"llama.cpp unavailable: {str(exc).splitlines()[0][:200]}"
     return None
 
 
@@ -24,11 +24,11 @@ pytestmark = pytest.mark.skipif(UNAVAILABLE is not None, reason=UNAVAILABLE or "
 
 
 def test_llama_cpp_tokenizes_the_merged_gguf_like_training(export_runs, tmp_path):
+    from llama_cpp_py_sync import Llama
+
     import tunelab as tl
     from tunelab.export.tokenization import PROBE_TEXTS
     from tunelab.rundir import load_run
-
-    from llama_cpp_py_sync import Llama
 
     path = tmp_path / "m.gguf"
     tl.export(export_runs["lora"], to="gguf", path=path, quant="f32", prompts=2, new_tokens=4)
