@@ -97,9 +97,9 @@ def print_export(record: ExportRecord) -> None:
         table.add_column("figures")
         for check in record.checks:
             figures = ", ".join(f"{k}={v}" for k, v in check.figures.items() if k not in _QUIET_FIGURES)
-            limit = check.figures.get("limit", check.figures.get("min_top1", check.figures.get("min_diff")))
-            if limit is not None:
-                figures += f" (limit {limit})"
+            for key, words in (("limit", "at most"), ("min_top1", "top-1 at least"), ("min_diff", "differs by at least")):
+                if key in check.figures:
+                    figures += f" ({words} {check.figures[key]})"
             table.add_row(check.name, "[green]ok[/]" if check.passed else "[bold red]FAILED[/]", figures)
         out.print(table)
         if record.tokenization is not None:
