@@ -24,7 +24,7 @@ LAYERS = [
     {"tunelab.evaluation"},
     {"tunelab.training"},
     {"tunelab.registry", "tunelab.pipeline", "tunelab.planning"},
-    {"tunelab.serve"},
+    {"tunelab.serve", "tunelab.export"},
     {"tunelab", "tunelab.cli", "tunelab.__main__"},
 ]
 

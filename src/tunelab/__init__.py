@@ -11,6 +11,7 @@ The Python API, the same path as the `tunelab` command:
     result = tl.evaluate(run)                                        # fine-tune vs the base -> tl.EvalResult
     model, tokenizer = tl.load(run)                                  # or tl.load("banking@production")
     reg = tl.Registry(); reg.register(run.path, "banking"); reg.promote("banking@1")
+    record = tl.export("banking@1", to="gguf", path="out/banking.gguf")    # verified; tl.ExportRecord
 
 Progress bars go to stderr; the run log goes to the standard `logging` loggers under "tunelab"
 (`logging.basicConfig(level=logging.INFO)` shows it). A mistake a user can make raises
@@ -28,6 +29,7 @@ from tunelab import data
 from tunelab.config import RunConfig, load_config
 from tunelab.errors import TunelabError
 from tunelab.evaluation.result import EvalResult
+from tunelab.export.record import ExportRecord
 from tunelab.registry import Registry
 from tunelab.rundir import RunDir
 
@@ -38,8 +40,8 @@ if TYPE_CHECKING:
     from tunelab.planning import Plan
 
 __version__ = "0.1.0"
-__all__ = ["EvalResult", "Registry", "RunConfig", "RunDir", "TunelabError", "__version__", "data", "evaluate", "load",
-           "load_config", "plan", "train"]
+__all__ = ["EvalResult", "ExportRecord", "Registry", "RunConfig", "RunDir", "TunelabError", "__version__", "data",
+           "evaluate", "export", "load", "load_config", "plan", "train"]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded at run time
 # bitsandbytes (the `quant` extra) warns on import, in every process, that it could not fetch a CPU NF4 kernel
@@ -100,3 +102,14 @@ def plan(cfg: RunConfig) -> Plan:
     from tunelab.planning import make_plan
 
     return make_plan(cfg)
+
+
+def export(run: RunDir | Path | str, to: str, path: Path | str, **options: Any) -> ExportRecord:
+    """A fine-tune where people run models, verified: `to` is "hf" (merged HF folder), "gguf" (merged GGUF for
+    llama.cpp), "gguf-adapter" (the LoRA as a GGUF over the base GGUF) or "ollama" (merged GGUF + Modelfile).
+    `run`: a run directory or a registry reference (`banking@production`). `options`: `tunelab.config.ExportConfig`
+    fields, e.g. quant="f16", dtype="bfloat16", verify=False, overwrite=True. Returns the record written as
+    export.json; a failed verification raises TunelabError and writes nothing (docs/export.md)."""
+    from tunelab.export import export as export_run
+
+    return export_run(run, to, path, **options)

@@ -374,3 +374,46 @@ class ServeConfig(_Strict):
                                 "(the HTTP side needs one of its own).")
     api_keys: list[str] = Field(default_factory=list, description="Accepted bearer keys; empty: no key checked "
                                 "(then binding beyond 127.0.0.1 prints a warning).")
+
+
+ExportTarget = Literal["hf", "gguf", "gguf-adapter", "ollama"]
+# GGUF tensor types tunelab writes itself (gguf.quants): f32/f16/bf16 exact casts, q8_0 (llama.cpp's bit-exact
+# reference), q4_0/q4_1 (4-bit, measured and warned about: they can round a fine-tune's small delta away).
+GgufQuant = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"]
+
+
+class ExportConfig(_Strict):
+    """`tunelab export` / `tunelab.export`: a fine-tune as a merged HF folder, a GGUF (model or LoRA), or for Ollama,
+    verified against the unmerged model (tunelab/export/, docs/export.md)."""
+
+    to: ExportTarget = Field(..., description="hf: merged HF folder; gguf: merged GGUF; gguf-adapter: the LoRA as a "
+                             "GGUF over the base GGUF (llama.cpp --lora); ollama: merged GGUF + Modelfile.")
+    path: Path = Field(..., description="Output: a folder (hf, ollama) or a .gguf file (gguf, gguf-adapter).")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="hf: dtype of the saved weights; auto = the base's own (config.json's dtype), else float32.")
+    quant: GgufQuant = Field("q8_0", description="gguf, ollama: tensor type of the merged GGUF's matrices (norms and "
+                             "other 1-D tensors stay F32, as llama.cpp's converter does).")
+    adapter_type: Literal["f32", "f16"] = Field("f32", description="gguf-adapter: tensor type of lora_a / lora_b.")
+    verify: bool = Field(True, description="Compute the verification figures; a failed check is an error. "
+                         "False (--no-verify) is recorded in export.json.")
+    overwrite: bool = Field(False, description="Replace an existing output path.")
+    prompts: int = Field(8, ge=1, description="Verification prompts, from the run's own test split.")
+    new_tokens: int = Field(32, ge=1, description="Greedy tokens generated per verification prompt.")
+    merge_tolerance: float = Field(1e-4, gt=0, description="Max |logit difference|, fp32 unmerged vs merged ...")
+    merge_relative: float = Field(
+        1e-5, gt=0, description="... or this fraction of the largest |logit|, if larger: fp32 rounds x W^T + s (x A^T) "
+        "B^T and x (W + s B A)^T differently, and over 30 layers with logits up to 44 (SmolLM2) that noise alone "
+        "measured 1.8e-4.")
+    non_vacuity: float = Field(1e-3, gt=0, description="The merged model must differ from the base by at least this "
+                               "max |logit difference| (or in a greedy token): else the merge returned the base.")
+    gguf_tolerance: dict[str, float] = Field(
+        default_factory=lambda: {"f32": 1e-4, "f16": 0.1, "bf16": 0.5},
+        description="Max |logit difference| of a float GGUF (or a float16 / bfloat16 HF folder) read back, against "
+        "the merged fp32 model. Measured on a SmolLM2-135M fine-tune (30 layers, logits up to 44): F32 0.0, F16 "
+        "0.034; f32 also takes merge_relative. BF16 (8 mantissa bits, 1/8 of F16's precision) is set 5x F16.")
+    min_top1_agreement: float = Field(0.9, ge=0, le=1, description="q8_0: share of positions whose top-1 token "
+                                      "equals the fp32 merge's (teacher-forced over prompts and continuations).")
+    adapter_tolerance: dict[str, float] = Field(
+        default_factory=lambda: {"f32": 1e-5, "f16": 5e-3},
+        description="gguf-adapter, per adapter_type: max |difference| of (alpha/r) B A read back against PEFT's delta "
+        "weight, relative to the delta's largest entry.")

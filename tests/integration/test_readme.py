@@ -44,3 +44,5 @@ def test_the_python_api_section_runs_as_written(tiny_model_dir, tmp_path, monkey
     assert [v.ref for v in versions] == ["banking@1"]
     assert ("not promoted:" in out) == (tl.Registry().aliases("banking") == {})
     assert namespace["model"] is not None and namespace["tokenizer"].chat_template
+    assert namespace["record"].verified and not namespace["record"].failed()
+    assert (tmp_path / "out" / "banking.gguf").is_file() and (tmp_path / "out" / "banking.export.json").is_file()

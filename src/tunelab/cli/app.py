@@ -6,6 +6,7 @@
     tunelab eval RUN_DIR [--data FILE]    fine-tune vs base zero-shot vs few-shot; eval.json + report.html
     tunelab chat RUN_DIR "message"        answer one message with a fine-tune
     tunelab serve [--model NAME@ALIAS]    the base and fine-tunes behind an OpenAI-compatible API
+    tunelab export RUN --to hf|gguf|gguf-adapter|ollama -o OUT   merged / GGUF / Ollama, verified
     tunelab models register|list|show|diff|promote|rollback|delete|log   the model registry
     tunelab data validate|lint|clean|split|convert FILE   check and prepare data before training
     tunelab data validate FILE [--json]   every problem of a data file, one line each (exit 1 on errors)
@@ -29,6 +30,7 @@ from rich.text import Text  # noqa: E402
 
 from tunelab.cli import run  # noqa: E402
 from tunelab.cli.data import data_app  # noqa: E402
+from tunelab.cli.export import export_cmd  # noqa: E402
 from tunelab.cli.models import models_app  # noqa: E402
 from tunelab.cli.render import err  # noqa: E402
 from tunelab.cli.serve import serve_cmd  # noqa: E402
@@ -41,11 +43,12 @@ app.command()(run.plan)
 app.command("eval")(run.eval_cmd)
 app.command()(run.chat)
 app.command("serve")(serve_cmd)
+app.command("export")(export_cmd)
 app.add_typer(data_app, name="data")
 app.add_typer(models_app, name="models")
 
 # Verbs that load a model and run it: these run on tcmalloc when the system has it (see tunelab.cli.allocator).
-MODEL_VERBS = frozenset({"demo", "train", "plan", "eval", "chat", "serve"})
+MODEL_VERBS = frozenset({"demo", "train", "plan", "eval", "chat", "serve", "export"})
 TRAINING_VERBS = frozenset({"demo", "train", "plan"})  # their run log names the allocator (its effect is on training)
 
 

@@ -1,4 +1,4 @@
-"""Everything the CLI prints as a table, in one place: the run summary and the plan."""
+"""Everything the CLI prints as a table, in one place: the run summary, the plan, the export verification."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from tunelab.evaluation.result import DISPLAY_NAMES
 from tunelab.progress import console as err  # noqa: F401 (the stderr console: run log, progress, errors)
 
 if TYPE_CHECKING:  # the plan imports torch; the data verbs print without it
+    from tunelab.export.record import ExportRecord
     from tunelab.planning import Plan
     from tunelab.rundir import RunSummary
 
@@ -79,3 +80,34 @@ def print_plan(plan: Plan, config: object) -> None:
     table.add_row("cost", f"${plan.cost.total:.3f}", f"at ${plan.cost.price_per_hour:g}/hour")
     table.add_row("peak memory", f"{plan.peak_memory_mb:,.0f} MB", "measured during the probe")
     Console().print(table)
+
+
+_QUIET_FIGURES = {"prompts", "positions", "max_abs_logit", "greedy_agreement", "limit", "min_top1", "min_diff"}
+
+
+def print_export(record: ExportRecord) -> None:
+    """The verification table (one row per check: its figures against its limit), the files, the warnings."""
+    out = Console()
+    what = record.dtype or record.quant or ""
+    if record.verified:
+        table = Table(title=f"export {record.target} {what}: verification", box=box.SIMPLE_HEAD,
+                      caption="logits compared on the same tokens (each prompt + the reference's greedy continuation)")
+        table.add_column("check", no_wrap=True)
+        table.add_column("", no_wrap=True)
+        table.add_column("figures")
+        for check in record.checks:
+            figures = ", ".join(f"{k}={v}" for k, v in check.figures.items() if k not in _QUIET_FIGURES)
+            for key, words in (("limit", "at most"), ("min_top1", "top-1 at least"), ("min_diff", "differs by at least")):
+                if key in check.figures:
+                    figures += f" ({words} {check.figures[key]})"
+            table.add_row(check.name, "[green]ok[/]" if check.passed else "[bold red]FAILED[/]", figures)
+        out.print(table)
+        if record.tokenization is not None:
+            t = record.tokenization
+            out.print(f"tokenization vs llama.cpp ({t.pre_tokenizer!r}, {t.texts} texts): "
+                      + ("identical" if t.agrees else f"[bold red]DIFFERS[/]: {t.first_difference}"))
+    for warning in record.warnings:
+        out.print(f"[yellow]warning:[/] {warning}", soft_wrap=True)
+    for name, entry in record.files.items():
+        out.print(f"  {name}  {entry.bytes / 1e6:,.1f} MB  sha256 {entry.sha256[:16]}")
+    out.print(f"exported to [bold]{record.path}[/] in {record.seconds:.0f} s (record: export.json)")
