@@ -46,3 +46,15 @@ def test_unsupported_actions_raise_instead_of_rendering_something_else():
 def test_python_rendering_equals_go(template):
     cases = [ollama_values(MESSAGES, "sys"), ollama_values(MESSAGES, None), ollama_values(MESSAGES[:1], "")]
     assert [render_python(template, v) for v in cases] == render_go(template, cases)
+
+
+def test_python_rendering_equals_recorded_go_outputs():
+    """Go 1.19's text/template outputs for the templates above, recorded where Go was installed
+    (fixtures/go_text_template.json), so machines without Go still check the Python rendering."""
+    import json
+    from pathlib import Path
+
+    recorded = json.loads((Path(__file__).parent / "fixtures" / "go_text_template.json").read_text(encoding="utf-8"))
+    assert [r["template"] for r in recorded] == TEMPLATES
+    for r in recorded:
+        assert [render_python(r["template"], values) for values in r["cases"]] == r["go"]
