@@ -43,7 +43,8 @@ def test_smollm2_fine_tune_exports_to_every_target_and_verifies(tmp_path, monkey
         "ollama": tl.export(run, to="ollama", path=tmp_path / "out" / "banking-ollama"),
     }
     for name, record in records.items():
-        print(f"\n{name}: {record.seconds:.0f} s, {record.tensor_types}, warnings {record.warnings}")
+        sizes = ", ".join(f"{f} {r.bytes / 1e6:.1f} MB" for f, r in record.files.items())
+        print(f"\n{name}: {record.seconds:.0f} s, {record.tensor_types}, {sizes}, warnings {record.warnings}")
         for check in record.checks:
             print(f"  {check.name}: {check.passed} {check.figures}")
         if record.tokenization:
