@@ -339,6 +339,12 @@ def _set_dotted(raw: dict, dotted: str, value: object) -> None:
     node[leaf] = value
 
 
+# `tunelab serve`'s automatic choices, each measured at start on the machine it runs on:
+SERVE_BF16_MIN_SPEEDUP = 1.25  # precision auto: bf16 weights when a decode-sized product is this much faster in
+# bf16 (below it, bf16's rounding buys too little time to be worth answers that differ from the fp32 reference)
+PACKED_MIN_SPEEDUP = 1.1  # weight_layout auto: packed when that much faster (else not worth the packed copy's memory)
+
+
 class ServeConfig(_Strict):
     """`tunelab serve`: one base model and many adapters behind an OpenAI-compatible API (tunelab/serve/)."""
 
@@ -362,14 +368,15 @@ class ServeConfig(_Strict):
     max_body_bytes: int = Field(4 << 20, ge=1024, description="A larger request body is a 400.")
     request_timeout: float = Field(600.0, gt=0, description="Seconds a request may take in all; then it is cancelled.")
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 weights where a decode-sized "
-                                                       "product measures 1.25x faster in bf16 at start, else fp32.")
+                                                       f"product measures {SERVE_BF16_MIN_SPEEDUP}x faster in bf16 "
+                                                       "at start, else fp32.")
     lora_kernel: Literal["auto", "grouped", "masked", "gathered", "segmented"] = Field(
         "auto", description="How rows of different adapters are computed together (serve/multi_lora.py); auto: "
         "grouped when one adapter serves every row, else segmented. bench/lora_kernels.py measures each on this CPU."
     )
     weight_layout: Literal["auto", "packed", "plain"] = Field(
         "auto", description="packed: the base's weights packed once in oneDNN's layout (model/kernels/packed.py); "
-        "auto: packed where a decode-sized product measures 1.1x faster that way at start.")
+        f"auto: packed where a decode-sized product measures {PACKED_MIN_SPEEDUP}x faster that way at start.")
     threads: int | None = Field(None, ge=1, description="torch threads for the engine; None: all cores but one "
                                 "(the HTTP side needs one of its own).")
     api_keys: list[str] = Field(default_factory=list, description="Accepted bearer keys; empty: no key checked "

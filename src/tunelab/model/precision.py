@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from tunelab.config import SERVE_BF16_MIN_SPEEDUP
+
 # /proc/cpuinfo flag -> the name people know, in the order a description lists them.
 X86_EXTENSIONS = {
     "avx2": "AVX2", "fma": "FMA", "avx512f": "AVX-512", "avx512_bf16": "AVX512-BF16", "avx512_vnni": "AVX512-VNNI",
@@ -138,9 +140,17 @@ def choose_precision(setting: str, hardware: Hardware | None = None) -> Precisio
     return Precision(False, "cpu", f"fp32: {hw.describe()}: {why}")
 
 
-# Serving's `auto` takes bf16 when a decode-sized product runs at least this much faster in it: below
-# that, bf16's rounding buys too little time to be worth answers that differ from the fp32 reference.
-SERVE_BF16_MIN_SPEEDUP = 1.25
+def median_seconds(call: Callable[[], object], repeats: int) -> float:
+    """The median wall time of `repeats` calls, after one warm-up call (oneDNN builds its kernel on the first)."""
+    import time
+
+    call()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
 
 
 def measure_bf16_speedup(rows: int = 16, k: int = 576, n: int = 1536, repeats: int = 15) -> float:
@@ -150,22 +160,12 @@ def measure_bf16_speedup(rows: int = 16, k: int = 576, n: int = 1536, repeats: i
     weights, so halving their bytes helps wherever bf16 products are not emulated. Takes ~20 ms; uses the
     threads torch is set to, and its own generator (no draw from the global RNG).
     """
-    import time
-
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(rows, k, generator=generator)
     w = torch.randn(n, k, generator=generator)
-
-    def median_seconds(x: torch.Tensor, w: torch.Tensor) -> float:
-        torch.nn.functional.linear(x, w)  # warm-up: oneDNN builds its kernel on the first call
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            torch.nn.functional.linear(x, w)
-            times.append(time.perf_counter() - start)
-        return sorted(times)[len(times) // 2]
-
-    return median_seconds(x, w) / median_seconds(x.bfloat16(), w.bfloat16())
+    xb, wb = x.bfloat16(), w.bfloat16()
+    fp32 = median_seconds(lambda: torch.nn.functional.linear(x, w), repeats)
+    return fp32 / median_seconds(lambda: torch.nn.functional.linear(xb, wb), repeats)
 
 
 def choose_serving_precision(setting: str, hardware: Hardware | None = None,

@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from tunelab.config import ServeConfig
+from tunelab.config import PACKED_MIN_SPEEDUP, ServeConfig
 from tunelab.errors import TunelabError
 from tunelab.model.kernels.packed import pack_linears, packing_speedup
 from tunelab.model.load import decoder_layers, load_model, load_tokenizer, resolve_model, weights_fingerprint
@@ -32,7 +32,6 @@ from tunelab.serve.structured import Grammars
 log = logging.getLogger("tunelab.serve")
 SHUTDOWN_GRACE_S = 30.0
 PACKED_ROWS_HINT = 16  # the rows oneDNN lays packed weights out for; any number of rows still works
-PACKED_MIN_SPEEDUP = 1.1  # below this, packing's extra copy of the weights is not worth its memory
 
 
 def build_state(cfg: ServeConfig, registry: Registry | None = None) -> ServerState:

@@ -26,6 +26,7 @@ from tunelab.serve.protocol import ResponseFormat
 # model cannot fill max_tokens with blank lines (the failure OpenAI warns about for json_object).
 JSON_OPTIONS = {"whitespace_flexible": True, "whitespace_pattern": r"[\x20\x0A\x0D\x09]{0,16}"}
 ANY_OBJECT: dict[str, Any] = {"type": "object"}  # json_object: one JSON object, any keys
+_BIT = torch.arange(32, dtype=torch.int32)  # bit k of a bitmask word is token 32 * word + k
 
 
 class BadFormat(ValueError):
@@ -48,8 +49,7 @@ class JsonConstraint:
         from llguidance.torch import fill_next_token_bitmask
 
         fill_next_token_bitmask(self.matcher, self._bits)
-        shifts = torch.arange(32, dtype=torch.int32)
-        bits = (self._bits[0].unsqueeze(1) >> shifts) & 1  # (words, 32): bit k of word w is token 32w + k
+        bits = (self._bits[0].unsqueeze(1) >> _BIT) & 1  # (words, 32)
         return bits.flatten()[: self.vocab_size].bool()
 
     def advance(self, token: int) -> None:

@@ -17,10 +17,10 @@ summation order), so fp32 tests that compare tokens with plain PEFT run unpacked
 
 from __future__ import annotations
 
-import time
-
 import torch
 from torch import nn
+
+from tunelab.model.precision import median_seconds
 
 
 class PackedLinear(nn.Module):
@@ -55,16 +55,7 @@ def packing_speedup(dtype: torch.dtype, rows: int = 8, k: int = 576, n: int = 15
         except (RuntimeError, AttributeError, NotImplementedError):  # no oneDNN, or not for this dtype
             return None
 
-        def median_seconds(module: nn.Module) -> float:
-            module(x)
-            times = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                module(x)
-                times.append(time.perf_counter() - start)
-            return sorted(times)[len(times) // 2]
-
-        return median_seconds(linear) / median_seconds(packed)
+        return median_seconds(lambda: linear(x), repeats) / median_seconds(lambda: packed(x), repeats)
 
 
 def pack_linears(model: nn.Module, names: list[str], rows_hint: int) -> None:
