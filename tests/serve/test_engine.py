@@ -188,3 +188,14 @@ def test_in_bf16_with_packed_weights_every_adapter_still_acts(tiny_model_dir, ad
         assert state.engine.cache.buffers[0][0].dtype == torch.float32  # the attention of decode steps in fp32
     finally:
         state.engine.stop(grace_seconds=5)
+
+
+def test_packed_weights_asked_for_where_torch_cannot_pack_them_is_a_clear_error(tiny_model_dir, adapter_runs,
+                                                                                tmp_path_factory, monkeypatch):
+    from tunelab.errors import TunelabError
+    from tunelab.serve import server
+
+    monkeypatch.setattr(server, "packing_speedup", lambda dtype, repeats=15: None)
+    with pytest.raises(TunelabError) as caught:
+        _state(tiny_model_dir, adapter_runs, tmp_path_factory, weight_layout="packed")
+    assert "weight_layout packed" in str(caught.value) and "auto or plain" in str(caught.value)

@@ -77,10 +77,17 @@ def build_state(cfg: ServeConfig, registry: Registry | None = None) -> ServerSta
 
 
 def _pack_weights(setting: str, dtype: torch.dtype) -> bool:
-    if setting != "auto":
-        log.info("weights: %s (set)", setting)
-        return setting == "packed"
-    speedup = packing_speedup(dtype)
+    if setting == "plain":
+        log.info("weights: plain (set)")
+        return False
+    speedup = packing_speedup(dtype, repeats=1 if setting == "packed" else 15)
+    if setting == "packed":
+        if speedup is None:
+            raise TunelabError(f"weight_layout packed: this torch cannot pack {dtype} weights for oneDNN (its "
+                               "mkldnn linear operators are missing or failed a check)",
+                               fix="set weight_layout to auto or plain")
+        log.info("weights: packed (set)")
+        return True
     if speedup is None:
         log.info("weights: plain (this torch cannot pack them for oneDNN)")
         return False
