@@ -86,16 +86,3 @@ def staged_dir(final: Path) -> Iterator[Path]:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-
-@contextmanager
-def staged_file(final: Path) -> Iterator[Path]:
-    """A temporary file name beside `final` for a writer that opens its own file (GGUFWriter): renamed to `final`
-    when the block ends without an error, removed when it raises."""
-    final = Path(final)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", dir=final.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, final)
-    finally:
-        Path(tmp).unlink(missing_ok=True)

@@ -22,7 +22,6 @@ import gguf
 from tunelab.errors import TunelabError
 from tunelab.export.gguf_meta import KV, add_kvs
 from tunelab.export.gguf_names import ARCH, gguf_name, name_map, permute_qk, qk_heads, to_numpy
-from tunelab.io import staged_file
 
 if TYPE_CHECKING:
     import torch
@@ -81,20 +80,19 @@ def write_adapter_gguf(path: Path, model: PeftModel, alpha: float, tensor_type: 
     names = name_map(n_blocks)
     qtype = ADAPTER_TYPES[tensor_type]
     counts = {qtype.name: 0}
-    with staged_file(Path(path)) as tmp:
-        writer = gguf.GGUFWriter(tmp, arch=ARCH)
-        s = gguf.GGUFValueType.STRING
-        add_kvs(writer, [KV(gguf.Keys.General.TYPE, gguf.GGUFType.ADAPTER, s), KV(gguf.Keys.General.NAME, name, s),
-                         KV(gguf.Keys.Adapter.TYPE, "lora", s),
-                         KV(gguf.Keys.Adapter.LORA_ALPHA, float(alpha), gguf.GGUFValueType.FLOAT32)])
-        for module, (a, b) in lora_pairs(model).items():
-            heads = qk_heads(module, n_head, n_kv)
-            base = gguf_name(f"{module}.weight", n_blocks, names)
-            for suffix, tensor in (("lora_a", a), ("lora_b", permute_qk(b, heads) if heads else b)):
-                writer.add_tensor(f"{base}.{suffix}", gguf.quants.quantize(to_numpy(tensor), qtype), raw_dtype=qtype)
-                counts[qtype.name] += 1
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
+    writer = gguf.GGUFWriter(path, arch=ARCH)
+    s = gguf.GGUFValueType.STRING
+    add_kvs(writer, [KV(gguf.Keys.General.TYPE, gguf.GGUFType.ADAPTER, s), KV(gguf.Keys.General.NAME, name, s),
+                     KV(gguf.Keys.Adapter.TYPE, "lora", s),
+                     KV(gguf.Keys.Adapter.LORA_ALPHA, float(alpha), gguf.GGUFValueType.FLOAT32)])
+    for module, (a, b) in lora_pairs(model).items():
+        heads = qk_heads(module, n_head, n_kv)
+        base = gguf_name(f"{module}.weight", n_blocks, names)
+        for suffix, tensor in (("lora_a", a), ("lora_b", permute_qk(b, heads) if heads else b)):
+            writer.add_tensor(f"{base}.{suffix}", gguf.quants.quantize(to_numpy(tensor), qtype), raw_dtype=qtype)
+            counts[qtype.name] += 1
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
     return counts

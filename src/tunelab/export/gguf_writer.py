@@ -23,7 +23,6 @@ import torch
 
 from tunelab.export.gguf_meta import KV, add_kvs
 from tunelab.export.gguf_names import ARCH, gguf_name, name_map, permute_qk, qk_heads, to_numpy
-from tunelab.io import staged_file
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -66,24 +65,24 @@ def encode(array: np.ndarray, qtype: gguf.GGMLQuantizationType) -> tuple[np.ndar
 
 
 def write_model_gguf(path: Path, model: PreTrainedModel, kvs: list[KV], quant: str) -> dict[str, int]:
-    """Write `model` (fp32, merged) with metadata `kvs` to `path`; returns {GGUF type name: tensors}."""
+    """Write `model` (fp32, merged) with metadata `kvs` to `path`; returns {GGUF type name: tensors}.
+    `path` is inside the export's staging folder (export/run.py), which is moved into place only whole."""
     config = model.config
     n_blocks, n_head, n_kv = config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads
     names = name_map(n_blocks)
     counts: Counter[str] = Counter()
-    with staged_file(Path(path)) as tmp:
-        writer = gguf.GGUFWriter(tmp, arch=ARCH)
-        add_kvs(writer, kvs)
-        for hf_name, tensor in hf_tensors(model).items():
-            heads = qk_heads(hf_name, n_head, n_kv)
-            weight = permute_qk(tensor, heads) if heads else tensor
-            name = gguf_name(hf_name, n_blocks, names)
-            array = to_numpy(weight)
-            data, qtype = encode(array, tensor_type(name, array, quant))
-            writer.add_tensor(name, data, raw_dtype=qtype)
-            counts[qtype.name] += 1
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
+    writer = gguf.GGUFWriter(path, arch=ARCH)
+    add_kvs(writer, kvs)
+    for hf_name, tensor in hf_tensors(model).items():
+        heads = qk_heads(hf_name, n_head, n_kv)
+        weight = permute_qk(tensor, heads) if heads else tensor
+        name = gguf_name(hf_name, n_blocks, names)
+        array = to_numpy(weight)
+        data, qtype = encode(array, tensor_type(name, array, quant))
+        writer.add_tensor(name, data, raw_dtype=qtype)
+        counts[qtype.name] += 1
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
     return dict(counts)
