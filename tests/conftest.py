@@ -30,6 +30,21 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture(scope="session", autouse=True)
+def _no_shared_graph_cache_from_tests():
+    """Graphs torch.compile builds inside pytest stay out of torch's on-disk FX graph cache.
+
+    Under `--import-mode=importlib` test modules are named `tests.*`, and a compiled graph cached from this
+    process can name them; a `tunelab train` subprocess (tests/integration/test_resume.py) that hits the same
+    cache key then logs "fx graph cache unable to load compiled graph ... No module named 'tests'" with a
+    traceback (seen on a fresh cache, session 17). The subprocesses keep the cache; only this process skips it.
+    """
+    import torch._inductor.config as inductor_config
+
+    inductor_config.fx_graph_cache = False
+    yield
+
+
+@pytest.fixture(scope="session", autouse=True)
 def _tunelab_home(tmp_path_factory: pytest.TempPathFactory):
     """Nothing a test does writes to ~/.cache/tunelab."""
     home = tmp_path_factory.mktemp("tunelab_home")
