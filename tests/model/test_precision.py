@@ -11,6 +11,7 @@ from tunelab.model.precision import (
     choose_serving_precision,
     detect_hardware,
     measure_bf16_speedup,
+    measure_training_bf16_speedup,
 )
 
 AMX = Hardware("cpu", "Intel(R) Xeon(R) Platinum 8480+", "x86_64",
@@ -30,23 +31,58 @@ def test_this_cpu_is_described_with_its_extensions():
     assert hw.describe().startswith(hw.name)
 
 
-@pytest.mark.parametrize(("hw", "bf16", "says"), [
-    (AMX, True, "AMX tiles"),
-    (ZEN4, False, "AVX512-BF16 instructions but no AMX tiles; set train.precision: bf16"),
-    (ZEN2, False, "no bf16 matrix units"),
-    (GRAVITON, False, "no bf16 matrix units"),
+@pytest.mark.parametrize(("hw", "ratio", "bf16", "says"), [
+    (AMX, 9.0, True, "9.0x faster in bf16"),
+    (ZEN4, 2.2, True, "2.2x faster in bf16"),
+    (ZEN4, 1.1, False, "too little to pay for bf16's rounding"),
+    (ZEN2, 0.21, False, "bf16 is emulated in software here"),
+    (GRAVITON, 0.8, False, "bf16 is emulated in software here"),
 ])
-def test_auto_chooses_from_the_features_and_says_which(hw, bf16, says):
-    p = choose_precision("auto", hw)
+def test_auto_follows_the_measured_ratio_and_says_it(hw, ratio, bf16, says):
+    p = choose_precision("auto", hw, lambda: (ratio, "measured now"))
     assert p.bf16 is bf16 and p.device == "cpu"
-    assert says in p.reason and hw.name in p.reason
+    assert says in p.reason and hw.name in p.reason and "measured now" in p.reason
     assert p.weights_dtype == (torch.bfloat16 if bf16 else torch.float32)
+    if not bf16:
+        assert "train.precision: bf16 forces it" in p.reason
 
 
-def test_a_cpu_restricted_to_avx2_kernels_is_treated_as_avx2():
-    """ATEN_CPU_CAPABILITY=avx2 on an AMX machine (emulating an AVX2 one): no bf16 there, and the log says so."""
+def test_auto_measures_once_per_machine_and_keeps_the_figure(monkeypatch, tmp_path):
+    """The first choice on a machine times real products; later runs reuse the figure (a resumed run cannot flip
+    precision because its probe met a busy moment)."""
+    monkeypatch.setenv("TUNELAB_HOME", str(tmp_path))
+    calls = []
+
+    def measure(repeats=5):
+        calls.append(1)
+        return 1.7
+
+    monkeypatch.setattr("tunelab.model.precision.measure_training_bf16_speedup", measure)
+    first, again = choose_precision("auto", ZEN4), choose_precision("auto", ZEN4)
+    assert first.bf16 and again.bf16 and len(calls) == 1
+    assert "measured now" in first.reason and "measured earlier, kept in" in again.reason
+    choose_precision("auto", ZEN2)  # another CPU: measured for itself
+    assert len(calls) == 2
+
+
+def test_the_training_measurement_is_a_ratio_of_real_products_and_stops_early_where_bf16_is_emulated(monkeypatch):
+    sizes = []
+    real = measure_bf16_speedup
+
+    def spy(rows, k, n, repeats):
+        sizes.append(rows)
+        return 0.2 if rows == 32 else real(rows=rows, k=k, n=n, repeats=repeats)
+
+    monkeypatch.setattr("tunelab.model.precision.measure_bf16_speedup", spy)
+    assert measure_training_bf16_speedup(repeats=1) == 0.2 and sizes == [32]  # emulated: the large one is skipped
+    monkeypatch.setattr("tunelab.model.precision.measure_bf16_speedup",
+                        lambda rows, k, n, repeats: sizes.append(rows) or (2.0 if rows == 32 else real(rows, k, n, 1)))
+    assert 0.01 < measure_training_bf16_speedup(repeats=1) < 100 and sizes[-1] == 1024
+
+
+def test_a_cpu_restricted_to_avx2_kernels_is_described_so():
+    """ATEN_CPU_CAPABILITY=avx2 on an AMX machine (emulating an AVX2 one): the log says torch runs AVX2 code."""
     emulated = Hardware("cpu", AMX.name, "x86_64", AMX.extensions, "AVX2")
-    assert not choose_precision("auto", emulated).bf16
     assert "torch dispatches AVX2 kernels" in emulated.describe()
 
 

@@ -33,3 +33,46 @@ def test_unwrap_gives_the_module_inside_ddp_so_the_reducer_goes_before_the_group
         del wrapped
         distributed.shutdown(World(0, 2))  # world.active: leaves the group
     assert not dist.is_initialized()
+
+
+AGREE_SCRIPT = """
+import json, sys
+from tunelab.training import distributed, setup
+
+world = distributed.init_from_env()
+if not world.is_main:
+    def refuse(setting, *args, **kwargs):
+        raise AssertionError("only rank 0 measures")
+    setup.choose_precision = refuse
+precision = setup.agreed_precision("auto", world)
+text = distributed.broadcast_text("run-dir é" if world.is_main else None, world)
+print(json.dumps({"rank": world.rank, "bf16": precision.bf16, "reason": precision.reason, "text": text}))
+distributed.shutdown(world)
+"""
+
+
+def test_rank_0_alone_measures_the_precision_and_the_others_take_its_choice(tmp_path):
+    """Two real processes in a gloo group on 127.0.0.1: the timing that decides `auto` runs on rank 0 only, so
+    processes timed side by side cannot train in different precisions; strings travel without pickle."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "agree.py"
+    script.write_text(AGREE_SCRIPT)
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
+           "TUNELAB_HOME": str(tmp_path / "home")}
+    procs = [subprocess.Popen([sys.executable, str(script)], env={**env, "RANK": str(rank)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+    first, second = (json.loads(out.strip().splitlines()[-1]) for out, _ in outs)
+    assert first["bf16"] == second["bf16"]
+    assert second["reason"] == first["reason"] + " (rank 0's choice)"
+    assert "training-sized matrix product" in first["reason"]
+    assert first["text"] == second["text"] == "run-dir é"

@@ -1,17 +1,17 @@
-"""Which arithmetic a run uses, decided from what the hardware is, and said in plain words.
+"""Which arithmetic a run uses, decided from what the hardware is and how fast it computes, said in plain words.
 
     hw = detect_hardware()        # CPU model and vector extensions (or the GPU and its compute capability)
     hw.describe()                 # 'AMD EPYC (x86_64: AVX2, FMA, AVX-512, AVX512-BF16, AVX512-VNNI; no AMX)'
     p = choose_precision("auto")  # Precision(bf16=..., device="cpu", reason="...")
     with p.autocast(): ...        # bf16 autocast, or nothing in fp32
 
-The rule for `auto`: bf16 autocast where bf16 matrix products have units of their own, else fp32.
-On CUDA that is a GPU that supports bf16 (compute capability 8.0 and newer). On a CPU it is AMX
-(Intel Xeon 4th generation and newer): its tile units multiply bf16 matrices. AVX512-BF16 (AMD Zen 4,
-Intel Cooper Lake) has bf16 dot-product instructions but no tiles; AVX2-only CPUs have neither and
-emulate bf16 in software, far slower than fp32. tunelab keeps fp32 on those two classes, and the run
-log names the class; `train.precision: bf16` overrides it. docs/benchmarks.md has the measurements
-per CPU class.
+The rule for `auto` on a CPU is a measurement, not a list of CPU names: a training-sized matrix product
+is timed in fp32 and in bf16, and bf16 autocast is chosen where it is at least `TRAIN_BF16_MIN_SPEEDUP`
+times faster. AMX tiles (Intel Xeon 4th generation and newer) and AVX512-BF16 instructions (AMD Zen 4,
+Intel Cooper Lake) make bf16 faster; AVX2-only CPUs emulate bf16 in software, slower than fp32. The
+figure is kept per CPU and torch version (tunelab/model/measured.py), so one machine decides the same way
+every run, and the run log states it. On CUDA the rule is bf16 support (compute capability 8.0 and
+newer). `train.precision: bf16 | fp32` decides by hand. docs/benchmarks.md has the figures per CPU class.
 
 Features are read from /proc/cpuinfo (Linux; x86 `flags`, ARM `Features`) and from torch's own
 dispatch level (`torch.backends.cpu.get_cpu_capability()`), so a CPU that torch was told to treat as a
@@ -29,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-from tunelab.config import SERVE_BF16_MIN_SPEEDUP
+from tunelab.config import SERVE_BF16_MIN_SPEEDUP, TRAIN_BF16_MIN_SPEEDUP
+from tunelab.model.measured import remembered
 
 # /proc/cpuinfo flag -> the name people know, in the order a description lists them.
 X86_EXTENSIONS = {
@@ -48,14 +49,6 @@ class Hardware:
     arch: str  # x86_64, aarch64, ... (CUDA: "sm_90")
     extensions: tuple[str, ...]
     torch_capability: str  # torch's CPU dispatch level: "AMX", "AVX512", "AVX2", "DEFAULT", ...
-
-    @property
-    def amx(self) -> bool:
-        return "AMX-BF16" in self.extensions and self.torch_capability not in ("AVX2", "DEFAULT")
-
-    @property
-    def avx512_bf16(self) -> bool:
-        return "AVX512-BF16" in self.extensions and self.torch_capability not in ("AVX2", "DEFAULT")
 
     def describe(self) -> str:
         """One line for a log or a benchmark table."""
@@ -120,8 +113,11 @@ class Precision:
         return torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.bf16)
 
 
-def choose_precision(setting: str, hardware: Hardware | None = None) -> Precision:
-    """`train.precision`: 'bf16' or 'fp32' as set, or 'auto' decided from the hardware (see the module docstring)."""
+def choose_precision(setting: str, hardware: Hardware | None = None,
+                     speedup: Callable[[], tuple[float, str]] | None = None) -> Precision:
+    """`train.precision`: 'bf16' or 'fp32' as set, or for 'auto' on a CPU bf16 autocast where a training-sized
+    product measured `TRAIN_BF16_MIN_SPEEDUP` times faster in bf16 (see the module docstring).
+    `speedup` gives (ratio, where it came from); by default this machine's kept measurement."""
     hw = hardware or detect_hardware()
     if setting == "fp32":
         return Precision(False, hw.device, "fp32 (set in the config)")
@@ -131,13 +127,14 @@ def choose_precision(setting: str, hardware: Hardware | None = None) -> Precisio
         ok = torch.cuda.is_bf16_supported()
         return Precision(ok, "cuda", f"bf16 autocast: {hw.describe()} supports bf16" if ok
                          else f"fp32: {hw.describe()} has no bf16 support")
-    if hw.amx:
-        return Precision(True, "cpu", f"bf16 autocast: {hw.describe()} multiplies bf16 matrices on its AMX tiles")
-    if hw.avx512_bf16:
-        why = "it has AVX512-BF16 instructions but no AMX tiles; set train.precision: bf16 to use them"
-    else:
-        why = "it has no bf16 matrix units, and emulated bf16 is slower than fp32"
-    return Precision(False, "cpu", f"fp32: {hw.describe()}: {why}")
+    ratio, source = (speedup or (lambda: remembered("train_bf16_speedup", measure_training_bf16_speedup, hw)))()
+    if ratio >= TRAIN_BF16_MIN_SPEEDUP:
+        return Precision(True, "cpu", f"bf16 autocast: on {hw.describe()} a training-sized matrix product ran "
+                                      f"{ratio:.1f}x faster in bf16 than in fp32 ({source})")
+    why = ("bf16 is emulated in software here" if ratio < 1 else
+           f"too little to pay for bf16's rounding (auto needs {TRAIN_BF16_MIN_SPEEDUP}x)")
+    return Precision(False, "cpu", f"fp32: on {hw.describe()} a training-sized matrix product ran {ratio:.2f}x as "
+                                   f"fast in bf16 as in fp32 ({source}): {why}; train.precision: bf16 forces it")
 
 
 def median_seconds(call: Callable[[], object], repeats: int) -> float:
@@ -166,6 +163,19 @@ def measure_bf16_speedup(rows: int = 16, k: int = 576, n: int = 1536, repeats: i
     xb, wb = x.bfloat16(), w.bfloat16()
     fp32 = median_seconds(lambda: torch.nn.functional.linear(x, w), repeats)
     return fp32 / median_seconds(lambda: torch.nn.functional.linear(xb, wb), repeats)
+
+
+def measure_training_bf16_speedup(repeats: int = 5) -> float:
+    """fp32 time / bf16 time of a training step's product: 1,024 token rows through a 576 x 1,536 layer (a
+    batch of 32 rows of ~32 tokens through SmolLM2's MLP). Compute-bound, unlike the decode probe above.
+
+    A small product is timed first: where bf16 is emulated it runs at a few GFLOP/s, and the large one would
+    take seconds to say the same (under 0.1 s in all on a 2-core machine otherwise).
+    """
+    small = measure_bf16_speedup(rows=32, k=576, n=576, repeats=repeats)
+    if small < 0.5:
+        return small
+    return measure_bf16_speedup(rows=1024, k=576, n=1536, repeats=repeats)
 
 
 def choose_serving_precision(setting: str, hardware: Hardware | None = None,

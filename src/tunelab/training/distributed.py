@@ -98,21 +98,42 @@ def local_rows(global_micro_batch: list, world: World) -> list:
     return global_micro_batch[world.rank * per : (world.rank + 1) * per]
 
 
+def _wire(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` where the backend can send it: NCCL sends only CUDA tensors, gloo CPU ones."""
+    return tensor.cuda() if dist.get_backend() == "nccl" else tensor
+
+
 def all_reduce_sum(tensor: torch.Tensor, world: World) -> torch.Tensor:
     """Sum a small CPU tensor over processes (in place) and return it."""
     if world.active:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        sent = _wire(tensor)
+        dist.all_reduce(sent, op=dist.ReduceOp.SUM)
+        tensor.copy_(sent)
     return tensor
 
 
 def broadcast_text(text: str | None, world: World) -> str:
-    """Rank 0's string on every process (e.g. the run directory it created)."""
+    """Rank 0's string on every process (e.g. the run directory it created). Sent as UTF-8 bytes in a tensor,
+    not with `broadcast_object_list`, which pickles."""
     if not world.active:
         assert text is not None
         return text
-    box = [text]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+    data = list(text.encode("utf-8")) if world.is_main and text is not None else []
+    length = _wire(torch.tensor([len(data)], dtype=torch.int64))
+    dist.broadcast(length, src=0)
+    payload = _wire(torch.tensor(data, dtype=torch.uint8) if world.is_main
+                    else torch.empty(int(length.item()), dtype=torch.uint8))
+    dist.broadcast(payload, src=0)
+    return bytes(payload.cpu().tolist()).decode("utf-8")
+
+
+def broadcast_flag(flag: bool | None, world: World) -> bool:
+    """Rank 0's yes or no on every process (e.g. a measured choice the others must not make differently)."""
+    if not world.active:
+        return bool(flag)
+    t = _wire(torch.tensor([1 if world.is_main and flag else 0]))
+    dist.broadcast(t, src=0)
+    return bool(t.item())
 
 
 def barrier(world: World) -> None:
@@ -124,7 +145,7 @@ def any_process(flag: bool, world: World) -> bool:
     """True on every process when it is true on any (e.g. one of them was sent SIGTERM)."""
     if not world.active:
         return flag
-    t = torch.tensor([1 if flag else 0])
+    t = _wire(torch.tensor([1 if flag else 0]))
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 

@@ -110,6 +110,18 @@ def choose_parallel(cfg: RunConfig, world: World) -> bool:
     return world.active and (p == "fsdp" or (p == "auto" and cfg.tuning == "full"))
 
 
+def agreed_precision(setting: str, world: World) -> Precision:
+    """The run's precision. `auto` is a timing on a CPU (model/precision.py), and processes timed side by side
+    could decide differently; so rank 0 decides alone, and the others take its choice and its reason."""
+    if not world.active or setting != "auto":
+        return choose_precision(setting)
+    mine = choose_precision(setting) if world.is_main else None
+    bf16 = distributed.broadcast_flag(mine.bf16 if mine else None, world)
+    reason = distributed.broadcast_text(mine.reason if mine else None, world)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return Precision(bf16, device, reason if world.is_main else f"{reason} (rank 0's choice)")
+
+
 def setup(cfg: RunConfig, world: World = World(), records: Records | None = None) -> Setup:
     """Model, data, adapter, schedule: each choice said in the run log. `records`: the data in memory,
     instead of `cfg.data.path`."""
@@ -119,7 +131,7 @@ def setup(cfg: RunConfig, world: World = World(), records: Records | None = None
     torch.manual_seed(t.seed)
     if t.threads:
         torch.set_num_threads(t.threads)
-    precision = choose_precision(t.precision)
+    precision = agreed_precision(t.precision, world)
     log.info("precision: %s", precision.reason)
     # Before loading anything: an unavailable method or an impossible combination is a TunelabError.
     require_quantization(cfg.lora.quantize_base, precision.device, tuning=cfg.tuning, use_dora=cfg.lora.use_dora)
