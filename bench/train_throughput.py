@@ -68,7 +68,10 @@ gradient, no weight gradient; the adapters are negligible), plus attention
 4 x layers x T x d_model, T the mean tokens per example. It ignores that tunelab computes
 the head only at trained positions and a shared prompt prefix once per batch: skipped
 work counts as done. The bf16 and fp32 matmul peaks are measured in the same run
-(2048^3 matmuls); MFU is against the bf16 peak.
+(2048^3 matmuls; 512^3 where a dtype is emulated, see matmul_peak_gflops); each side's MFU is
+against the peak of the precision it computed in. Both sides take `precision: auto`'s choice
+(tunelab/model/precision.py: bf16 where it measures faster on this CPU), printed beside each row
+with the CPU model and its vector extensions.
 
 tunelab's side also replays the matrix products of its timed steps alone
 (bench/matmul_replay.py): `tunelab_matmul_share` (their share of the step),
@@ -186,7 +189,7 @@ def run_tunelab(args: argparse.Namespace) -> dict:
 
     calls = matmul_replay.record(timed_steps_again)
     return {"seconds": seconds, "tokens": tokens, "trained_tokens": trained, "examples": counted,
-            "peak_rss_mb": peak_rss_mb, "setting": "rows as wide as the longest example" if args.method == "packed" else "",
+            "precision": "bf16" if precision.bf16 else "fp32", "peak_rss_mb": peak_rss_mb, "setting": "rows as wide as the longest example" if args.method == "packed" else "",
             "compile_seconds": compile_seconds,
             "kernels": kernels.describe() + ("; whole decoder layers compiled" if layers else ""),
             "matmul_seconds": matmul_replay.replay_seconds(calls), "matmul_flops": sum(c.flops for c in calls)}
@@ -271,19 +274,29 @@ def run_trl(args: argparse.Namespace) -> dict:
     # per_batch may hold one more, never trained on).
     tokens, trained, examples = (sum(x) for x in zip(*per_batch[args.warmup : total]))
     return {"seconds": clock["end"] - clock["start"], "tokens": tokens, "trained_tokens": trained,
-            "examples": examples, "peak_rss_mb": _peak_rss_mb(), "setting": setting}
+            "examples": examples, "precision": "bf16" if precision.bf16 else "fp32", "peak_rss_mb": _peak_rss_mb(),
+            "setting": setting}
 
 
-def matmul_peak_gflops(dtype_name: str, n: int = 2048, repeats: int = 10) -> float:
+def matmul_peak_gflops(dtype_name: str, n: int = 2048, repeats: int = 10, budget_s: float = 10.0) -> dict:
+    """{"gflops", "n"}: the best rate of n^3 matrix products in this dtype. Where the dtype is emulated (bf16 on an
+    AVX2-only CPU: a 2048^3 product took minutes there), a 512^3 product says so in milliseconds, and the
+    measurement stops at the size that fits `budget_s`, reporting that size."""
     import torch
 
     dtype = getattr(torch, dtype_name)
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b  # warm-up
-    started = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return 2 * n**3 * repeats / (time.perf_counter() - started) / 1e9
+    for size in (512, n):
+        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+        a @ b  # warm-up (oneDNN builds its kernel on the first call)
+        best = float("inf")
+        for _ in range(repeats):
+            started = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - started)
+        rate = 2 * size**3 / best / 1e9
+        if size == n or 2 * n**3 / (rate * 1e9) * (repeats + 1) > budget_s:
+            return {"gflops": rate, "n": size}
+    raise AssertionError("unreachable")
 
 
 def flops_per_token(mean_length: float) -> float:
@@ -322,8 +335,9 @@ def run_side(side: str, method: str, args: argparse.Namespace) -> dict:
     return r
 
 
-def summarize(method: str, ours: dict, trl: dict, bf16_peak: float) -> dict:
-    """One method's row: both sides' numbers and the ratios (None where a side failed)."""
+def summarize(method: str, ours: dict, trl: dict, peaks: dict[str, float]) -> dict:
+    """One method's row: both sides' numbers and the ratios (None where a side failed). MFU is against the matmul
+    peak of the precision that side computed in (`peaks`: GFLOP/s by "bf16" / "fp32")."""
     ok = [r for r in (ours, trl) if "error" not in r]
     fpt = flops_per_token(sum(r["tokens"] for r in ok) / sum(r["examples"] for r in ok)) if ok else None
     row: dict = {"flops_per_token": fpt}
@@ -333,7 +347,8 @@ def summarize(method: str, ours: dict, trl: dict, bf16_peak: float) -> dict:
             f"{name}_tokens_per_s": None if failed else r["tokens_per_s"],
             f"{name}_trained_tokens_per_s": None if failed else r["trained_tokens"] / r["seconds"],
             f"{name}_peak_rss_mb": None if failed else r["peak_rss_mb"],
-            f"{name}_mfu": None if failed else r["tokens_per_s"] * fpt / 1e9 / bf16_peak,
+            f"{name}_precision": None if failed else r["precision"],
+            f"{name}_mfu": None if failed else r["tokens_per_s"] * fpt / 1e9 / peaks[r["precision"]],
             f"{name}_setting": None if failed else r["setting"],
             f"{name}_error": r.get("error"),
         }
@@ -344,7 +359,7 @@ def summarize(method: str, ours: dict, trl: dict, bf16_peak: float) -> dict:
         row |= {
             "tunelab_matmul_share": ours["matmul_seconds"] / ours["seconds"],
             "tunelab_matmul_gflops": ours["matmul_flops"] / ours["matmul_seconds"] / 1e9,
-            "tunelab_mfu_ceiling": ours["tokens"] * fpt / ours["matmul_seconds"] / 1e9 / bf16_peak,
+            "tunelab_mfu_ceiling": ours["tokens"] * fpt / ours["matmul_seconds"] / 1e9 / peaks[ours["precision"]],
         }
     if "compile_seconds" in ours:  # paid once before the first step (tunelab.model.kernels.compiled), not in the timing
         row |= {"tunelab_compile_seconds": ours["compile_seconds"], "tunelab_kernels": ours["kernels"]}
@@ -355,8 +370,8 @@ def summarize(method: str, ours: dict, trl: dict, bf16_peak: float) -> dict:
 
 
 def print_table(methods: dict[str, dict]) -> None:
-    print(f"{'method':7} {'side':8} {'tokens/s':>9} {'trained tok/s':>14} {'peak RSS MB':>12} {'MFU':>6}  "
-          f"{'ratio':>6} {'RSS ratio':>9}")
+    print(f"{'method':7} {'side':8} {'precision':9} {'tokens/s':>9} {'trained tok/s':>14} {'peak RSS MB':>12} "
+          f"{'MFU':>6}  {'ratio':>6} {'RSS ratio':>9}")
     for method, row in methods.items():
         for side in ("trl", "tunelab"):
             name = "TRL" if side == "trl" else side
@@ -365,7 +380,7 @@ def print_table(methods: dict[str, dict]) -> None:
                 continue
             ratios = (f"  {row['ratio']:5.2f}x {row['rss_ratio']:8.2f}x" if side == "tunelab" and row["ratio"]
                       else "")
-            print(f"{method:7} {name:8} {row[f'{side}_tokens_per_s']:9.0f} {row[f'{side}_trained_tokens_per_s']:14.0f} "
+            print(f"{method:7} {name:8} {row[f'{side}_precision']:9} {row[f'{side}_tokens_per_s']:9.0f} {row[f'{side}_trained_tokens_per_s']:14.0f} "
                   f"{row[f'{side}_peak_rss_mb']:12.0f} {100 * row[f'{side}_mfu']:5.1f}%{ratios}")
 
 
@@ -413,20 +428,30 @@ def main() -> None:
                 if kept is None or "error" in kept or ("error" not in r and r["tokens_per_s"] > kept["tokens_per_s"]):
                     best[method, side] = r
 
-    bf16_peak, fp32_peak = matmul_peak_gflops("bfloat16"), matmul_peak_gflops("float32")
-    rows = {m: summarize(m, best[m, "tunelab"], best[m, "trl"], bf16_peak) for m in methods}
+    import torch
+
+    from tunelab.model.precision import detect_hardware
+
+    hardware = detect_hardware().describe()
+    bf16, fp32 = matmul_peak_gflops("bfloat16"), matmul_peak_gflops("float32")
+    peaks = {"bf16": bf16["gflops"], "fp32": fp32["gflops"]}
+    rows = {m: summarize(m, best[m, "tunelab"], best[m, "trl"], peaks) for m in methods}
     lora = rows.get("lora", {})
     result = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores", "cpu": hardware,
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
         "batch": args.batch, "steps": args.steps, "warmup": args.warmup,
         "allocator": sorted({best[k].get("allocator", "?") for k in best if "error" not in best[k]}),
         "tokens_definition": "real (non-padding) input tokens of the timed steps",
         **{k: v for k, v in lora.items() if not k.endswith(("_setting", "_error"))},
-        "bf16_peak_gflops": bf16_peak, "fp32_peak_gflops": fp32_peak,
+        "bf16_peak_gflops": bf16["gflops"], "bf16_peak_n": bf16["n"],
+        "fp32_peak_gflops": fp32["gflops"], "fp32_peak_n": fp32["n"],
         "methods": rows,
     }
+    print(f"CPU: {hardware}; torch {torch.__version__}, {torch.get_num_threads()} threads")
     print_table(rows)
-    print(f"ratio = tunelab / TRL tokens/s; bf16 matmul peak {bf16_peak:.0f} GFLOP/s, fp32 {fp32_peak:.0f}; "
+    print(f"ratio = tunelab / TRL tokens/s; MFU against the matmul peak of the side's precision: bf16 "
+          f"{bf16['gflops']:.0f} GFLOP/s ({bf16['n']}^3), fp32 {fp32['gflops']:.0f} ({fp32['n']}^3); "
           f"both sides on {' / '.join(result['allocator'])} malloc")
     for method, row in rows.items():
         if row.get("tunelab_mfu_ceiling"):

@@ -164,6 +164,11 @@ class TrainConfig(_Strict):
     report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
         default_factory=list, description="Also send the per-step metrics there (the package must be installed)."
     )
+    time_budget_minutes: float | None = Field(
+        None, gt=0, description="Minutes allowed for setup and training. Measured over the run's first steps, an "
+        "estimate over it is said in the run log at once, with the data.max_train_rows that would fit; the run "
+        "goes on (tunelab/training/budget.py). None = no budget."
+    )
 
 
     @field_validator("epochs", "batch_size", "learning_rate")

@@ -39,6 +39,7 @@ from tunelab.model.template_canary import record_template
 from tunelab.progress import bar
 from tunelab.rundir import BaseModelIdentity, Hyperparameter, Lengths, RunData, RunDir
 from tunelab.training import distributed
+from tunelab.training.budget import budget_check
 from tunelab.training.checkpoint import (
     best_checkpoint,
     complete_checkpoints,
@@ -101,7 +102,9 @@ def train(cfg: RunConfig, resume: Path | None = None, records: Records | None = 
     # ---------------------------------------------------------------- setup
     if resume is not None:
         require_same_processes(resume, world)
+    setup_started = time.perf_counter()
     s = setup(cfg, world, records)
+    setup_seconds = time.perf_counter() - setup_started
     cfg, t = s.cfg, s.cfg.train  # 'auto' values resolved
     model, tokenizer, data, objective = s.model, s.tokenizer, s.data, s.objective
     optimizer, scheduler = s.optimizer, s.scheduler
@@ -135,6 +138,9 @@ def train(cfg: RunConfig, resume: Path | None = None, records: Records | None = 
     early = EarlyStopping.replay(t.early_stopping_patience, t.early_stopping_min_delta,
                                  run.path / "metrics.jsonl", up_to_step=start)
     last_step = start
+    budget = None if resume is not None or not world.is_main else budget_check(
+        t.time_budget_minutes, setup_seconds, s.tokens_to_train,
+        round(sum(len(mb) for mb in s.stream) / t.epochs), s.precision.reason)
     columns = (TextColumn("loss {task.fields[loss]:.3f}"), TextColumn("{task.fields[tps]:.0f} tok/s"),
                TextColumn("eta"), TimeRemainingColumn())
     with bar("train", s.steps, *columns, fields={"loss": float("nan"), "tps": 0.0}, completed=start) as (
@@ -173,6 +179,8 @@ def train(cfg: RunConfig, resume: Path | None = None, records: Records | None = 
                 export.log(record)
             last_step = step
             progress.update(task, advance=1, loss=loss, tps=real_tokens / train_seconds)
+            if budget and (over := budget.observe(elapsed, step_real)):
+                log.warning("%s", over)
             stop_requested = distributed.any_process(stop.requested is not None, world)
             if (step == s.steps or (t.checkpoint_every and step % t.checkpoint_every == 0) or stop_requested
                     or improved or early.should_stop):
