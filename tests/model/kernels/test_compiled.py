@@ -44,6 +44,16 @@ def test_every_norm_and_mlp_is_swapped_and_state_dict_keys_stay():
     assert type(model.model.norm) is LlamaRMSNorm and type(model.model.layers[0].mlp) is LlamaMLP
 
 
+def test_a_bf16_base_under_fp32_adapters_is_still_a_gated_mlp_and_gets_fused():
+    """Training over a bf16 base keeps its LoRA weights fp32 and runs under autocast; the class check must run the
+    same way, or it calls the MLP "not gated" and a bf16 run keeps every MLP and layer eager (it did)."""
+    model = attach_lora(_llama().to(torch.bfloat16), LoraConfig(rank=4, alpha=8))
+    compiled_kernels._gated_classes.clear()  # the class check runs again, as in a fresh process
+    assert all(compiled_kernels.is_llama_layer(layer) for layer in model.base_model.model.model.layers)
+    kernels = use_compiled_kernels(model, torch.bfloat16)
+    assert (kernels.norms, kernels.mlps) == (5, 2)
+
+
 def test_setup_draws_nothing_from_the_global_rng():
     """The probes run once per process (cached): drawing from torch's RNG would shift a run's random stream by
     what ran before it, and a run resumed in a fresh process would get other dropout masks than uninterrupted."""

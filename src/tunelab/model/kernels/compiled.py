@@ -149,12 +149,17 @@ def _computes_gated(module: nn.Module, cls: type) -> bool:
     floating = [p for p in module.parameters() if p.is_floating_point()]
     if not isinstance(width, int) or not floating:
         return False
-    x = _probe_input(1, 2, width, dtype=floating[0].dtype, device=floating[0].device)
+    # A bf16 base under fp32 adapters runs under autocast in training; outside it their products refuse the mix
+    # of dtypes, and the check would call every such MLP "not gated" (which kept a bf16 run's MLPs eager).
+    low = min((p.dtype for p in floating), key=lambda dtype: torch.finfo(dtype).bits)
+    mixed = low in (torch.bfloat16, torch.float16) and any(p.dtype != low for p in floating)
+    x = _probe_input(1, 2, width, dtype=low, device=floating[0].device)
     was_training = module.training
     module.eval()
     try:
-        ours = module.down_proj(module.act_fn(gate(x)) * module.up_proj(x))
-        theirs = cls.forward(module, x)
+        with torch.autocast(x.device.type, dtype=low, enabled=mixed):
+            ours = module.down_proj(module.act_fn(gate(x)) * module.up_proj(x))
+            theirs = cls.forward(module, x)
     except Exception:  # noqa: BLE001 - a forward that does not take one hidden-state tensor: not this MLP
         return False
     finally:
