@@ -85,6 +85,11 @@ class LoraConfig(_Strict):
     target_modules: str | list[str] = Field(
         "all-linear", description="Module names to adapt, or 'all-linear' (every linear layer but the LM head)."
     )
+    top_layers: int | None = Field(
+        None, ge=1, description="Adapt only the last N decoder layers (PEFT's layers_to_transform). Backward then "
+        "stops at the lowest adapted layer, so a step does less work (SmolLM2, 10 of 30 layers: 1.5x in fp32); "
+        "what it costs in accuracy is measured in docs/benchmarks.md. None = every layer."
+    )
     use_dora: bool = Field(False, description="DoRA: learn a magnitude per output and a LoRA direction (PEFT).")
     use_rslora: bool = Field(False, description="rsLoRA: scale by alpha / sqrt(rank) instead of alpha / rank (PEFT).")
     quantize_base: Literal["none", "int8", "nf4"] = Field(

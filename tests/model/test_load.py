@@ -169,3 +169,41 @@ def test_a_model_that_caps_its_logits_is_refused_at_load(tiny_model_dir, tmp_pat
     with pytest.raises(TunelabError, match=r"capped: LlamaForCausalLM caps its logits \(final_logit_softcapping=30.0\)"
                                            r".*fix: use a base model without logit soft-capping"):
         load_model(resolve_model(str(folder)))
+
+
+def test_top_layers_adapts_only_the_last_layers_and_backward_stops_below_them(tiny_model_dir, tmp_path):
+    from tunelab.model.load import decoder_layers, load_adapter
+
+    resolved = resolve_model(str(tiny_model_dir))
+    model = load_model(resolved)[0]
+    count = len(decoder_layers(model))
+    assert count >= 2
+    peft_model = attach_lora(model, LoraConfig(rank=2, alpha=4, top_layers=1))
+    adapted = {int(n.split(".layers.")[1].split(".")[0]) for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert adapted == {count - 1}
+    kinds = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in peft_model.named_parameters() if ".lora_A" in n}
+    assert kinds == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}  # all-linear, named
+    # Nothing below the adapted layer needs a gradient, so autograd records no graph there: the lowest layer's
+    # output carries no grad_fn, the top layer's does.
+    outputs = {}
+    hooks = [layer.register_forward_hook(lambda m, args, out, i=i: outputs.__setitem__(i, out))
+             for i, layer in enumerate(decoder_layers(peft_model))]
+    ids = torch.randint(0, 200, (2, 7), generator=torch.Generator().manual_seed(0))
+    peft_model(input_ids=ids).logits.sum().backward()
+    for hook in hooks:
+        hook.remove()
+    first = outputs[0][0] if isinstance(outputs[0], tuple) else outputs[0]
+    last = outputs[count - 1][0] if isinstance(outputs[count - 1], tuple) else outputs[count - 1]
+    assert first.grad_fn is None and last.grad_fn is not None
+    peft_model.save_pretrained(tmp_path)
+    again = load_adapter(load_model(resolved)[0], tmp_path)
+    with torch.no_grad():
+        assert torch.equal(again.eval()(input_ids=ids).logits, peft_model.eval()(input_ids=ids).logits)
+
+
+def test_top_layers_beyond_the_model_or_with_a_regex_is_a_clear_error(tiny_model_dir):
+    resolved = resolve_model(str(tiny_model_dir))
+    with pytest.raises(TunelabError, match="lora.top_layers is 99, but the model has"):
+        attach_lora(load_model(resolved)[0], LoraConfig(top_layers=99))
+    with pytest.raises(TunelabError, match="regular expression"):
+        attach_lora(load_model(resolved)[0], LoraConfig(top_layers=1, target_modules=".*q_proj"))

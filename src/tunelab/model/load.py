@@ -219,16 +219,44 @@ def attach_lora(model: PreTrainedModel, lora: LoraConfig, kernels: Kernels = "tu
 
     `kernels: tunelab` has PEFT build tunelab's LoRA layers (`kernels.fused_lora`); `reference`, PEFT's own.
     """
+    target_modules, layers = lora.target_modules, None
+    if lora.top_layers is not None:
+        target_modules, layers = _top_layers(model, lora)
     peft_config = peft.LoraConfig(
         r=lora.rank,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        target_modules=lora.target_modules,
+        target_modules=target_modules,
+        layers_to_transform=layers,
         use_dora=lora.use_dora,
         use_rslora=lora.use_rslora,
         task_type="CAUSAL_LM",
     )
     return _with_kernels(get_peft_model(model, _register(peft_config, kernels), autocast_adapter_dtype=True), kernels)
+
+
+def _top_layers(model: PreTrainedModel, lora: LoraConfig) -> tuple[list[str], list[int]]:
+    """`lora.top_layers` as PEFT takes it: the indices of the last N decoder layers, and the target modules as
+    a list of names (PEFT refuses layers_to_transform with a string; 'all-linear' becomes the names of the
+    linear layers inside a decoder layer)."""
+    layers = decoder_layers(model)
+    n = lora.top_layers or 0
+    if not layers:
+        raise TunelabError("lora.top_layers: this model has no decoder-layer list (model.layers) to count from",
+                           fix="remove lora.top_layers")
+    if n > len(layers):
+        raise TunelabError(f"lora.top_layers is {n}, but the model has {len(layers)} decoder layers",
+                           fix=f"set lora.top_layers to at most {len(layers)}, or remove it to adapt every layer")
+    if lora.target_modules == "all-linear":
+        targets = sorted({name.rsplit(".", 1)[-1] for name, m in layers[0].named_modules()
+                          if isinstance(m, torch.nn.Linear)})
+    elif isinstance(lora.target_modules, str):
+        raise TunelabError("lora.top_layers cannot be combined with a regular expression in lora.target_modules "
+                           "(PEFT's layers_to_transform needs module names)",
+                           fix="give lora.target_modules as a list of names, e.g. [q_proj, v_proj]")
+    else:
+        targets = list(lora.target_modules)
+    return targets, list(range(len(layers) - n, len(layers)))
 
 
 def load_adapter(base: PreTrainedModel, folder: Path, kernels: Kernels = "tunelab") -> PeftModel:

@@ -176,6 +176,8 @@ def setup(cfg: RunConfig, world: World = World(), records: Records | None = None
         method = (
             f"{'DoRA' if cfg.lora.use_dora else 'LoRA'}{' (rsLoRA scaling)' if cfg.lora.use_rslora else ''} "
             f"r={cfg.lora.rank} alpha={cfg.lora.alpha:g} on {cfg.lora.target_modules}"
+            + (f" in the last {cfg.lora.top_layers} of {len(decoder_layers(model))} layers (backward stops there)"
+               if cfg.lora.top_layers else "")
         )
     model = objective.check_model(model)
     compiled = None
