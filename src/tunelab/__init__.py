@@ -46,8 +46,10 @@ __all__ = ["EvalResult", "ExportRecord", "Registry", "RunConfig", "RunDir", "Tun
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded at run time
 # bitsandbytes (the `quant` extra) warns on import, in every process, that it could not fetch a CPU NF4 kernel
 # from the Hugging Face hub ("kernels-community"). tunelab never downloads at run time, and bitsandbytes'
-# built-in CPU path is the one tunelab uses, so the warning only misleads.
+# built-in CPU path is the one tunelab uses, so the warning only misleads. On a CPU with AVX512-BF16 the fetch
+# goes through the `kernels` package, which says instead that it skipped a "publisher trust check" offline.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+logging.getLogger("kernels._internals.hf_hub").setLevel(logging.ERROR)
 
 
 def train(cfg: RunConfig, records: Records | None = None, *, resume: Path | str | None = None) -> RunDir:
