@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import signal
 import threading
 import time
@@ -149,6 +150,15 @@ def train(cfg: RunConfig, resume: Path | None = None, records: Records | None = 
             started = time.perf_counter()
             group, weights = s.local_step(step)
             loss, _, step_stats = backward_on(s.loss_module, group, s.precision, world, weights)
+            # Before the optimizer writes it into the weights (and every later step). Every process stops together.
+            if distributed.any_process(not math.isfinite(loss), world):
+                export.close()
+                raise TunelabError(
+                    f"the training loss is {loss} at step {step} of {s.steps} ({s.precision.reason})",
+                    fix="rerun with --set model.kernels=reference (plain PEFT and transformers) to rule out tunelab's "
+                    "kernels, or clear torch.compile's cache (/tmp/torchinductor_$USER) if this machine's CPU "
+                    "settings changed; lower train.learning_rate if the loss grew before",
+                    where=str(run.path))
             step_trained = _sum_over_processes([b.trained_tokens * w for b, w in zip(group, weights)], world)
             grad_norm = None
             if t.max_grad_norm is not None:
