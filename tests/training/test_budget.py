@@ -13,14 +13,14 @@ def test_no_budget_no_check():
 
 def test_the_estimate_comes_after_the_warm_up_and_the_timed_steps_and_only_once():
     # 10 s of setup; 100 rows, 40,000 tokens; each step 400 tokens in 2 s (200 tokens/s): 200 s to train.
-    check = budget_check(2, 10.0, 40_000, 100, "fp32 (set in the config)")
+    check = budget_check(2, 10.0, 40_000, 100, "fp32")
     said = [check.observe(30.0 if i == 0 else 2.0, 400) for i in range(PROBE_STEPS + 5)]
     assert said[: PROBE_STEPS] == [None] * PROBE_STEPS  # the warm-up step (30 s) is not the machine's speed
     message = said[PROBE_STEPS]
     assert said[PROBE_STEPS + 1 :] == [None] * 4 and check.said == message
     # spent 36 s, 38,400 tokens left at 200 tokens/s = 192 s, plus 10 s of setup: 238 s = ~4.0 min
     assert "~4.0 min" in message and "train.time_budget_minutes 2" in message and "200 tokens/s" in message
-    assert "fp32 (set in the config)" in message
+    assert "200 tokens/s over steps 2-4 in fp32" in message
     # (120 - 10) / 228 of the rows, to a round hundred below: none of 100 rows
     assert "no smaller run of this data fits" in message
 

@@ -23,7 +23,7 @@ class BudgetCheck:
     setup_seconds: float
     tokens_to_train: int
     train_rows: int  # examples in one pass over the training data
-    precision: str  # the run log's precision line, for the message
+    precision: str  # "bf16" or "fp32", for the message (the run log's precision line says why)
     _seen: int = 0
     _timed_seconds: float = 0.0
     _timed_tokens: int = 0
@@ -54,7 +54,7 @@ class BudgetCheck:
         self.said = (
             f"time budget: setup and training will take ~{estimate / 60:.1f} min on this machine, over "
             f"train.time_budget_minutes {self.budget_seconds / 60:g} ({1 / per_token:,.0f} tokens/s over steps "
-            f"2-{PROBE_STEPS + 1}; {self.tokens_to_train:,} tokens to train; {self.precision}). {advice}. "
+            f"2-{PROBE_STEPS + 1} in {self.precision}; {self.tokens_to_train:,} tokens to train). {advice}. "
             "Going on; Ctrl-C stops at a checkpoint, and `tunelab train --resume RUN_DIR` continues."
         )
         return self.said

@@ -141,7 +141,7 @@ def train(cfg: RunConfig, resume: Path | None = None, records: Records | None = 
     last_step = start
     budget = None if resume is not None or not world.is_main else budget_check(
         t.time_budget_minutes, setup_seconds, s.tokens_to_train,
-        round(sum(len(mb) for mb in s.stream) / t.epochs), s.precision.reason)
+        round(sum(len(mb) for mb in s.stream) / t.epochs), "bf16" if s.precision.bf16 else "fp32")
     columns = (TextColumn("loss {task.fields[loss]:.3f}"), TextColumn("{task.fields[tps]:.0f} tok/s"),
                TextColumn("eta"), TimeRemainingColumn())
     with bar("train", s.steps, *columns, fields={"loss": float("nan"), "tps": 0.0}, completed=start) as (
