@@ -7,6 +7,8 @@ already spent, is the estimate. That costs nothing extra (the steps are the run'
 probe like `tunelab plan`'s), and comes seconds into a run that may take many minutes; the run log
 then says how long, why (the measured tokens/s and precision) and what fits: `data.max_train_rows`
 scaled to the budget. The run goes on (Ctrl-C stops it at a checkpoint; `--resume` continues it).
+Validations are left out (none has run yet at step 4), so a run that validates often takes longer than
+said (the demo's four: 12% under AVX2 emulation, docs/benchmarks.md).
 """
 
 from __future__ import annotations
