@@ -1,6 +1,6 @@
 """Measurements of this machine that decide a choice, kept so the same machine decides the same way.
 
-    ratio, when = remembered("train_bf16_speedup", measure, hardware)
+    ratio, when = remembered("train_bf16_speedup", detect_hardware().identity(), measure)
 
 A choice made from a timing (bf16 or fp32 for training) must not flip between two runs on one machine
 because the second run's probe met a busy moment: a resumed run, or a run repeated to compare, would
@@ -12,34 +12,24 @@ oneDNN ISA limit, and torch's version. Delete the file (or the entry) to measure
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-import torch
 
 from tunelab.io import tunelab_home, write_json_atomic
-
-if TYPE_CHECKING:
-    from tunelab.model.precision import Hardware
 
 MEASURED_FILE = "measured.json"
 
 
-def measurement_key(name: str, hardware: Hardware) -> str:
-    """What a stored figure holds for: a different CPU, kernel set or torch measures again."""
-    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "")
-    return (f"{name} | {hardware.name} | {hardware.arch}: {','.join(hardware.extensions)} | "
-            f"torch {torch.__version__} dispatch {hardware.torch_capability or '-'} | oneDNN ISA {isa or 'any'}")
+def measurement_key(name: str, machine: str) -> str:
+    return f"{name} | {machine}"
 
 
-def remembered(name: str, measure: Callable[[], float], hardware: Hardware,
+def remembered(name: str, machine: str, measure: Callable[[], float],
                path: Path | None = None) -> tuple[float, str]:
     """The stored figure for `name` on this machine, else `measure()` now (and stored).
     Returns (figure, where it came from: 'measured now' or 'measured earlier, kept in PATH')."""
     path = path or tunelab_home() / MEASURED_FILE
-    key = measurement_key(name, hardware)
+    key = measurement_key(name, machine)
     stored = _read(path)
     if isinstance(stored.get(key), (int, float)):
         return float(stored[key]), f"measured earlier, kept in {path}"

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import platform
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,6 +50,13 @@ class Hardware:
     arch: str  # x86_64, aarch64, ... (CUDA: "sm_90")
     extensions: tuple[str, ...]
     torch_capability: str  # torch's CPU dispatch level: "AMX", "AVX512", "AVX2", "DEFAULT", ...
+
+    def identity(self) -> str:
+        """Everything that changes how fast this machine computes a dtype: the CPU model and extensions, torch's
+        version and dispatch level, and the oneDNN ISA limit (model/measured.py keeps figures under it)."""
+        isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "")
+        return (f"{self.name} | {self.arch}: {','.join(self.extensions)} | torch {torch.__version__} dispatch "
+                f"{self.torch_capability or '-'} | oneDNN ISA {isa or 'any'}")
 
     def describe(self) -> str:
         """One line for a log or a benchmark table."""
@@ -127,7 +135,7 @@ def choose_precision(setting: str, hardware: Hardware | None = None,
         ok = torch.cuda.is_bf16_supported()
         return Precision(ok, "cuda", f"bf16 autocast: {hw.describe()} supports bf16" if ok
                          else f"fp32: {hw.describe()} has no bf16 support")
-    ratio, source = (speedup or (lambda: remembered("train_bf16_speedup", measure_training_bf16_speedup, hw)))()
+    ratio, source = (speedup or (lambda: remembered("train_bf16_speedup", hw.identity(), measure_training_bf16_speedup)))()
     if ratio >= TRAIN_BF16_MIN_SPEEDUP:
         return Precision(True, "cpu", f"bf16 autocast: on {hw.describe()} a training-sized matrix product ran "
                                       f"{ratio:.1f}x faster in bf16 than in fp32 ({source})")
