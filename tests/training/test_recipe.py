@@ -36,3 +36,30 @@ def test_loss_falls_on_a_memorizable_set(trained_run):
     assert "val_loss" in records[-1] and records[-1]["step"] == expected_steps
     assert trained_run.summary.validation_loss == pytest.approx(records[-1]["val_loss"])
     assert records[-1]["val_loss"] < first
+
+
+def test_a_loss_that_is_not_a_number_stops_the_run_before_the_optimizer_takes_it(tiny_model_dir, tmp_path, monkeypatch):
+    """A NaN loss (broken kernels, a stale compiled cache, a learning rate that blew up) used to train on for every
+    step, writing NaN into the adapter; it now stops at that step and says what to try."""
+    from tests.helpers import classification_rows, make_run_config, write_csv
+
+    from tunelab.errors import TunelabError
+    from tunelab.io import MANIFEST
+    from tunelab.training import recipe
+
+    real = recipe.backward_on
+    calls = []
+
+    def nan_on_second(*args, **kwargs):
+        loss, *rest = real(*args, **kwargs)
+        calls.append(1)
+        return (float("nan") if len(calls) == 2 else loss, *rest)
+
+    monkeypatch.setattr(recipe, "backward_on", nan_on_second)
+    csv = write_csv(tmp_path / "data.csv", classification_rows())
+    cfg = make_run_config(tiny_model_dir, csv, tmp_path / "runs", train={"batch_size": 2})
+    with pytest.raises(TunelabError) as info:
+        recipe.train(cfg)
+    assert "the training loss is nan at step 2 of" in info.value.what and "model.kernels=reference" in info.value.fix
+    (run,) = (tmp_path / "runs").iterdir()
+    assert not (run / MANIFEST).exists()  # not a whole run

@@ -145,56 +145,44 @@ def choose_precision(setting: str, hardware: Hardware | None = None,
                                    f"fast in bf16 as in fp32 ({source}): {why}; train.precision: bf16 forces it")
 
 
-def median_seconds(call: Callable[[], object], repeats: int) -> float:
-    """The median wall time of `repeats` calls, after one warm-up call (oneDNN builds its kernel on the first)."""
+def speedup(baseline: Callable[[], object], candidate: Callable[[], object], repeats: int) -> float:
+    """baseline time / candidate time, measuring the arithmetic rather than the scheduler: the two are timed in
+    alternation (both meet the same busy moments) and each keeps its fastest of `repeats` calls (another
+    process taking a core adds time and never removes any); two untimed rounds first (oneDNN builds its
+    kernels on the first calls). Why not a median of one's calls, then the other's: docs/benchmarks.md, CPU
+    classes."""
     import time
 
-    call()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    calls = (baseline, candidate)
+    best = [float("inf"), float("inf")]
+    for round_ in range(repeats + 2):
+        for i, call in enumerate(calls):
+            started = time.perf_counter()
+            call()
+            if round_ >= 2:
+                best[i] = min(best[i], time.perf_counter() - started)
+    return best[0] / best[1]
 
 
 def measure_bf16_speedup(rows: int = 16, k: int = 576, n: int = 1536, repeats: int = 15) -> float:
     """fp32 time / bf16 time of one (rows, k) x (k, n) product, each with its weights already in its dtype.
 
     A decode step is such products (a few rows against a whole weight matrix): bound by reading the
-    weights, so halving their bytes helps wherever bf16 products are not emulated. Takes ~20 ms; uses its
-    own generator (no draw from the global RNG).
-
-    What is measured is the arithmetic, not the scheduler: one thread (a product split over threads waits
-    for the slowest, and with another process on a core that is a 4 ms time slice, on some calls and not
-    others), the two dtypes timed in alternation, and each keeps its fastest call (interference adds time
-    and never removes any). A median of one dtype's calls, then the other's, on two threads read 0.02x at
-    the start of a demo on a Zen 4 where the ratio is 2x.
+    weights, so halving their bytes helps wherever bf16 products are not emulated. Timed by `speedup` on
+    one thread: a product split over threads waits for the slowest, and with another process on a core that
+    is a whole time slice on some calls and not others. Its own generator (no draw from the global RNG).
     """
-    import time
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return _alternating_ratio(rows, k, n, repeats, time.perf_counter)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _alternating_ratio(rows: int, k: int, n: int, repeats: int, clock: Callable[[], float]) -> float:
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(rows, k, generator=generator)
     w = torch.randn(n, k, generator=generator)
     xb, wb = x.bfloat16(), w.bfloat16()
-    calls = (lambda: torch.nn.functional.linear(x, w), lambda: torch.nn.functional.linear(xb, wb))
-    best = [float("inf"), float("inf")]
-    for round_ in range(repeats + 2):  # the first two rounds build oneDNN's kernels: not counted
-        for i, call in enumerate(calls):
-            started = clock()
-            call()
-            if round_ >= 2:
-                best[i] = min(best[i], clock() - started)
-    return best[0] / best[1]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return speedup(lambda: torch.nn.functional.linear(x, w), lambda: torch.nn.functional.linear(xb, wb),
+                       repeats)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def measure_training_bf16_speedup(repeats: int = 10) -> float:
@@ -202,7 +190,7 @@ def measure_training_bf16_speedup(repeats: int = 10) -> float:
     batch of 32 rows of ~32 tokens through SmolLM2's MLP). Compute-bound, unlike the decode probe above.
 
     A small product is timed first: where bf16 is emulated it runs at a few GFLOP/s, and the large one would
-    take seconds to say the same (under 0.1 s in all on a 2-core machine otherwise).
+    take seconds to say the same. Otherwise both take a fraction of a second (docs/benchmarks.md).
     """
     small = measure_bf16_speedup(rows=32, k=576, n=576, repeats=repeats)
     if small < 0.5:

@@ -8,7 +8,7 @@ probe like `tunelab plan`'s), and comes seconds into a run that may take many mi
 then says how long, why (the measured tokens/s and precision) and what fits: `data.max_train_rows`
 scaled to the budget. The run goes on (Ctrl-C stops it at a checkpoint; `--resume` continues it).
 Validations are left out (none has run yet at step 4), so a run that validates often takes longer than
-said (the demo's four: 12% under AVX2 emulation, docs/benchmarks.md).
+said (how much for the demo: docs/benchmarks.md, CPU classes).
 """
 
 from __future__ import annotations

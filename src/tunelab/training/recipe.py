@@ -150,8 +150,9 @@ def train(cfg: RunConfig, resume: Path | None = None, records: Records | None = 
             started = time.perf_counter()
             group, weights = s.local_step(step)
             loss, _, step_stats = backward_on(s.loss_module, group, s.precision, world, weights)
-            # Before the optimizer writes it into the weights (and every later step). Every process stops together.
-            if distributed.any_process(not math.isfinite(loss), world):
+            # Before the optimizer writes it into the weights (and every later step). The loss is the whole step's,
+            # reduced over processes in backward_on, so every process sees it and stops at the same step.
+            if not math.isfinite(loss):
                 export.close()
                 raise TunelabError(
                     f"the training loss is {loss} at step {step} of {s.steps} ({s.precision.reason})",

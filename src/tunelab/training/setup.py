@@ -30,7 +30,7 @@ from tunelab.model.kernels.compiled import (
     use_compiled_layers,
 )
 from tunelab.model.load import ResolvedModel, attach_lora, decoder_layers, load_model, resolve_model, unfreeze_all
-from tunelab.model.precision import Precision, choose_precision
+from tunelab.model.precision import Precision, choose_precision, detect_hardware
 from tunelab.model.quantize import quantize_base, require_quantization
 from tunelab.training import auto, distributed
 from tunelab.training.auto import Choice
@@ -118,8 +118,7 @@ def agreed_precision(setting: str, world: World) -> Precision:
     mine = choose_precision(setting) if world.is_main else None
     bf16 = distributed.broadcast_flag(mine.bf16 if mine else None, world)
     reason = distributed.broadcast_text(mine.reason if mine else None, world)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return Precision(bf16, device, reason if world.is_main else f"{reason} (rank 0's choice)")
+    return Precision(bf16, detect_hardware().device, reason if world.is_main else f"{reason} (rank 0's choice)")
 
 
 def setup(cfg: RunConfig, world: World = World(), records: Records | None = None) -> Setup:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tunelab.model.precision import median_seconds
+from tunelab.model.precision import speedup
 
 
 class PackedLinear(nn.Module):
@@ -41,7 +41,8 @@ class PackedLinear(nn.Module):
 def packing_speedup(dtype: torch.dtype, rows: int = 8, k: int = 576, n: int = 1536, repeats: int = 15) -> float | None:
     """Plain time / packed time of one (rows, k) x (k, n) product in `dtype`; None where packing is unavailable.
 
-    Median of `repeats` calls each, after a warm-up; its own generator (no draw from the global RNG).
+    Timed by `precision.speedup` (alternating, fastest call of each); its own generator (no draw from the global
+    RNG).
     """
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(rows, k, generator=generator).to(dtype)
@@ -55,7 +56,7 @@ def packing_speedup(dtype: torch.dtype, rows: int = 8, k: int = 576, n: int = 15
         except (RuntimeError, AttributeError, NotImplementedError):  # no oneDNN, or not for this dtype
             return None
 
-        return median_seconds(lambda: linear(x), repeats) / median_seconds(lambda: packed(x), repeats)
+        return speedup(lambda: linear(x), lambda: packed(x), repeats)
 
 
 def pack_linears(model: nn.Module, names: list[str], rows_hint: int) -> None:
