@@ -121,6 +121,9 @@ class TrainConfig(_Strict):
         "auto", description="Peak learning rate; 'auto': by method (LoRA ~10x a full fine-tune's), scaled with the "
         "batch (training/auto.py)."
     )
+    learning_rate_multiplier: float = Field(
+        1.0, gt=0, description="Times the learning rate, auto or given (OpenAI's hyperparameter of the same name)."
+    )
     weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay.")
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Fraction of steps spent warming up linearly.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this; None = no clipping.")
@@ -396,8 +399,24 @@ class ServeConfig(_Strict):
         f"auto: packed where a decode-sized product measures {PACKED_MIN_SPEEDUP}x faster that way at start.")
     threads: int | None = Field(None, ge=1, description="torch threads for the engine; None: all cores but one "
                                 "(the HTTP side needs one of its own).")
-    api_keys: list[str] = Field(default_factory=list, description="Accepted bearer keys; empty: no key checked "
-                                "(then binding beyond 127.0.0.1 prints a warning).")
+    api_keys: list[str] = Field(default_factory=list, description="Bearer keys accepted besides the store's "
+                                "(`tunelab keys create`); they act for the project 'default'. With no key at all, "
+                                "none is checked (then binding beyond 127.0.0.1 prints a warning).")
+    # --- the fine-tuning service (tunelab/service/): OpenAI's files and fine_tuning routes on the same server
+    fine_tuning: bool = Field(True, description="Serve /v1/files and /v1/fine_tuning and run queued jobs.")
+    db: str | None = Field(None, description="The service's database: sqlite:////path.sqlite or "
+                           "postgresql://user@host:port/db (several API hosts); None: SQLite under `storage`.")
+    storage: Path | None = Field(None, description="Where uploads and job runs live; None: $TUNELAB_HOME/service.")
+    job_concurrency: int = Field(1, ge=0, description="Jobs this server trains at once (0: only accept and queue "
+                                 "them, for another host to run).")
+    max_upload_bytes: int = Field(512 << 20, ge=1024, description="A larger upload is a 413 (OpenAI's limit: 512 MB).")
+    job_checkpoint_every: int = Field(50, ge=1, description="A job checkpoints every N steps (its default "
+                                      "train.checkpoint_every): what a crashed job resumes from.")
+    worker_heartbeat_seconds: float = Field(5.0, gt=0, description="How often a job's worker reports it is alive.")
+    worker_stale_seconds: float = Field(60.0, gt=0, description="A running job silent this long is resumed by "
+                                        "another attempt.")
+    job_max_attempts: int = Field(3, ge=1, description="Starts of one job (the first and each resume after a crash) "
+                                  "before it fails.")
 
 
 ExportTarget = Literal["hf", "gguf", "gguf-adapter", "ollama"]

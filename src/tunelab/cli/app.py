@@ -8,6 +8,7 @@
     tunelab serve [--model NAME@ALIAS]    the base and fine-tunes behind an OpenAI-compatible API
     tunelab export RUN --to hf|gguf|gguf-adapter|ollama -o OUT   merged / GGUF / Ollama, verified
     tunelab models register|list|show|diff|promote|rollback|delete|log   the model registry
+    tunelab keys create|list|revoke       bearer keys of the fine-tuning API, one project each
     tunelab data validate|lint|clean|split|convert FILE   check and prepare data before training
     tunelab data validate FILE [--json]   every problem of a data file, one line each (exit 1 on errors)
     tunelab data convert FILE -o OUT      any accepted data format -> OpenAI chat JSONL
@@ -31,6 +32,7 @@ from rich.text import Text  # noqa: E402
 from tunelab.cli import run  # noqa: E402
 from tunelab.cli.data import data_app  # noqa: E402
 from tunelab.cli.export import export_cmd  # noqa: E402
+from tunelab.cli.keys import keys_app  # noqa: E402
 from tunelab.cli.models import models_app  # noqa: E402
 from tunelab.cli.render import err  # noqa: E402
 from tunelab.cli.serve import serve_cmd  # noqa: E402
@@ -46,6 +48,7 @@ app.command("serve")(serve_cmd)
 app.command("export")(export_cmd)
 app.add_typer(data_app, name="data")
 app.add_typer(models_app, name="models")
+app.add_typer(keys_app, name="keys")
 
 # Verbs that load a model and run it: these run on tcmalloc when the system has it (see tunelab.cli.allocator).
 MODEL_VERBS = frozenset({"demo", "train", "plan", "eval", "chat", "serve", "export"})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -17,7 +18,13 @@ def serve_cmd(
     host: Annotated[str | None, typer.Option(help="Address to bind (default 127.0.0.1: this machine only).")] = None,
     port: Annotated[int | None, typer.Option(help="TCP port (default 8000).")] = None,
     api_key: Annotated[list[str] | None, typer.Option(
-        "--api-key", help="A bearer key clients must send; repeat for more. Default: none checked.")] = None,
+        "--api-key", help="A bearer key clients may send (project 'default'); repeat for more. Keys made with "
+        "`tunelab keys create` work too. With none at all, none is checked.")] = None,
+    db: Annotated[str | None, typer.Option(help="The fine-tuning service's database: postgresql://user@host/db "
+                                                "(several API hosts) or sqlite:////path (default: SQLite under "
+                                                "--storage).")] = None,
+    storage: Annotated[Path | None, typer.Option(help="Uploads and job runs (default: $TUNELAB_HOME/service).")
+                       ] = None,
     sets: Annotated[list[str] | None, typer.Option(
         "--set", help="Any other ServeConfig key, e.g. max_batch_rows=16, queue_size=128, max_lora_rank=32.")] = None,
 ) -> None:
@@ -28,7 +35,8 @@ def serve_cmd(
     from tunelab.config import ServeConfig
     from tunelab.errors import first_problem
 
-    given = {"models": model, "base": base, "host": host, "port": port, "api_keys": api_key}
+    given = {"models": model, "base": base, "host": host, "port": port, "api_keys": api_key, "db": db,
+             "storage": storage}
     raw = {**parse_sets(sets), **{k: v for k, v in given.items() if v is not None}}
     try:
         cfg = ServeConfig.model_validate(raw)

@@ -22,7 +22,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
@@ -54,6 +54,8 @@ from tunelab.serve.protocol import (
 )
 from tunelab.serve.structured import BadFormat, Grammars
 from tunelab.serve.text import TextPieces
+from tunelab.service.keys import DEFAULT_PROJECT, Principal, principal_for
+from tunelab.service.routes import Service, mount
 
 log = logging.getLogger("tunelab.serve")
 RETRY_AFTER_S = 1.0  # what a 429 asks the client to wait: about the time a few rows take to finish
@@ -67,7 +69,7 @@ class ServerState:
     metrics: ServeMetrics
     max_model_len: int  # positions the base model has: prompt + answer must fit
     grammars: Grammars  # response_format json_object / json_schema
-    authenticate: Callable[[Request], None] | None = None  # raises ApiError(401); None: cfg.api_keys decides
+    service: Service | None = None  # files and fine-tuning jobs (tunelab/service/), and the store's keys
     mailbox: _Mailbox | None = None  # the engine's events into the event loop serving this state (set on first use)
 
 
@@ -121,21 +123,21 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> dict:
-        _authenticate(state, request)
-        listed = await asyncio.to_thread(state.catalog.listed)
+        who = _authenticate(state, request)
+        listed = await asyncio.to_thread(state.catalog.listed, who.project_id)
         return ModelList(data=[_model_card(state, name, created) for name, created in listed]).model_dump()
 
     @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str, request: Request) -> dict:
-        _authenticate(state, request)
-        servable = await _resolve(state, model_id)
+        who = _authenticate(state, request)
+        servable = await _resolve(state, model_id, who)
         return _model_card(state, model_id, servable.created).model_dump()
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = await _admitted_body(state, request)
+        who, body = await _admitted_body(state, request)
         params = _parse(ChatCompletionRequest, body)
-        servable = await _resolve(state, params.model)
+        servable = await _resolve(state, params.model, who)
         messages = [Message("system" if m.role == "developer" else m.role, m.text()) for m in params.messages]
         if servable.system_prompt and messages[0].role != "system":
             messages.insert(0, Message("system", servable.system_prompt))  # as in training (data/read.py)
@@ -150,35 +152,46 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = await _admitted_body(state, request)
+        who, body = await _admitted_body(state, request)
         params = _parse(CompletionRequest, body)
-        servable = await _resolve(state, params.model)
+        servable = await _resolve(state, params.model, who)
         text = params.prompt if isinstance(params.prompt, str) else params.prompt[0]
         prompt = servable.tokenizer(text)["input_ids"]
         if not prompt:
             raise ApiError.bad_request("the prompt is empty", param="prompt")
         return await _answer(state, params, servable, list(prompt), "max_tokens", chat=False)
 
+    if state.service is not None:
+        mount(app, state.service, lambda request: _authenticate(state, request))
     return app
 
 
 # ---------------------------------------------------------------------- checks, in the order they run
-def _authenticate(state: ServerState, request: Request) -> None:
-    if state.authenticate is not None:
-        state.authenticate(request)
-        return
-    if not state.cfg.api_keys:
-        return
+def _authenticate(state: ServerState, request: Request) -> Principal:
+    """Who the request acts for: a key of the store (its project), a key given with --api-key (the project
+    `default`), or, while no key exists anywhere, anyone (the project `default`); else 401."""
+    service = state.service
+    open_project = Principal(service.default_project if service else DEFAULT_PROJECT, DEFAULT_PROJECT, None)
+    closed = bool(state.cfg.api_keys) or (service is not None and service.keys_exist())
+    if not closed:
+        return open_project
     given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-    if not any(hmac.compare_digest(given.encode(), key.encode()) for key in state.cfg.api_keys):
-        raise ApiError(401, "Incorrect API key provided: send one of the server's keys (its --api-key options) as "
-                            "`Authorization: Bearer KEY` (the SDK's api_key).", "invalid_request_error",
-                       code="invalid_api_key")
+    if given and any(hmac.compare_digest(given.encode(), key.encode()) for key in state.cfg.api_keys):
+        return open_project
+    if given and service is not None:
+        principal = principal_for(service.store, given)
+        if principal is not None:
+            return principal
+    raise ApiError(401, "Incorrect API key provided: send a key from `tunelab keys create` (or one of the server's "
+                        "--api-key options) as `Authorization: Bearer KEY` (the SDK's api_key).",
+                   "invalid_request_error", code="invalid_api_key")
 
 
-async def _admitted_body(state: ServerState, request: Request) -> object:
-    """The request's JSON, after the key, the size and the queue have let it in."""
-    _authenticate(state, request)
+async def _admitted_body(state: ServerState, request: Request) -> tuple[Principal, object]:
+    """Who asks, and the request's JSON, after the key, the size and the queue have let it in."""
+    who = _authenticate(state, request)
+    if state.service is not None:
+        state.service.rate_limit(who)
     limit = state.cfg.max_body_bytes
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -192,7 +205,7 @@ async def _admitted_body(state: ServerState, request: Request) -> object:
         if len(raw) > limit:
             raise ApiError.bad_request(f"the request body is over the limit of {limit} bytes")
     try:
-        return json.loads(raw)
+        return who, json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ApiError.bad_request(f"the request body is not valid JSON: {exc}") from None
 
@@ -206,13 +219,13 @@ def _parse(model: type[BaseModel], body: object):
         raise validation_error(exc.errors()) from None
 
 
-async def _resolve(state: ServerState, name: str) -> Servable:
+async def _resolve(state: ServerState, name: str, who: Principal) -> Servable:
     try:
         fixed = state.catalog.fixed(name)  # the base, a run directory already checked: no I/O
         if fixed is not None:
             return fixed
         # Reads the registry (SQLite) and, the first time, the adapter's files: off the event loop.
-        return await asyncio.to_thread(state.catalog.resolve, name)
+        return await asyncio.to_thread(state.catalog.resolve, name, who.project_id)
     except UnknownModel:
         raise ApiError.model_not_found(name) from None
     except NotServable as exc:

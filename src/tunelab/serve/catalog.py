@@ -4,6 +4,7 @@
     banking@production        a registry alias: resolved per request, so a promote or rollback
     banking@2, banking        a version, the latest version      takes effect on the next request
     runs/banking77-2026...    a run directory given with --model, named as given
+    ft:base:proj:sfx:abc...   a fine-tuning job's model (tunelab/service/), for its own project only
 
 A request for anything else is a 404, never the base model in its place. Each adapter is checked
 once, the first time its folder is named (serve/adapters.check_adapter, and the template canary on
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,13 +46,22 @@ class UnknownModel(Exception):
     pass
 
 
+@dataclass(frozen=True)
+class PrivateModels:
+    """The fine-tuning service's models (`ft:...`), each servable by its own project only."""
+
+    run_dir: Callable[[str, str | None], Path | None]  # (name, project) -> the run directory, or None
+    listed: Callable[[str | None], list[tuple[str, int]]]  # project -> (name, created) of its fine-tunes
+
+
 class NotServable(Exception):
     pass
 
 
 class Catalog:
     def __init__(self, base_name: str, base_tokenizer: PreTrainedTokenizerBase, base_fingerprint: str,
-                 max_rank: int, models: list[str], registry: Registry | None) -> None:
+                 max_rank: int, models: list[str], registry: Registry | None,
+                 private: PrivateModels | None = None) -> None:
         self.base_name = base_name
         self.base = Servable(None, base_tokenizer, _stops(base_tokenizer), int(time.time()))
         self.base_fingerprint = base_fingerprint
@@ -62,13 +73,20 @@ class Catalog:
         self.registry_names = {m.partition("@")[0] for m in given} if models else None  # None: every name
         self._checked: dict[str, Servable | NotServable] = {}  # folder -> checked adapter, or why not
         self._run_keys = {name: str(path.resolve()) for name, path in self.run_dirs.items()}
+        self.private = private
 
-    def resolve(self, name: str) -> Servable:
-        """The weights and template `name` stands for now; UnknownModel or NotServable otherwise."""
+    def resolve(self, name: str, project: str | None = None) -> Servable:
+        """The weights and template `name` stands for now, for a request of `project` (its fine-tunes are
+        private); UnknownModel or NotServable otherwise."""
         if name == self.base_name:
             return self.base
         if name in self.run_dirs:
             return self._check(self.run_dirs[name], name)
+        if name.startswith("ft:"):
+            folder = self.private.run_dir(name, project) if self.private is not None else None
+            if folder is None:
+                raise UnknownModel(name)
+            return self._check(folder, name)
         if self.registry is None or "/" in name or (
                 self.registry_names is not None and name.partition("@")[0] not in self.registry_names):
             raise UnknownModel(name)
@@ -87,10 +105,12 @@ class Catalog:
         checked = self._checked.get(self._run_keys.get(name, "")) if folder is not None else None
         return checked if isinstance(checked, Servable) else None
 
-    def listed(self) -> list[tuple[str, int]]:
-        """(id, created) of every name `resolve` accepts and can serve: the base, each run directory, and for
-        each registry name its versions and aliases."""
+    def listed(self, project: str | None = None) -> list[tuple[str, int]]:
+        """(id, created) of every name `resolve` accepts and can serve: the base, each run directory, for
+        each registry name its versions and aliases, and the project's fine-tunes."""
         names = [(self.base_name, self.base.created)]
+        if self.private is not None:
+            names.extend(self.private.listed(project))
         candidates = list(self.run_dirs)
         if self.registry is not None:
             for version in self.registry.versions():

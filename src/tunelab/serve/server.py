@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 import torch
+from sqlalchemy import select
 
 from tunelab.config import PACKED_MIN_SPEEDUP, ServeConfig
 from tunelab.errors import TunelabError
@@ -23,11 +25,16 @@ from tunelab.model.precision import choose_serving_precision
 from tunelab.registry import Registry
 from tunelab.serve.adapters import SlotTable
 from tunelab.serve.app import ServerState, create_app
-from tunelab.serve.catalog import Catalog, NotServable, UnknownModel
+from tunelab.serve.catalog import Catalog, NotServable, PrivateModels, UnknownModel
 from tunelab.serve.engine import Engine
 from tunelab.serve.metrics import ServeMetrics
 from tunelab.serve.multi_lora import wrap_linears
 from tunelab.serve.structured import Grammars
+from tunelab.service.files import Storage
+from tunelab.service.keys import DEFAULT_PROJECT, any_keys, project_id
+from tunelab.service.routes import Service
+from tunelab.service.store import FineTunedModel, Store
+from tunelab.service.supervisor import Supervisor, SupervisorConfig
 
 log = logging.getLogger("tunelab.serve")
 SHUTDOWN_GRACE_S = 30.0
@@ -45,7 +52,9 @@ def build_state(cfg: ServeConfig, registry: Registry | None = None) -> ServerSta
     resolved = resolve_model(cfg.base)
     tokenizer = load_tokenizer(cfg.base)
     registry = registry if registry is not None else Registry()
-    catalog = Catalog(cfg.base, tokenizer, weights_fingerprint(resolved), cfg.max_lora_rank, cfg.models, registry)
+    service = open_service(cfg) if cfg.fine_tuning else None
+    catalog = Catalog(cfg.base, tokenizer, weights_fingerprint(resolved), cfg.max_lora_rank, cfg.models, registry,
+                      private=private_models(service) if service is not None else None)
     for name in cfg.models:  # named explicitly: refuse to start rather than serve without it (before loading)
         try:
             catalog.resolve(name)
@@ -72,8 +81,54 @@ def build_state(cfg: ServeConfig, registry: Registry | None = None) -> ServerSta
                     token_budget=cfg.token_budget, max_adapters_per_step=cfg.max_adapters_per_step,
                     queue_size=cfg.queue_size, lora_kernel=cfg.lora_kernel)
     engine.start()
+    if service is not None and service.supervisor is not None:
+        service.supervisor.start()
     return ServerState(cfg, engine, catalog, ServeMetrics(engine), model.config.max_position_embeddings,
-                       Grammars(model.config.vocab_size))
+                       Grammars(model.config.vocab_size), service=service)
+
+
+def open_service(cfg: ServeConfig) -> Service:
+    """The fine-tuning service: its store (migrated), storage, and a supervisor unless job_concurrency is 0."""
+    storage = Storage.at(cfg.storage)
+    db_url = cfg.db or storage.default_db
+    store = Store.open(db_url)
+    supervisor = None
+    if cfg.job_concurrency:
+        supervisor = Supervisor(store, storage, SupervisorConfig(
+            db_url=db_url, base=cfg.base, concurrency=cfg.job_concurrency,
+            heartbeat_seconds=cfg.worker_heartbeat_seconds, stale_seconds=cfg.worker_stale_seconds,
+            max_attempts=cfg.job_max_attempts, checkpoint_every=cfg.job_checkpoint_every))
+    log.info("fine-tuning: jobs in %s, files and runs under %s, %s", _safe_url(db_url), storage.root,
+             f"{cfg.job_concurrency} at a time" if cfg.job_concurrency else "queued for another host (concurrency 0)")
+    if not cfg.api_keys and not any_keys(store):
+        log.warning("no API keys: every request acts for the project 'default' (create one with `tunelab keys "
+                    "create --project NAME`; the first key closes the server to requests without one)")
+    return Service(store, storage, supervisor, cfg.base, cfg.max_upload_bytes, cfg.job_checkpoint_every,
+                   project_id(store, DEFAULT_PROJECT))
+
+
+def private_models(service: Service) -> PrivateModels:
+    def run_dir(name: str, project: str | None) -> Path | None:
+        with service.store.session() as db:
+            model = db.get(FineTunedModel, name)
+        return Path(model.run_dir) if model is not None and model.project_id == project else None
+
+    def listed(project: str | None) -> list[tuple[str, int]]:
+        with service.store.session() as db:
+            return [(m.id, m.created_at) for m in db.scalars(
+                select(FineTunedModel).where(FineTunedModel.project_id == project)
+                .order_by(FineTunedModel.created_at, FineTunedModel.id))]
+
+    return PrivateModels(run_dir, listed)
+
+
+def _safe_url(url: str) -> str:
+    """A database URL for the log, without its password."""
+    scheme, sep, rest = url.partition("://")
+    if "@" in rest and ":" in rest.split("@", 1)[0]:
+        user = rest.split("@", 1)[0].split(":", 1)[0]
+        return f"{scheme}{sep}{user}:***@{rest.split('@', 1)[1]}"
+    return url
 
 
 def _pack_weights(setting: str, dtype: torch.dtype) -> bool:
@@ -112,7 +167,8 @@ def serve(cfg: ServeConfig) -> None:
     """Run until SIGTERM / Ctrl-C."""
     import uvicorn
 
-    if cfg.host not in ("127.0.0.1", "localhost", "::1") and not cfg.api_keys:
+    if cfg.host not in ("127.0.0.1", "localhost", "::1") and not cfg.api_keys and not (
+            cfg.fine_tuning and any_keys(Store.open(cfg.db or Storage.at(cfg.storage).default_db))):
         log.warning("warning: serving on %s with no API key: anyone who can reach this port can use the models "
                     "(set --api-key, or bind 127.0.0.1)", cfg.host)
     state = build_state(cfg)
@@ -124,4 +180,6 @@ def serve(cfg: ServeConfig) -> None:
         uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info", access_log=False,
                     timeout_graceful_shutdown=int(SHUTDOWN_GRACE_S))
     finally:
+        if state.service is not None and state.service.supervisor is not None:
+            state.service.supervisor.stop()  # its workers go on: a restarted server adopts them
         state.engine.stop(grace_seconds=SHUTDOWN_GRACE_S)

@@ -161,6 +161,9 @@ def resolve(train: TrainConfig, rows: int, mean_tokens: float, tuning: str = "lo
         batch = given("batch_size")
     lr = (choose_learning_rate(int(batch.value), tuning, rank, rslora) if train.learning_rate == "auto"
           else given("learning_rate"))
+    if train.learning_rate_multiplier != 1.0:
+        m = train.learning_rate_multiplier
+        lr = Choice(float(lr.value) * m, f"{lr.why}, x {m:g} (learning_rate_multiplier)", lr.source)
     choices.update(epochs=epochs, batch_size=batch, learning_rate=lr)
     resolved = train.model_copy(update={"epochs": float(epochs.value), "batch_size": int(batch.value),
                                         "learning_rate": float(lr.value)})

@@ -175,7 +175,7 @@ def train(cfg: RunConfig, resume: Path | None = None, records: Records | None = 
             real_tokens += step_real
             trained_tokens += step_trained
             record = {
-                "step": step, "loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                "step": step, "total_steps": s.steps, "loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                 "tokens": step_real, "trained_tokens": step_trained, "tokens_per_s": step_real / elapsed,
                 "seconds": elapsed, "peak_memory_mb": peak_memory_mb(), **step_stats,
                 "examples": examples_fingerprint(s.stream, step, t.grad_accumulation),

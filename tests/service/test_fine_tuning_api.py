@@ -1,0 +1,251 @@
+"""The fine-tuning API through the official `openai` SDK, on the tiny model, against a real server on 127.0.0.1:
+upload, validate, train in a worker process, events, checkpoints, serve the result, delete it; refusals with
+OpenAI's shape; two projects that cannot see each other."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import httpx2 as httpx
+import openai
+import pytest
+
+from helpers import classification_rows, write_jsonl
+from serving import serve_config, wait_until
+
+# The tiny model trains in a few seconds with these; everything else is the job's own default.
+TINY = {"data": {"max_length": 64}, "lora": {"rank": 4, "alpha": 8},
+        "train": {"precision": "fp32", "learning_rate": 1e-2, "val_rows": 8},
+        "eval": {"max_rows": 6, "batch_size": 4, "forgetting_probe": False}}
+JOB_TIMEOUT_S = 240
+
+
+def chat_rows(repeat: int = 1) -> list[dict]:
+    rows = [{"messages": [{"role": "user", "content": text}, {"role": "assistant", "content": label}]}
+            for text, label in classification_rows()]
+    return rows * repeat
+
+
+@pytest.fixture(scope="module")
+def service(tiny_model_dir, tmp_path_factory):
+    """A server with the fine-tuning service on its own SQLite and storage; keys for two projects."""
+    import uvicorn
+
+    from tunelab.registry import Registry
+    from tunelab.serve.app import create_app
+    from tunelab.serve.server import build_state
+    from tunelab.service.keys import create_key
+
+    storage = tmp_path_factory.mktemp("service")
+    cfg = serve_config(tiny_model_dir, [], storage=storage, worker_heartbeat_seconds=0.3, worker_stale_seconds=20,
+                       job_checkpoint_every=2)
+    state = build_state(cfg, registry=Registry(tmp_path_factory.mktemp("registry")))
+    keys = {project: create_key(state.service.store, project)[0] for project in ("support", "other")}
+    server = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_until(lambda: server.started)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    yield f"http://127.0.0.1:{port}", state, keys
+    server.should_exit = True
+    thread.join(timeout=10)
+    state.service.supervisor.stop()
+    state.engine.stop(grace_seconds=5)
+
+
+def client(url: str, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def upload(c: openai.OpenAI, path: Path):
+    with path.open("rb") as f:
+        return c.files.create(file=f, purpose="fine-tune")
+
+
+def wait_for(c: openai.OpenAI, job_id: str, statuses=("succeeded", "failed", "cancelled"), timeout=JOB_TIMEOUT_S):
+    deadline = time.monotonic() + timeout
+    while True:
+        job = c.fine_tuning.jobs.retrieve(job_id)
+        if job.status in statuses:
+            return job
+        assert time.monotonic() < deadline, f"job stuck in {job.status}: {job}"
+        time.sleep(0.2)
+
+
+def test_the_sdk_script_trains_serves_and_deletes_a_fine_tune(service, tmp_path):
+    url, state, keys = service
+    c = client(url, keys["support"])
+    f = upload(c, write_jsonl(tmp_path / "train.jsonl", chat_rows()))
+    assert f.object == "file" and f.purpose == "fine-tune" and f.filename == "train.jsonl"
+    assert c.files.wait_for_processing(f.id, poll_interval=0.1).status == "processed"
+    base = state.catalog.base_name
+    job = c.fine_tuning.jobs.create(
+        model=base, training_file=f.id, suffix="support", seed=7, metadata={"team": "a"},
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 3, "batch_size": 8}}},
+        extra_body={"tunelab": TINY})
+    assert job.object == "fine_tuning.job" and job.status in ("queued", "running")
+    assert job.hyperparameters.n_epochs == 3 and job.hyperparameters.learning_rate_multiplier == "auto"
+    assert job.fine_tuned_model is None and job.result_files == [] and job.seed == 7
+    job = wait_for(c, job.id)
+    assert job.status == "succeeded", job.error
+    assert job.fine_tuned_model == f"ft:{Path(base).name}:support:support:{job.id.removeprefix('ftjob-')}"
+    assert job.hyperparameters.learning_rate_multiplier == 1.0 and job.trained_tokens > 0
+    assert isinstance(job.finished_at, int) and job.error is None
+
+    events = list(c.fine_tuning.jobs.list_events(job.id, limit=100))
+    messages = [e.message for e in events]
+    assert messages[0] == "The job has successfully completed"  # newest first
+    assert f"New fine-tuned model created: {job.fine_tuned_model}" in messages
+    metrics = [e for e in events if e.type == "metrics"]
+    assert metrics and {"step", "train_loss", "total_steps"} <= set(metrics[0].data)
+    assert sorted(e.data["step"] for e in metrics) == list(range(1, len(metrics) + 1))  # each step once
+    checkpoints = list(c.fine_tuning.jobs.checkpoints.list(job.id))
+    assert checkpoints and checkpoints[0].step_number == metrics[0].data["total_steps"]
+    assert checkpoints[0].fine_tuned_model_checkpoint.startswith(job.fine_tuned_model + ":ckpt-step-")
+
+    csv_file = next(c.files.retrieve(i) for i in job.result_files if c.files.retrieve(i).filename.endswith(".csv"))
+    assert csv_file.purpose == "fine-tune-results"
+    lines = c.files.content(csv_file.id).text.splitlines()
+    assert lines[0] == "step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy"
+    assert len(lines) == 1 + len(metrics)
+    evaluation = next(json.loads(c.files.content(i).text) for i in job.result_files
+                      if c.files.retrieve(i).filename == "eval.json")
+    assert "finetune" in evaluation["contenders"] and "base_zero_shot" in evaluation["contenders"]
+
+    answer = c.chat.completions.create(model=job.fine_tuned_model, max_tokens=4, temperature=0,
+                                       messages=[{"role": "user", "content": "where is my card"}])
+    assert answer.model == job.fine_tuned_model and answer.choices[0].message.content
+    assert job.fine_tuned_model in {m.id for m in c.models.list()}
+    other = client(url, keys["other"])
+    assert job.fine_tuned_model not in {m.id for m in other.models.list()}
+    with pytest.raises(openai.NotFoundError):
+        other.chat.completions.create(model=job.fine_tuned_model, messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.NotFoundError):
+        other.models.delete(job.fine_tuned_model)
+    assert c.models.delete(job.fine_tuned_model).deleted
+    with pytest.raises(openai.NotFoundError):
+        c.chat.completions.create(model=job.fine_tuned_model, messages=[{"role": "user", "content": "hi"}])
+    assert [j.id for j in c.fine_tuning.jobs.list(metadata={"team": "a"})] == [job.id]
+    assert list(c.fine_tuning.jobs.list(metadata={"team": "b"})) == []
+
+
+def test_a_malformed_file_fails_the_job_with_its_line_and_nothing_runs(service, tmp_path):
+    url, state, keys = service
+    c = client(url, keys["support"])
+    rows = [json.dumps(r) for r in chat_rows()]
+    rows[2] = '{"messages": [{"role": "bot", "content": "x"}]}'
+    rows[5] = "{not json"
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(rows) + "\n")
+    f = upload(c, path)
+    assert f.status == "error" and "bad.jsonl:3" in f.status_details and "more error" in f.status_details
+    job = c.fine_tuning.jobs.create(model=state.catalog.base_name, training_file=f.id)
+    assert job.status == "failed"
+    assert job.error.param == "training_file" and "bad.jsonl:3" in job.error.message
+    (report_id,) = job.result_files
+    report = json.loads(c.files.content(report_id).text)
+    assert {x["line"] for x in report["findings"] if x["severity"] == "error"} == {3, 6}
+    time.sleep(1.0)  # a supervisor tick or two: it must not start anything for this job
+    assert not state.service.storage.job_dir(job.id).exists()
+    assert c.fine_tuning.jobs.retrieve(job.id).status == "failed"
+
+
+def test_bad_requests_are_400s_naming_the_parameter(service, tmp_path):
+    url, state, keys = service
+    c = client(url, keys["support"])
+    f = upload(c, write_jsonl(tmp_path / "ok.jsonl", chat_rows()))
+    base = state.catalog.base_name
+    cases = [
+        ({"model": "gpt-4o-mini", "training_file": f.id}, "model"),
+        ({"model": base, "training_file": "file-nope"}, "training_file"),
+        ({"model": base, "training_file": f.id, "method": {"type": "reinforcement"}}, "method.type"),
+        ({"model": base, "training_file": f.id, "extra_body": {"tunelab": {"lora": {"rnak": 4}}}}, "tunelab"),
+        ({"model": base, "training_file": f.id, "extra_body": {"tunelab": {"model": "x"}}}, "tunelab"),
+        ({"model": base, "training_file": f.id, "suffix": "a/b"}, "suffix"),
+    ]
+    for kwargs, param in cases:
+        with pytest.raises(openai.BadRequestError) as caught:
+            c.fine_tuning.jobs.create(**kwargs)
+        assert caught.value.status_code == 400 and caught.value.body["param"] == param, (kwargs, caught.value.body)
+    with pytest.raises(openai.BadRequestError, match="rnak"):
+        c.fine_tuning.jobs.create(model=base, training_file=f.id, extra_body={"tunelab": {"lora": {"rnak": 4}}})
+    with pytest.raises(openai.BadRequestError, match="jsonl"):
+        c.files.create(file=("notes.txt", b"hello"), purpose="fine-tune")
+    with pytest.raises(openai.BadRequestError, match="purpose"):
+        c.files.create(file=("a.jsonl", b"{}"), purpose="nonsense")
+    response = httpx.post(f"{url}/v1/fine_tuning/jobs", content=b"{not json",
+                          headers={"Authorization": f"Bearer {keys['support']}"})
+    assert response.status_code == 400 and set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_an_upload_over_the_limit_is_a_413(service):
+    url, state, keys = service
+    limit = state.service.max_upload_bytes
+    state.service.max_upload_bytes = 2048
+    try:
+        with pytest.raises(openai.APIStatusError) as caught:
+            client(url, keys["support"]).files.create(file=("big.jsonl", b"x" * 10_000), purpose="fine-tune")
+        assert caught.value.status_code == 413
+    finally:
+        state.service.max_upload_bytes = limit
+    left = [p.name for p in (state.service.storage.root / "files").iterdir() if p.name.startswith(".upload")]
+    assert left == []  # nothing half-written stays behind
+
+
+def test_two_projects_cannot_see_or_touch_each_others_objects(service, tmp_path):
+    url, state, keys = service
+    a, b = client(url, keys["support"]), client(url, keys["other"])
+    f = upload(a, write_jsonl(tmp_path / "mine.jsonl", chat_rows()))
+    job = a.fine_tuning.jobs.create(model=state.catalog.base_name, training_file=f.id,
+                                    extra_body={"tunelab": TINY})
+    not_found = [
+        lambda: b.files.retrieve(f.id), lambda: b.files.content(f.id), lambda: b.files.delete(f.id),
+        lambda: b.fine_tuning.jobs.retrieve(job.id), lambda: b.fine_tuning.jobs.cancel(job.id),
+        lambda: b.fine_tuning.jobs.pause(job.id), lambda: b.fine_tuning.jobs.resume(job.id),
+        lambda: list(b.fine_tuning.jobs.list_events(job.id)), lambda: list(b.fine_tuning.jobs.checkpoints.list(job.id)),
+    ]
+    for call in not_found:
+        with pytest.raises(openai.NotFoundError):
+            call()
+    with pytest.raises(openai.BadRequestError, match="does not exist"):
+        b.fine_tuning.jobs.create(model=state.catalog.base_name, training_file=f.id)
+    assert f.id not in {x.id for x in b.files.list()} and job.id not in {x.id for x in b.fine_tuning.jobs.list()}
+    with pytest.raises(openai.AuthenticationError):
+        client(url, "tl-not-a-key").files.list()
+    response = httpx.get(f"{url}/v1/files")
+    assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(f"{url}/health").status_code == 200  # the one route without a key
+    assert a.fine_tuning.jobs.cancel(job.id).status in ("cancelled", "running")
+    assert wait_for(a, job.id).status == "cancelled"
+
+
+def test_a_revoked_key_is_refused(service):
+    url, state, _ = service
+    from tunelab.service.keys import create_key, revoke_key
+
+    secret, record = create_key(state.service.store, "support")
+    assert client(url, secret).files.list().object == "list"
+    revoke_key(state.service.store, record.id)
+    with pytest.raises(openai.AuthenticationError):
+        client(url, secret).files.list()
+
+
+def test_lists_page_as_the_sdk_pages_them(service, tmp_path):
+    url, _, _ = service
+    from tunelab.service.keys import create_key
+
+    secret, _ = create_key(service[1].service.store, "pages")
+    c = client(url, secret)
+    ids = [upload(c, write_jsonl(tmp_path / f"p{i}.jsonl", chat_rows())).id for i in range(3)]
+    first = c.files.list(limit=1)
+    assert len(first.data) == 1 and first.has_more
+    assert sorted(x.id for x in c.files.list(limit=1)) == sorted(ids)
+    ascending = list(c.files.list(limit=2, order="asc"))
+    assert sorted(x.id for x in ascending) == sorted(ids)
+    assert [x.created_at for x in ascending] == sorted(x.created_at for x in ascending)
+    assert c.files.delete(ids[0]).deleted
+    with pytest.raises(openai.NotFoundError):
+        c.files.retrieve(ids[0])
