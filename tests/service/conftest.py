@@ -3,18 +3,22 @@
 PostgreSQL is a private cluster started once per session (tests/postgres.py), each test on a fresh database
 dropped afterwards. Without PostgreSQL binaries its half of the tests is skipped, unless
 TUNELAB_REQUIRE_POSTGRES=1 (set by .ci/run), which turns the skip into a failure.
+
+`service` is a whole server on the tiny model with the fine-tuning routes, for the API's tests.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from postgres import PostgresServer, PostgresUnavailable, start_postgres
+from serving import serve_config, wait_until
 from tunelab.service.store import Store
 
 
@@ -57,3 +61,30 @@ def store(db_url: str) -> Iterator[Store]:
         yield opened
     finally:
         opened.engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def service(tiny_model_dir, tmp_path_factory):
+    """A server with the fine-tuning service on its own SQLite and storage; keys for two projects."""
+    import uvicorn
+
+    from tunelab.registry import Registry
+    from tunelab.serve.app import create_app
+    from tunelab.serve.server import build_state
+    from tunelab.service.keys import create_key
+
+    storage = tmp_path_factory.mktemp("service")
+    cfg = serve_config(tiny_model_dir, [], storage=storage, worker_heartbeat_seconds=0.3, worker_stale_seconds=20,
+                       job_checkpoint_every=2)
+    state = build_state(cfg, registry=Registry(tmp_path_factory.mktemp("registry")))
+    keys = {project: create_key(state.service.store, project)[0] for project in ("support", "other")}
+    server = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_until(lambda: server.started)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    yield f"http://127.0.0.1:{port}", state, keys
+    server.should_exit = True
+    thread.join(timeout=10)
+    state.service.supervisor.stop()
+    state.engine.stop(grace_seconds=5)

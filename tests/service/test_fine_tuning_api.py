@@ -5,7 +5,6 @@ OpenAI's shape; two projects that cannot see each other."""
 from __future__ import annotations
 
 import json
-import threading
 import time
 from pathlib import Path
 
@@ -13,66 +12,8 @@ import httpx2 as httpx
 import openai
 import pytest
 
-from helpers import classification_rows, write_jsonl
-from serving import serve_config, wait_until
-
-# The tiny model trains in a few seconds with these; everything else is the job's own default.
-TINY = {"data": {"max_length": 64}, "lora": {"rank": 4, "alpha": 8},
-        "train": {"precision": "fp32", "learning_rate": 1e-2, "val_rows": 8},
-        "eval": {"max_rows": 6, "batch_size": 4, "forgetting_probe": False}}
-JOB_TIMEOUT_S = 240
-
-
-def chat_rows(repeat: int = 1) -> list[dict]:
-    rows = [{"messages": [{"role": "user", "content": text}, {"role": "assistant", "content": label}]}
-            for text, label in classification_rows()]
-    return rows * repeat
-
-
-@pytest.fixture(scope="module")
-def service(tiny_model_dir, tmp_path_factory):
-    """A server with the fine-tuning service on its own SQLite and storage; keys for two projects."""
-    import uvicorn
-
-    from tunelab.registry import Registry
-    from tunelab.serve.app import create_app
-    from tunelab.serve.server import build_state
-    from tunelab.service.keys import create_key
-
-    storage = tmp_path_factory.mktemp("service")
-    cfg = serve_config(tiny_model_dir, [], storage=storage, worker_heartbeat_seconds=0.3, worker_stale_seconds=20,
-                       job_checkpoint_every=2)
-    state = build_state(cfg, registry=Registry(tmp_path_factory.mktemp("registry")))
-    keys = {project: create_key(state.service.store, project)[0] for project in ("support", "other")}
-    server = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_until(lambda: server.started)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    yield f"http://127.0.0.1:{port}", state, keys
-    server.should_exit = True
-    thread.join(timeout=10)
-    state.service.supervisor.stop()
-    state.engine.stop(grace_seconds=5)
-
-
-def client(url: str, key: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=60)
-
-
-def upload(c: openai.OpenAI, path: Path):
-    with path.open("rb") as f:
-        return c.files.create(file=f, purpose="fine-tune")
-
-
-def wait_for(c: openai.OpenAI, job_id: str, statuses=("succeeded", "failed", "cancelled"), timeout=JOB_TIMEOUT_S):
-    deadline = time.monotonic() + timeout
-    while True:
-        job = c.fine_tuning.jobs.retrieve(job_id)
-        if job.status in statuses:
-            return job
-        assert time.monotonic() < deadline, f"job stuck in {job.status}: {job}"
-        time.sleep(0.2)
+from fine_tuning import TINY, chat_rows, client, upload, wait_for
+from helpers import write_jsonl
 
 
 def test_the_sdk_script_trains_serves_and_deletes_a_fine_tune(service, tmp_path):

@@ -103,7 +103,7 @@ class Attempt:
             if resume is None:
                 self.store.event(db, job.id, "Fine-tuning job started")
             else:
-                step = _checkpoint_step(resume)
+                step = _checkpoint_step(_newest_checkpoint(resume))
                 self.store.event(db, job.id, f"Resuming from checkpoint step {step} (attempt {job.attempt})",
                                  data={"step": step, "attempt": job.attempt})
             cfg = run_config(job, self.storage.file(job.training_file), self.folder, self.base, self.checkpoint_every)
@@ -168,7 +168,7 @@ class Attempt:
             job = self._owned(db)
             if job is None:
                 return EXIT_SUPERSEDED
-            job.status, job.finished_at, job.lease = FAILED, now(), None
+            job.status, job.finished_at, job.lease, job.worker_pid = FAILED, now(), None, None
             job.error = {"code": code, "message": message, "param": param}
             job.estimated_finish = None
             self.store.event(db, job.id, f"Fine-tuning job failed: {message}", level="error")
@@ -189,6 +189,7 @@ class Attempt:
                                   run_dir=str(run)))
             job.method = resolved_method(job.method, config)
             job.status, job.finished_at, job.lease, job.estimated_finish = SUCCEEDED, now(), None, None
+            job.worker_pid = None
             job.fine_tuned_model, job.result_files, job.run_dir = name, ids, str(run)
             job.trained_tokens = trained_tokens(run / "metrics.jsonl")
             for line in _evaluation_lines(summary):
@@ -361,6 +362,12 @@ def resolved_method(method: dict[str, Any], config: dict[str, Any]) -> dict[str,
     section = dict(method.get(method["type"], {}))
     hp = {k: (values.get(k) if v == "auto" else v) for k, v in section.get("hyperparameters", {}).items()}
     return {**method, method["type"]: {**section, "hyperparameters": hp}}
+
+
+def _newest_checkpoint(run: Path) -> Path:
+    from tunelab.training.checkpoint import complete_checkpoints
+
+    return complete_checkpoints(run)[-1]
 
 
 def _checkpoint_step(path: Path) -> int:
