@@ -190,3 +190,83 @@ def test_lists_page_as_the_sdk_pages_them(service, tmp_path):
     assert c.files.delete(ids[0]).deleted
     with pytest.raises(openai.NotFoundError):
         c.files.retrieve(ids[0])
+
+
+def test_a_dry_run_returns_the_plan_and_creates_no_job(service, tmp_path):
+    url, state, keys = service
+    from tunelab.service.keys import create_key
+
+    c = client(url, create_key(state.service.store, "planning")[0])
+    f = upload(c, write_jsonl(tmp_path / "plan.jsonl", chat_rows()))
+    plan = c.fine_tuning.jobs.create(model=state.catalog.base_name, training_file=f.id,
+                                     extra_body={"dry_run": True, "tunelab": TINY}).to_dict()
+    assert plan["object"] == "fine_tuning.job.plan" and plan["training_file"] == f.id
+    assert plan["steps"] > 0 and plan["tokens"]["trained"] > 0 and plan["estimate_seconds"]["total"] > 0
+    assert list(c.fine_tuning.jobs.list()) == []
+
+
+def test_the_event_stream_replays_after_last_event_id(service, tmp_path):
+    url, state, keys = service
+    c = client(url, keys["support"])
+    f = upload(c, write_jsonl(tmp_path / "sse.jsonl", chat_rows()))
+    job = c.fine_tuning.jobs.create(model=state.catalog.base_name, training_file=f.id, extra_body={"tunelab": TINY})
+    headers = {"Authorization": f"Bearer {keys['support']}"}
+
+    def stream(extra: dict) -> list[tuple[int, dict]]:
+        events, seq = [], None
+        with httpx.stream("GET", f"{url}/v1/fine_tuning/jobs/{job.id}/events?stream=true",
+                          headers={**headers, **extra}, timeout=120) as response:
+            assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+            for line in response.iter_lines():
+                if line.startswith("id: "):
+                    seq = int(line[4:])
+                elif line.startswith("data: "):
+                    events.append((seq, json.loads(line[6:])))
+        return events
+
+    events = stream({})  # ends when the job has finished
+    assert [s for s, _ in events] == sorted(s for s, _ in events)
+    assert events[-1][1]["message"] == "The job has successfully completed"
+    assert all(e["object"] == "fine_tuning.job.event" and e["id"] == f"ftevent-{s}" for s, e in events)
+    middle = events[len(events) // 2][0]
+    assert stream({"Last-Event-ID": str(middle)}) == [(s, e) for s, e in events if s > middle]
+
+
+def test_key_limits_answer_429_with_retry_after(service, tmp_path):
+    url, state, keys = service
+    from tunelab.service.keys import create_key
+
+    limited, _ = create_key(state.service.store, "support", requests_per_minute=3)
+    c = client(url, limited)
+    for _ in range(3):
+        c.files.list()
+    with pytest.raises(openai.RateLimitError) as caught:
+        c.files.list()
+    assert int(caught.value.response.headers["retry-after"]) >= 1
+    one_job, _ = create_key(state.service.store, "support", max_active_jobs=1)
+    c = client(url, one_job)
+    f = upload(c, write_jsonl(tmp_path / "limit.jsonl", chat_rows()))
+    first = c.fine_tuning.jobs.create(model=state.catalog.base_name, training_file=f.id, extra_body={"tunelab": TINY})
+    with pytest.raises(openai.RateLimitError, match="unfinished job"):
+        c.fine_tuning.jobs.create(model=state.catalog.base_name, training_file=f.id, extra_body={"tunelab": TINY})
+    with pytest.raises(openai.ConflictError, match=first.id):
+        c.files.delete(f.id)  # a file an unfinished job uses
+    c.fine_tuning.jobs.cancel(first.id)
+    assert wait_for(c, first.id).status == "cancelled"
+    assert c.files.delete(f.id).deleted
+
+
+def test_a_published_fine_tune_cannot_be_deleted_while_an_alias_points_at_it(service, tmp_path):
+    url, state, keys = service
+    c = client(url, keys["support"])
+    f = upload(c, write_jsonl(tmp_path / "pub.jsonl", chat_rows()))
+    job = wait_for(c, c.fine_tuning.jobs.create(model=state.catalog.base_name, training_file=f.id,
+                                                extra_body={"tunelab": TINY}).id)
+    registry = state.service.registry
+    run_dir = next(p for p in state.service.storage.job_dir(job.id).iterdir() if p.is_dir() and not p.name[0] == ".")
+    registry.register(run_dir, "published")
+    registry.promote("published@1", force=True, reason="test")
+    with pytest.raises(openai.ConflictError, match="published@production"):
+        c.models.delete(job.fine_tuned_model)
+    registry.delete("published@1", force=True, reason="test")
+    assert c.models.delete(job.fine_tuned_model).deleted

@@ -52,7 +52,7 @@ def build_state(cfg: ServeConfig, registry: Registry | None = None) -> ServerSta
     resolved = resolve_model(cfg.base)
     tokenizer = load_tokenizer(cfg.base)
     registry = registry if registry is not None else Registry()
-    service = open_service(cfg) if cfg.fine_tuning else None
+    service = open_service(cfg, registry) if cfg.fine_tuning else None
     catalog = Catalog(cfg.base, tokenizer, weights_fingerprint(resolved), cfg.max_lora_rank, cfg.models, registry,
                       private=private_models(service) if service is not None else None)
     for name in cfg.models:  # named explicitly: refuse to start rather than serve without it (before loading)
@@ -87,7 +87,7 @@ def build_state(cfg: ServeConfig, registry: Registry | None = None) -> ServerSta
                        Grammars(model.config.vocab_size), service=service)
 
 
-def open_service(cfg: ServeConfig) -> Service:
+def open_service(cfg: ServeConfig, registry: Registry | None = None) -> Service:
     """The fine-tuning service: its store (migrated), storage, and a supervisor unless job_concurrency is 0."""
     storage = Storage.at(cfg.storage)
     db_url = cfg.db or storage.default_db
@@ -104,7 +104,7 @@ def open_service(cfg: ServeConfig) -> Service:
         log.warning("no API keys: every request acts for the project 'default' (create one with `tunelab keys "
                     "create --project NAME`; the first key closes the server to requests without one)")
     return Service(store, storage, supervisor, cfg.base, cfg.max_upload_bytes, cfg.job_checkpoint_every,
-                   project_id(store, DEFAULT_PROJECT))
+                   project_id(store, DEFAULT_PROJECT), registry)
 
 
 def private_models(service: Service) -> PrivateModels:

@@ -22,6 +22,7 @@ import re
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
@@ -31,6 +32,7 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from tunelab.errors import TunelabError
+from tunelab.registry import Registry
 from tunelab.serve.protocol import ApiError, validation_error
 from tunelab.service.files import (
     RESULTS_PURPOSE,
@@ -87,6 +89,7 @@ class Service:
     max_upload_bytes: int
     checkpoint_every: int
     default_project: str  # the id of the project `default`: the open server's, and --api-key keys'
+    registry: Registry | None = None  # where a fine-tune may be published (`tunelab models register RUN_DIR`)
     _closed: bool = False  # a key exists (then it always will: a revoked key still counts)
     _checked_at: float = -1.0
     _recent: dict[str, collections.deque] = field(default_factory=dict)  # key id -> request times (rpm limit)
@@ -413,11 +416,25 @@ def mount(app: FastAPI, service: Service, authenticate) -> None:  # noqa: ANN001
                 if model_id == service.base:
                     raise ApiError.bad_request("the base model cannot be deleted", param="model")
                 raise ApiError.model_not_found(model_id)
+            aliases = await asyncio.to_thread(_published_aliases, service.registry, model.run_dir)
+            if aliases:
+                raise ApiError(409, f"{model_id} is published in the registry and {', '.join(aliases)} points at it: "
+                                    "move the alias (`tunelab models promote` another version, or `tunelab models "
+                                    "rollback`) before deleting it", param="model", code="model_in_use")
             db.execute(delete(FineTunedModel).where(FineTunedModel.id == model_id))
         return {"id": model_id, "object": "model", "deleted": True}
 
 
 # ------------------------------------------------------------------------------------------------------- helpers
+def _published_aliases(registry: Registry | None, run_dir: str) -> list[str]:
+    """NAME@ALIAS of each registry alias on a version registered from `run_dir`."""
+    if registry is None:
+        return []
+    target = Path(run_dir).resolve()
+    return [f"{v.name}@{alias}" for v in registry.versions()
+            if Path(str(v.record.get("source", ""))).resolve() == target for alias in v.aliases]
+
+
 def _file_object(f: File) -> dict:
     return {"id": f.id, "object": "file", "bytes": f.bytes, "created_at": f.created_at, "expires_at": None,
             "filename": f.filename, "purpose": f.purpose, "status": f.status, "status_details": f.status_details}
