@@ -22,6 +22,8 @@ from fine_tuning import TINY, chat_rows, client, upload, wait_for
 from helpers import write_jsonl
 from serving import wait_until
 
+pytestmark = pytest.mark.integration  # real worker processes train real jobs: left out of `make test-fast`
+
 # Long enough to stop in the middle: 60 training rows at batch 8, 12 epochs = 96 steps, a checkpoint every 2.
 LONG = {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 12, "batch_size": 8}}}
 # Long enough to outlive a server restart (several seconds): twice the rows, 50 epochs, ~750 steps.

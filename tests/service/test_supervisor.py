@@ -6,11 +6,15 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
+
 from fine_tuning import TINY, chat_rows
 from tunelab.service.files import Storage
 from tunelab.service.keys import project_id
 from tunelab.service.store import QUEUED, SUCCEEDED, File, Job, JobEvent, Store, new_id, now
 from tunelab.service.supervisor import Supervisor, SupervisorConfig
+
+pytestmark = pytest.mark.integration  # real worker processes train real jobs: left out of `make test-fast`
 
 JOBS = 4
 

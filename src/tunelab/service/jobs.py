@@ -34,7 +34,7 @@ from tunelab.service.store import Checkpoint, Job, JobEvent
 
 JOB_PREFIX = "ftjob-"
 # The parts of a RunConfig the API itself sets: given under `tunelab`, they are a 400 naming the API field.
-API_OWNED = {"model": "model", "data.path": "training_file", "output_dir": "(the server's storage)",
+API_OWNED = {"model.name": "model", "data.path": "training_file", "output_dir": "(the server's storage)",
              "name": "suffix", "objective": "method.type", "train.seed": "seed", "train.epochs": "n_epochs",
              "train.batch_size": "batch_size", "train.learning_rate_multiplier": "learning_rate_multiplier",
              "dpo.beta": "method.dpo.hyperparameters.beta"}
@@ -139,6 +139,10 @@ def hyperparameters_of(method: dict[str, Any]) -> dict[str, Any]:
 
 def check_tunelab_keys(extra: dict[str, Any]) -> None:
     """Refuse, by name, RunConfig keys the API sets itself."""
+    if isinstance(extra.get("model"), str):
+        raise TunelabError("tunelab.model is set by the API", fix="use the request's model instead "
+                           "(tunelab.model may hold other model keys, e.g. {\"kernels\": \"reference\"})",
+                           where="tunelab")
     for dotted, field in API_OWNED.items():
         node: Any = extra
         for part in dotted.split("."):
