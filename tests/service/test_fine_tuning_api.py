@@ -62,7 +62,18 @@ def test_the_sdk_script_trains_serves_and_deletes_a_fine_tune(service, tmp_path)
                                        messages=[{"role": "user", "content": "where is my card"}])
     assert answer.model == job.fine_tuned_model and answer.choices[0].message.content
     assert job.fine_tuned_model in {m.id for m in c.models.list()}
+    # The last checkpoint, served as a model of its own, is the final adapter: same answers.
+    last = checkpoints[0].fine_tuned_model_checkpoint
+    by_checkpoint = c.chat.completions.create(model=last, max_tokens=4, temperature=0,
+                                              messages=[{"role": "user", "content": "where is my card"}])
+    assert by_checkpoint.model == last
+    assert by_checkpoint.choices[0].message.content == answer.choices[0].message.content
+    with pytest.raises(openai.NotFoundError):
+        c.chat.completions.create(model=job.fine_tuned_model + ":ckpt-step-999999",
+                                  messages=[{"role": "user", "content": "hi"}])
     other = client(url, keys["other"])
+    with pytest.raises(openai.NotFoundError):
+        other.chat.completions.create(model=last, messages=[{"role": "user", "content": "hi"}])
     assert job.fine_tuned_model not in {m.id for m in other.models.list()}
     with pytest.raises(openai.NotFoundError):
         other.chat.completions.create(model=job.fine_tuned_model, messages=[{"role": "user", "content": "hi"}])
@@ -273,3 +284,35 @@ def test_a_published_fine_tune_cannot_be_deleted_while_an_alias_points_at_it(ser
         c.models.delete(job.fine_tuned_model)
     registry.delete("published@1", force=True, reason="test")
     assert c.models.delete(job.fine_tuned_model).deleted
+
+
+def test_nothing_a_client_sends_gives_a_500(service):
+    """Odd ids (path traversal included), bodies of the wrong type and shape, bad query values: each route answers
+    4xx in OpenAI's shape."""
+    url, _, keys = service
+    auth = {"Authorization": f"Bearer {keys['support']}"}
+    odd_ids = ["..%2F..%2Fetc%2Fpasswd", "file-" + "a" * 24, "%00", "ftjob-" + "../" * 8, "x" * 2000]
+    calls = []
+    for odd in odd_ids:
+        calls += [("GET", f"/v1/files/{odd}", None), ("GET", f"/v1/files/{odd}/content", None),
+                  ("DELETE", f"/v1/files/{odd}", None), ("GET", f"/v1/fine_tuning/jobs/{odd}", None),
+                  ("POST", f"/v1/fine_tuning/jobs/{odd}/cancel", None),
+                  ("GET", f"/v1/fine_tuning/jobs/{odd}/events?after={odd}", None),
+                  ("GET", f"/v1/fine_tuning/jobs/{odd}/checkpoints", None), ("DELETE", f"/v1/models/{odd}", None)]
+    bodies = [b"", b"null", b"[]", b'"x"', b"{}", b'{"model": 3, "training_file": []}',
+              b'{"model": "m", "training_file": "f", "method": {"type": "dpo", "dpo": {"hyperparameters": []}}}',
+              b'{"model": "m", "training_file": "f", "tunelab": "not a mapping"}', b"\xff\xfe"]
+    calls += [("POST", "/v1/fine_tuning/jobs", body) for body in bodies]
+    calls += [("GET", "/v1/files?limit=0", None), ("GET", "/v1/files?limit=abc", None),
+              ("GET", "/v1/files?order=sideways", None), ("GET", "/v1/files?after=file-nope", None),
+              ("GET", "/v1/fine_tuning/jobs?limit=-1", None), ("GET", "/v1/fine_tuning/jobs?after=nope", None),
+              ("POST", "/v1/files", b"not multipart")]
+    with httpx.Client(base_url=url, headers=auth, timeout=30) as http:
+        for method, path, body in calls:
+            response = http.request(method, path, content=body,
+                                    headers={"Content-Type": "application/json"} if body is not None else {})
+            assert 400 <= response.status_code < 500, (method, path, body, response.status_code, response.text)
+            assert set(response.json()["error"]) == {"message", "type", "param", "code"}, (method, path)
+        upload = http.post("/v1/files", files={"file": ("x.jsonl", b"{}")}, data={"purpose": "fine-tune"},
+                           headers={"Content-Type": "multipart/form-data"})  # no boundary
+        assert 400 <= upload.status_code < 500

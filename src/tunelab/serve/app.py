@@ -118,7 +118,8 @@ def create_app(state: ServerState) -> FastAPI:
         return {"status": "ok", "running": state.engine.running(), "waiting": state.engine.waiting()}
 
     @app.get("/metrics")
-    async def metrics() -> PlainTextResponse:
+    async def metrics(request: Request) -> PlainTextResponse:
+        _authenticate(state, request)  # its labels name models, fine-tunes of every project among them
         return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")

@@ -30,6 +30,7 @@ from tunelab.serve.engine import Engine
 from tunelab.serve.metrics import ServeMetrics
 from tunelab.serve.multi_lora import wrap_linears
 from tunelab.serve.structured import Grammars
+from tunelab.service.checkpoint_models import checkpoint_run, split_checkpoint_name
 from tunelab.service.files import Storage
 from tunelab.service.keys import DEFAULT_PROJECT, any_keys, project_id
 from tunelab.service.routes import Service
@@ -109,9 +110,12 @@ def open_service(cfg: ServeConfig, registry: Registry | None = None) -> Service:
 
 def private_models(service: Service) -> PrivateModels:
     def run_dir(name: str, project: str | None) -> Path | None:
+        checkpoint = split_checkpoint_name(name)  # ft:...:ckpt-step-N: that checkpoint of the model
         with service.store.session() as db:
-            model = db.get(FineTunedModel, name)
-        return Path(model.run_dir) if model is not None and model.project_id == project else None
+            model = db.get(FineTunedModel, checkpoint[0] if checkpoint else name)
+        if model is None or model.project_id != project:
+            return None
+        return checkpoint_run(Path(model.run_dir), checkpoint[1]) if checkpoint else Path(model.run_dir)
 
     def listed(project: str | None) -> list[tuple[str, int]]:
         with service.store.session() as db:

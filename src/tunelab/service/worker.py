@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 
 from tunelab.errors import Interrupted, TunelabError
 from tunelab.service.files import RESULTS_PURPOSE, Storage
@@ -288,10 +288,13 @@ class Heartbeat(threading.Thread):
                 if seconds and total:
                     job.estimated_finish = now() + int(sum(seconds) / len(seconds) * (total - max(records)))
             known = set(db.scalars(select(Checkpoint.step_number).where(Checkpoint.job_id == job.id)))
-            for path in complete_checkpoints(run):
-                step = _checkpoint_step(path)
+            on_disk = {_checkpoint_step(path): path for path in complete_checkpoints(run)}
+            gone = known - set(on_disk)  # the run keeps its newest few (train.keep_checkpoints): list what is kept
+            if gone:
+                db.execute(delete(Checkpoint).where(Checkpoint.job_id == job.id, Checkpoint.step_number.in_(gone)))
+            for step in on_disk:
                 if step not in known:
-                    db.add(Checkpoint(id=new_id("ftckpt_"), job_id=job.id, created_at=int(path.stat().st_mtime),
+                    db.add(Checkpoint(id=new_id("ftckpt_"), job_id=job.id, created_at=now(),
                                       step_number=step, metrics=metrics_data(records.get(step, {"step": step}))))
 
 
