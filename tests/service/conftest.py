@@ -75,7 +75,7 @@ def service(tiny_model_dir, tmp_path_factory):
 
     storage = tmp_path_factory.mktemp("service")
     cfg = serve_config(tiny_model_dir, [], storage=storage, worker_heartbeat_seconds=0.3, worker_stale_seconds=20,
-                       job_checkpoint_every=2)
+                       job_checkpoint_every=2, max_lora_rank=16)  # tunelab's default rank: a job's default is served
     state = build_state(cfg, registry=Registry(tmp_path_factory.mktemp("registry")))
     keys = {project: create_key(state.service.store, project)[0] for project in ("support", "other")}
     server = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=0, log_level="warning"))

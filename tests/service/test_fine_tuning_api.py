@@ -120,6 +120,8 @@ def test_bad_requests_are_400s_naming_the_parameter(service, tmp_path):
         ({"model": base, "training_file": f.id, "extra_body": {"tunelab": {"model": "x"}}}, "tunelab"),
         ({"model": base, "training_file": f.id, "extra_body": {"tunelab": {"model": {"name": "x"}}}}, "tunelab"),
         ({"model": base, "training_file": f.id, "suffix": "a/b"}, "suffix"),
+        ({"model": base, "training_file": f.id, "extra_body": {"tunelab": {"lora": {"rank": 64}}}}, "tunelab"),
+        ({"model": base, "training_file": f.id, "extra_body": {"tunelab": {"lora": {"use_dora": True}}}}, "tunelab"),
     ]
     for kwargs, param in cases:
         with pytest.raises(openai.BadRequestError) as caught:

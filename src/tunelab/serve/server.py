@@ -105,7 +105,7 @@ def open_service(cfg: ServeConfig, registry: Registry | None = None) -> Service:
         log.warning("no API keys: every request acts for the project 'default' (create one with `tunelab keys "
                     "create --project NAME`; the first key closes the server to requests without one)")
     return Service(store, storage, supervisor, cfg.base, cfg.max_upload_bytes, cfg.job_checkpoint_every,
-                   project_id(store, DEFAULT_PROJECT), registry)
+                   project_id(store, DEFAULT_PROJECT), registry, cfg.max_lora_rank)
 
 
 def private_models(service: Service) -> PrivateModels:

@@ -152,6 +152,20 @@ def check_tunelab_keys(extra: dict[str, Any]) -> None:
                                where="tunelab")
 
 
+def check_servable(cfg: RunConfig, max_lora_rank: int) -> None:
+    """Refuse, before any training, a job whose model this server could not serve when it is done."""
+    if cfg.tuning != "lora":
+        raise TunelabError("tuning: full trains a whole model, which this server cannot serve beside its base",
+                           fix="leave tunelab.tuning at lora", where="tunelab.tuning")
+    if cfg.lora.use_dora:
+        raise TunelabError("a DoRA adapter is not served by the multi-adapter engine", fix="leave "
+                           "tunelab.lora.use_dora false", where="tunelab.lora.use_dora")
+    if cfg.lora.rank > max_lora_rank:
+        raise TunelabError(f"LoRA rank {cfg.lora.rank} is above this server's max_lora_rank {max_lora_rank}, so the "
+                           "model could not be served", fix=f"set tunelab.lora.rank to {max_lora_rank} or less, or "
+                           "start the server with --set max_lora_rank=N", where="tunelab.lora.rank")
+
+
 def run_config(job: Job, data_path: Path, output_dir: Path, base_model: str, checkpoint_every: int) -> RunConfig:
     """The RunConfig a job trains with (its hyperparameters still "auto" where the request said so)."""
     method = job.method

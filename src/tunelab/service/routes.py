@@ -45,6 +45,7 @@ from tunelab.service.files import (
 )
 from tunelab.service.jobs import (
     CreateJobRequest,
+    check_servable,
     check_tunelab_keys,
     checkpoint_object,
     event_object,
@@ -90,6 +91,7 @@ class Service:
     checkpoint_every: int
     default_project: str  # the id of the project `default`: the open server's, and --api-key keys'
     registry: Registry | None = None  # where a fine-tune may be published (`tunelab models register RUN_DIR`)
+    max_lora_rank: int = 16  # the serving slots' rank: a job training a higher one is refused at creation
     _closed: bool = False  # a key exists (then it always will: a revoked key still counts)
     _checked_at: float = -1.0
     _recent: dict[str, collections.deque] = field(default_factory=dict)  # key id -> request times (rpm limit)
@@ -281,6 +283,7 @@ def mount(app: FastAPI, service: Service, authenticate) -> None:  # noqa: ANN001
             check_tunelab_keys(job.tunelab)
             cfg = run_config(job, service.storage.file(training.id), service.storage.job_dir(job.id), service.base,
                              service.checkpoint_every)
+            check_servable(cfg, service.max_lora_rank)
         except TunelabError as exc:
             raise ApiError.bad_request(f"tunelab: {exc}", param="tunelab") from None
         if params.dry_run:

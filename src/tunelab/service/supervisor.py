@@ -32,6 +32,7 @@ from pathlib import Path
 
 from sqlalchemy import select
 
+import tunelab
 from tunelab.service.files import Storage
 from tunelab.service.store import FAILED, RUNNING, Job, Store, new_id, now
 from tunelab.service.worker import LOG, stop_as
@@ -114,9 +115,14 @@ class Supervisor:
         command = [sys.executable, "-m", "tunelab.service.worker", "--db", cfg.db_url, "--storage",
                    str(self.storage.root), "--base", cfg.base, "--job", job.id, "--lease", lease,
                    "--heartbeat", str(cfg.heartbeat_seconds), "--checkpoint-every", str(cfg.checkpoint_every)]
+        # The worker imports the very tunelab this server runs (not whatever the working directory or an
+        # installed copy would give it): the folder this package was imported from goes first on its path.
+        here = str(Path(tunelab.__file__).resolve().parents[1])
+        env = {**os.environ, "PYTHONUNBUFFERED": "1",
+               "PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))}
         with (folder / LOG).open("ab") as out:
             process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                       start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                       start_new_session=True, env=env)
         self.children[job.id] = _Child(process, lease)
         with self.store.session() as db:
             row = db.get(Job, job.id)
