@@ -1,10 +1,12 @@
 """What the serving tests share besides fixtures (tests/serve/conftest.py): a server config on the tiny model,
-an adapter's weights made random, and a collector of one request's engine events."""
+an adapter's weights made random, a collector of one request's engine events, and an app served on 127.0.0.1."""
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -25,8 +27,10 @@ def randomize_adapter(run_dir: Path, seed: int, scale: float = 0.5) -> None:
 def serve_config(tiny_model_dir: Path, models: list[str], **overrides):
     from tunelab.config import ServeConfig
 
+    # No fine-tuning service unless a test asks for it (tests/service/): no store, no supervisor polling it.
     return ServeConfig(base=str(tiny_model_dir), models=models, **{"precision": "fp32", "max_lora_rank": 8,
-                                                                 "weight_layout": "plain", **overrides})
+                                                                 "weight_layout": "plain", "fine_tuning": False,
+                                                                 **overrides})
 
 
 class Collected:
@@ -56,3 +60,19 @@ def wait_until(condition, timeout: float = 30.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.01)
+
+
+@contextmanager
+def listening(app) -> Iterator[str]:  # noqa: ANN001
+    """`app` served by uvicorn on a free port of 127.0.0.1, in a thread: its base URL while the block runs."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: server.started, timeout=60)
+        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

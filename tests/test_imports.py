@@ -24,7 +24,9 @@ LAYERS = [
     {"tunelab.evaluation"},
     {"tunelab.training"},
     {"tunelab.registry", "tunelab.pipeline", "tunelab.planning"},
-    {"tunelab.serve", "tunelab.export"},
+    # One server: the fine-tuning service mounts its routes on the serving app and serves its models through the
+    # serving catalog, and speaks the serving protocol's errors; each imports the other, with no module cycle.
+    {"tunelab.serve", "tunelab.service", "tunelab.export"},
     {"tunelab", "tunelab.cli", "tunelab.__main__"},
 ]
 

@@ -13,7 +13,7 @@ import openai
 import pytest
 from pydantic import BaseModel
 
-from serving import serve_config, wait_until
+from serving import listening, serve_config, wait_until
 
 MESSAGES = [{"role": "user", "content": "where is my card"}]
 
@@ -21,8 +21,6 @@ MESSAGES = [{"role": "user", "content": "where is my card"}]
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, adapter_runs, tmp_path_factory):
     """A server for every registry model: bank@1 (the r4 adapter), bank@2 (r8), bank@production -> 1."""
-    import uvicorn
-
     from tunelab.registry import Registry
     from tunelab.serve.app import create_app
     from tunelab.serve.server import build_state
@@ -32,14 +30,8 @@ def server(tiny_model_dir, adapter_runs, tmp_path_factory):
     registry.register(adapter_runs["r8"], "bank")
     registry.promote("bank@1", force=True, reason="test")
     state = build_state(serve_config(tiny_model_dir, [], max_batch_rows=4, queue_size=4), registry=registry)
-    server = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_until(lambda: server.started)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    yield f"http://127.0.0.1:{port}", state, registry
-    server.should_exit = True
-    thread.join(timeout=10)
+    with listening(create_app(state)) as url:
+        yield url, state, registry
     state.engine.stop(grace_seconds=5)
 
 

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import os
 import secrets
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from postgres import PostgresServer, PostgresUnavailable, start_postgres
-from serving import serve_config, wait_until
+from serving import listening, serve_config
 from tunelab.service.store import Store
 
 
@@ -66,8 +65,6 @@ def store(db_url: str) -> Iterator[Store]:
 @pytest.fixture(scope="module")
 def service(tiny_model_dir, tmp_path_factory):
     """A server with the fine-tuning service on its own SQLite and storage; keys for two projects."""
-    import uvicorn
-
     from tunelab.registry import Registry
     from tunelab.serve.app import create_app
     from tunelab.serve.server import build_state
@@ -75,16 +72,10 @@ def service(tiny_model_dir, tmp_path_factory):
 
     storage = tmp_path_factory.mktemp("service")
     cfg = serve_config(tiny_model_dir, [], storage=storage, worker_heartbeat_seconds=0.3, worker_stale_seconds=20,
-                       job_checkpoint_every=2, max_lora_rank=16)  # tunelab's default rank: a job's default is served
+                       job_checkpoint_every=2, max_lora_rank=16, fine_tuning=True)  # tunelab's default rank: a job's default is served
     state = build_state(cfg, registry=Registry(tmp_path_factory.mktemp("registry")))
     keys = {project: create_key(state.service.store, project)[0] for project in ("support", "other")}
-    server = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_until(lambda: server.started)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    yield f"http://127.0.0.1:{port}", state, keys
-    server.should_exit = True
-    thread.join(timeout=10)
+    with listening(create_app(state)) as url:
+        yield url, state, keys
     state.service.supervisor.stop()
     state.engine.stop(grace_seconds=5)

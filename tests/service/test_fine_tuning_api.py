@@ -318,3 +318,37 @@ def test_nothing_a_client_sends_gives_a_500(service):
         upload = http.post("/v1/files", files={"file": ("x.jsonl", b"{}")}, data={"purpose": "fine-tune"},
                            headers={"Content-Type": "multipart/form-data"})  # no boundary
         assert 400 <= upload.status_code < 500
+
+
+def test_a_dpo_job_trains_preference_pairs(service, tmp_path):
+    from helpers import dpo_rows, many_pairs
+
+    url, state, keys = service
+    c = client(url, keys["support"])
+    f = upload(c, write_jsonl(tmp_path / "pairs.jsonl", dpo_rows(many_pairs(40))))
+    assert f.status == "processed", f.status_details
+    job = c.fine_tuning.jobs.create(model=state.catalog.base_name, training_file=f.id,
+                                    method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "n_epochs": 2}}},
+                                    extra_body={"tunelab": TINY})
+    assert job.method.type == "dpo" and job.method.dpo.hyperparameters.beta == 0.2
+    job = wait_for(c, job.id)
+    assert job.status == "succeeded", job.error
+    assert job.method.dpo.hyperparameters.n_epochs == 2 and isinstance(job.method.dpo.hyperparameters.batch_size, int)
+    assert c.chat.completions.create(model=job.fine_tuned_model, max_tokens=2,
+                                     messages=[{"role": "user", "content": "good morning"}]).choices
+
+
+def test_lint_findings_become_warn_events(service, tmp_path):
+    url, state, keys = service
+    c = client(url, keys["support"])
+    rows = chat_rows()
+    rows.append({"messages": [{"role": "user", "content": rows[0]["messages"][0]["content"]},
+                              {"role": "assistant", "content": "refund"}]})  # the same question, another answer
+    f = upload(c, write_jsonl(tmp_path / "lint.jsonl", rows + rows[:3]))  # and three duplicates
+    job = c.fine_tuning.jobs.create(model=state.catalog.base_name, training_file=f.id, extra_body={"tunelab": TINY})
+    warnings = [e for e in c.fine_tuning.jobs.list_events(job.id, limit=100) if e.level == "warn"]
+    kinds = {e.data["kind"] for e in warnings}
+    assert {"exact_duplicate", "conflicting_answers"} <= kinds, kinds
+    assert all("lint.jsonl:" in e.message for e in warnings)
+    c.fine_tuning.jobs.cancel(job.id)
+    assert wait_for(c, job.id).status == "cancelled"

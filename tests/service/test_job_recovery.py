@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,7 +16,7 @@ import openai
 import pytest
 from safetensors.torch import load_file
 
-from fine_tuning import TINY, chat_rows, client, upload, wait_for
+from fine_tuning import TINY, chat_rows, client, server_url, start_server, upload, wait_for
 from helpers import write_jsonl
 from serving import wait_until
 
@@ -169,25 +167,3 @@ def checkpoint_steps(job_folder: Path) -> int:
 
     runs = [p for p in job_folder.iterdir() if p.is_dir()] if job_folder.is_dir() else []
     return max((int(c.name.removeprefix("step-")) for r in runs for c in complete_checkpoints(r)), default=0)
-
-
-def start_server(model_dir: Path, storage: Path, log: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "tunelab", "serve", "--base", str(model_dir), "--port", "0", "--storage",
-               str(storage), "--set", "precision=fp32", "--set", "weight_layout=plain", "--set", "max_lora_rank=8",
-               "--set", "worker_heartbeat_seconds=0.3", "--set", "job_checkpoint_every=2"]
-    with log.open("wb") as out:
-        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
-
-
-def server_url(process: subprocess.Popen, log: Path, timeout: float = 120) -> str:
-    """The address uvicorn printed (the server was started on port 0)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        text = log.read_text(errors="replace")
-        for line in text.splitlines():
-            if "running on http://127.0.0.1:" in line.lower():
-                return "http://127.0.0.1:" + line.lower().split("http://127.0.0.1:")[1].split()[0]
-        assert process.poll() is None, text
-        time.sleep(0.2)
-    raise AssertionError(f"the server did not start: {log.read_text(errors='replace')}")

@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -186,26 +185,8 @@ def test_two_processes_never_claim_the_same_job(store: Store, db_url: str) -> No
     jobs = [f"ftjob-{i:03d}" for i in range(40)]
     add_jobs(store, project, [(job_id, 1000 + i % 7, QUEUED) for i, job_id in enumerate(jobs)])
     store.engine.dispose()  # no connection of ours in the way (SQLite's WAL, PostgreSQL's locks)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(Path(tunelab.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
-    claimers = [subprocess.Popen([sys.executable, "-c", CLAIMER, db_url, f"host-{n}"], stdin=subprocess.PIPE,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-                for n in range(2)]
-    try:
-        for claimer in claimers:
-            assert claimer.stdout.readline().strip() == "ready", claimer.stderr.read()
-        for claimer in claimers:
-            claimer.stdin.write("go\n")
-            claimer.stdin.flush()
-        outputs = [claimer.communicate(timeout=60) for claimer in claimers]
-    finally:
-        for claimer in claimers:
-            if claimer.poll() is None:
-                claimer.kill()
-                claimer.wait()
-    for claimer, (out, err) in zip(claimers, outputs):
-        assert claimer.returncode == 0, err
-    per_process = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    outputs = together(CLAIMER, [[db_url, f"host-{n}"] for n in range(2)])
+    per_process = [json.loads(out.strip().splitlines()[-1]) for out in outputs]
     every_claim = [job_id for claimed in per_process for job_id in claimed]
     assert sorted(every_claim) == jobs  # each job once, none twice, none left
     with store.session() as db:
@@ -219,6 +200,7 @@ def test_two_processes_never_claim_the_same_job(store: Store, db_url: str) -> No
 OPENER = textwrap.dedent("""
     import sys
     from tunelab.service.store import Store
+    print("ready", flush=True)  # SQLAlchemy and Alembic imported
     sys.stdin.readline()  # go: every process migrates at once
     Store.open(sys.argv[1])
     print("opened", flush=True)
@@ -228,25 +210,34 @@ OPENER = textwrap.dedent("""
 def test_hosts_starting_together_on_a_fresh_database_all_open_it(db_url: str) -> None:
     """Each API host migrates its database at start; three at once on an empty one must not trip on each other
     (on PostgreSQL two CREATE TABLEs of the same table collide without migrations/env.py's advisory lock)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(Path(tunelab.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
-    openers = [subprocess.Popen([sys.executable, "-c", OPENER, db_url], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(3)]
-    try:
-        time.sleep(1.0)  # each has imported SQLAlchemy and Alembic and waits for the signal
-        for opener in openers:
-            opener.stdin.write("go\n")
-            opener.stdin.flush()
-        outputs = [opener.communicate(timeout=60) for opener in openers]
-    finally:
-        for opener in openers:
-            if opener.poll() is None:
-                opener.kill()
-                opener.wait()
-    for opener, (out, err) in zip(openers, outputs):
-        assert opener.returncode == 0 and out.strip() == "opened", err
+    outputs = together(OPENER, [[db_url]] * 3)
+    assert [out.strip().splitlines()[-1] for out in outputs] == ["opened"] * 3
     store = Store.open(db_url)
     try:
         assert stored_revision(store) == [head_revision(store)]
     finally:
         store.engine.dispose()
+
+
+def together(script: str, argvs: list[list[str]], timeout: float = 60) -> list[str]:
+    """Run `python -c script ARGV` once per argv, start them at the same moment (each prints "ready", then waits
+    for a line on stdin), and return each one's stdout; a process that fails fails the test with its stderr."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(Path(tunelab.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    processes = [subprocess.Popen([sys.executable, "-c", script, *argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, env=env) for argv in argvs]
+    try:
+        for process in processes:
+            assert process.stdout.readline().strip() == "ready", process.stderr.read()
+        for process in processes:
+            process.stdin.write("go\n")
+            process.stdin.flush()
+        outputs = [process.communicate(timeout=timeout) for process in processes]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    for process, (_, err) in zip(processes, outputs):
+        assert process.returncode == 0, err
+    return [out for out, _ in outputs]

@@ -32,7 +32,6 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-import tunelab
 from tunelab.service.files import Storage
 from tunelab.service.store import FAILED, RUNNING, Job, Store, new_id, now
 from tunelab.service.worker import LOG, stop_as
@@ -117,7 +116,7 @@ class Supervisor:
                    "--heartbeat", str(cfg.heartbeat_seconds), "--checkpoint-every", str(cfg.checkpoint_every)]
         # The worker imports the very tunelab this server runs (not whatever the working directory or an
         # installed copy would give it): the folder this package was imported from goes first on its path.
-        here = str(Path(tunelab.__file__).resolve().parents[1])
+        here = str(Path(__file__).resolve().parents[2])  # src/ (or site-packages/) holding this tunelab
         env = {**os.environ, "PYTHONUNBUFFERED": "1",
                "PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))}
         with (folder / LOG).open("ab") as out:
