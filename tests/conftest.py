@@ -44,6 +44,19 @@ def _no_shared_graph_cache_from_tests():
     yield
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _torch_threads_per_module():
+    """torch's thread count back to what it was after each module. A server built in the test process
+    (serve.server.build_state) sets it for the whole process (one thread for its engine), and a later module that
+    trains in-process and compares bitwise with a `tunelab train` subprocess (on torch's default) would differ
+    in the last bits: another thread count sums in another order."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _tunelab_home(tmp_path_factory: pytest.TempPathFactory):
     """Nothing a test does writes to ~/.cache/tunelab."""

@@ -62,7 +62,10 @@ def _start_and_interrupt(cfg, tmp_path: Path, sig: signal.Signals) -> tuple[Path
             run = runs[0]
             break
         time.sleep(0.01)
-    assert run is not None and proc.poll() is None, "the run finished or failed before it could be interrupted"
+    if run is None or proc.poll() is not None:
+        proc.kill()
+        _, stderr = proc.communicate(timeout=60)
+        raise AssertionError(f"the run finished or failed before it could be interrupted:\n{stderr[-3000:]}")
     proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=120)
     return run, subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)

@@ -147,7 +147,7 @@ def test_kill_9_of_the_server_then_a_restart_finishes_the_job_once(tiny_model_di
     second = start_server(tiny_model_dir, storage, tmp_path / "second.log")
     try:
         c = client(server_url(second, tmp_path / "second.log"), "no-key-needed")
-        done = wait_for(c, job.id)
+        done = wait_for(c, job.id, timeout=600)  # ~750 steps: minutes on a slow or busy machine
         assert done.status == "succeeded", done.error
         assert c.chat.completions.create(model=done.fine_tuned_model, max_tokens=2,
                                          messages=[{"role": "user", "content": "hi"}]).choices

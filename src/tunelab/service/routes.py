@@ -19,6 +19,7 @@ import asyncio
 import collections
 import json
 import re
+import secrets
 import threading
 import time
 from dataclasses import dataclass, field
@@ -271,7 +272,7 @@ def mount(app: FastAPI, service: Service, authenticate) -> None:  # noqa: ANN001
                     raise ApiError.too_many_requests(30.0, f"this key may have {p.max_active_jobs} unfinished job(s) "
                                                            "at once; wait for one to finish or cancel one")
             project_name = db.scalar(select(Project.name).where(Project.id == p.project_id))
-        seed = params.seed if params.seed is not None else int.from_bytes(new_id("").encode()[:4], "big") % 2**31
+        seed = params.seed if params.seed is not None else secrets.randbelow(2**31)  # OpenAI draws one too
         job = Job(id=new_id("ftjob-"), project_id=p.project_id, key_id=p.key_id, created_at=now(), status=VALIDATING,
                   model=params.model, training_file=training.id,
                   validation_file=validation.id if validation else None, suffix=params.suffix, seed=seed,
