@@ -175,6 +175,7 @@ def test_two_projects_cannot_see_or_touch_each_others_objects(service, tmp_path)
     response = httpx.get(f"{url}/v1/files")
     assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
     assert httpx.get(f"{url}/health").status_code == 200  # the one route without a key
+    assert httpx.get(f"{url}/metrics").status_code == 401  # its labels name every project's models
     assert a.fine_tuning.jobs.cancel(job.id).status in ("cancelled", "running")
     assert wait_for(a, job.id).status == "cancelled"
 

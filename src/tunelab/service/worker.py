@@ -175,8 +175,6 @@ class Attempt:
         return 1
 
     def _succeeded(self, run: Path, name: str, summary: Any) -> int:
-        from tunelab.pipeline import HELD_OUT_NAME  # noqa: F401 - the run's own eval.json is the one kept
-
         results = [("step_metrics.csv", metrics_csv(run / "metrics.jsonl")), ("eval.json", _read(run / "eval.json")),
                    ("report.html", _read(run / "report.html"))]
         config = json.loads((run / "config.json").read_text())
