@@ -162,3 +162,36 @@ def test_reference_loss_with_the_prefix_read_in_place_equals_the_plain_loss(tiny
     alone = validation_loss(model, [collate([e], tokenizer.pad_token_id, share_prefix=False) for e in examples], FP32)
     assert sum(e.trained_tokens for e in examples) > 0
     assert in_place["loss"] == pytest.approx(alone, rel=1e-5)
+
+
+def test_the_loss_read_off_generation_equals_a_pass_of_its_own(trained_run, monkeypatch):
+    """Evaluation reads each contender's reference loss off generation's prompt pass; it equals `reference_loss`,
+    and a template whose prompt tokens are not the start of prompt + answer falls back to that pass."""
+    import tunelab.evaluation.contenders as contenders
+
+    result = trained_run.result
+    model, tokenizer = result.model, result.tokenizer
+    rows = result.data.split.test[:6]
+    train = result.data.split.train
+    cfg = EvalConfig(batch_size=3, few_shot=2, forgetting_probe=False)
+    prompts, _ = contender_prompts(rows, train, sorted({r.answer for r in train}), 2, 0)
+    own_pass = {"finetune": reference_loss(model, tokenizer, rows, prompts["finetune"], FP32, 3)["loss"]}
+    with model.disable_adapter():
+        for name in ("base_zero_shot", "base_few_shot"):
+            own_pass[name] = reference_loss(model, tokenizer, rows, prompts[name], FP32, 3)["loss"]
+    passes = []
+    real = contenders.reference_loss
+    monkeypatch.setattr(contenders, "reference_loss", lambda *a, **k: passes.append(1) or real(*a, **k))
+    shared = evaluate_run(model, tokenizer, rows, train, cfg, FP32)
+    assert not passes  # no second pass over any prompt
+    for name, contender in shared.contenders.items():
+        assert contender.metrics["loss"] == pytest.approx(own_pass[name], rel=1e-4), name
+        assert contender.metrics["loss_rows_dropped"] == 0 and contender.loss_seconds > 0
+
+    rendered = [render_prompt(tokenizer, m) for m in prompts["finetune"]]
+    assert contenders.reference_answers(tokenizer, rows, prompts["finetune"], rendered) is not None
+    assert contenders.reference_answers(tokenizer, rows, prompts["finetune"], [p + [5] for p in rendered]) is None
+    monkeypatch.setattr(contenders, "reference_answers", lambda *a: None)
+    fallback = evaluate_run(model, tokenizer, rows, train, cfg, FP32, contenders=("finetune",))
+    assert len(passes) == 1
+    assert fallback.contenders["finetune"].metrics["loss"] == pytest.approx(own_pass["finetune"], rel=1e-4)

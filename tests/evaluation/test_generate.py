@@ -7,7 +7,7 @@ import torch
 
 from tunelab.data.records import Message
 from tunelab.data.tokenize import render_prompt
-from tunelab.evaluation.generate import generate
+from tunelab.evaluation.generate import Reference, generate
 from tunelab.model.kernels.prefix import MIN_GENERATION_PREFIX, common_prefix_length
 from tunelab.model.precision import choose_precision
 
@@ -244,3 +244,71 @@ def test_prefix_read_in_place_generates_the_same(model_and_tokenizer, monkeypatc
     if temperature == 0:
         for p, g in zip(ps, runs[1].generations):
             assert (g.token_ids, g.stopped) == reference_greedy(model, p, 6, {tokenizer.eos_token_id})
+
+
+@torch.no_grad()
+def plain_reference_loss(model, prompt: list[int], reference: Reference) -> float:
+    """The reference's summed loss from one uncached forward over prompt + reference."""
+    ids = prompt + list(reference.ids)
+    logits = model(input_ids=torch.tensor([ids])).logits[0].float()  # (T, vocab)
+    n = len(prompt)
+    return sum(float(torch.nn.functional.cross_entropy(logits[n + t - 1], torch.tensor(token)))
+               for t, (token, trained) in enumerate(zip(reference.ids, reference.trained)) if trained)
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_references_are_scored_on_the_prompt_pass_and_leave_generation_unchanged(model_and_tokenizer, monkeypatch,
+                                                                                  in_place):
+    """Each reference's loss equals a plain forward over prompt + reference; the generated tokens are those
+    of a run without references (the cache is cut back to the prompt after scoring)."""
+    import tunelab.evaluation.generate as gen
+
+    model, tokenizer = model_and_tokenizer
+    ps = prompts(tokenizer, system="Classify the intent of the message into one of the labels. " * 3)
+    monkeypatch.setattr(gen, "IN_PLACE_PREFIX", 1 if in_place else 10_000)
+    monkeypatch.setattr(gen, "PREFILL_MAX_PADDING", 0)  # a prompt-pass chunk per row: the cache laid out from parts
+    eot = tokenizer.eos_token_id
+    references = [
+        Reference((11, 12, 13, eot), (True, True, True, True)),
+        Reference((21,), (True,)),  # one token: read off the prompt pass alone
+        None,  # not scored
+        Reference((31, 32, 33, 34, 35, 36, 37, 38, 39, eot), (True,) * 10),  # longer than the decode reserve
+        Reference((41, 42, eot, 43), (True, False, True, False)),  # untrained tokens are fed, not scored
+    ]
+    plain = generate(model, tokenizer, ps, max_new_tokens=4, batch_size=None, precision=FP32)
+    scored = generate(model, tokenizer, ps, max_new_tokens=4, batch_size=None, precision=FP32, references=references)
+    assert [g.token_ids for g in scored.generations] == [g.token_ids for g in plain.generations]
+    assert [g.stopped for g in scored.generations] == [g.stopped for g in plain.generations]
+    assert scored.scoring_seconds > 0
+    for p, ref, g in zip(ps, references, scored.generations):
+        if ref is None:
+            assert (g.reference_loss, g.reference_tokens) == (None, 0)
+        else:
+            assert g.reference_tokens == sum(ref.trained)
+            assert g.reference_loss == pytest.approx(plain_reference_loss(model, p, ref), rel=1e-4)
+
+
+def test_references_need_one_per_prompt(tiny_loaded):
+    model, tokenizer = tiny_loaded
+    with pytest.raises(ValueError, match="one per prompt"):
+        generate(model, tokenizer, prompts(tokenizer), max_new_tokens=2, batch_size=None, precision=FP32,
+                 references=[None])
+
+
+def test_scoring_references_leaves_the_prompt_cache_as_it_was(tiny_loaded):
+    """Decoding continues on the cache scoring read: it must hold the prompts again, and only them."""
+    import tunelab.evaluation.generate as gen
+    from tunelab.model.load import body_and_head
+
+    model, tokenizer = tiny_loaded
+    suffixes = prompts(tokenizer)[:3]
+    body, head = body_and_head(model)
+    with torch.no_grad():
+        cache, logits, mask = gen.prefill(body, head, model.config, suffixes, 0, 0, None, tokenizer.pad_token_id,
+                                          FP32, reserve=2)
+        before = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
+        positions = torch.tensor([[len(s) - 1] for s in suffixes])
+        refs = [Reference((5, 6, 7, 8, 9), (True,) * 5), Reference((5,), (True,)), None]
+        gen.score_references(body, head, cache, logits, mask, positions, refs, tokenizer.pad_token_id, FP32)
+    assert all(torch.equal(layer.keys, k) and torch.equal(layer.values, v)
+               for layer, (k, v) in zip(cache.layers, before, strict=True))

@@ -13,7 +13,8 @@ The three contenders:
 1. the task and its metric are chosen from the reference answers (and said why);
 2. each contender generates an answer for every row; the answers are scored (metrics.score),
    with 95% bootstrap intervals, prompt tokens and latency; its loss and perplexity on the
-   reference answers are measured with its own prompt;
+   reference answers under its own prompt are read off generation's prompt pass (the answer's
+   tokens run on the prompt's KV cache: a prompt is computed once for both);
 3. the fine-tune is compared with each baseline on the same rows (compare.py);
 4. the forgetting check (forgetting.py) compares general ability with the base.
 
@@ -31,6 +32,7 @@ import dataclasses
 import logging
 import math
 import random
+import sys
 import time
 
 import torch
@@ -40,10 +42,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from tunelab.config import EvalConfig
 from tunelab.data.batches import collate, shared_prefix_length
 from tunelab.data.records import Conversation, Message
-from tunelab.data.tokenize import render_prompt, tokenize_conversations
+from tunelab.data.tokenize import IGNORE_INDEX, render_prompt, tokenize_conversations
 from tunelab.evaluation.compare import RowText, compare, confidence_intervals
 from tunelab.evaluation.forgetting import run_forgetting_check
-from tunelab.evaluation.generate import generate
+from tunelab.evaluation.generate import GenerationRun, Reference, generate
 from tunelab.evaluation.metrics import score, task_for_metric_setting
 from tunelab.evaluation.result import Confusion, Contender, EvalResult, FewShot, Generation, Sampling
 from tunelab.model.kernels.prefix import IN_PLACE_PREFIX, reads_prefix_in_place, shared_prefix_kv
@@ -191,25 +193,29 @@ def _run_contender(
     max_new: int, cfg: EvalConfig, precision: Precision,
 ) -> Contender:
     prompts = [render_prompt(tokenizer, m) for m in prompt_messages]
+    answers = reference_answers(tokenizer, rows, prompt_messages, prompts)
     with bar(f"eval {name}", len(prompts)) as (progress, task_id):
         run = generate(
             model, tokenizer, prompts, max_new_tokens=max_new, batch_size=cfg.generation_batch, precision=precision,
             stop_token_ids=[tokenizer.eos_token_id],
             stop_strings=["\n"] if task == "classification" else None,  # a label is one line
             on_batch=lambda n: progress.advance(task_id, n),
-            temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed,
+            temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, references=answers,
         )
     predictions = [g.text for g in run.generations]
     scored = score(task, predictions, references, labels)
-    started = time.perf_counter()
-    loss = reference_loss(model, tokenizer, rows, prompt_messages, precision, cfg.loss_batch)
+    loss, loss_seconds = shared_pass_loss(run, answers), run.scoring_seconds
+    if loss is None:  # the answers could not ride along with generation: a pass of their own
+        started = time.perf_counter()
+        loss = reference_loss(model, tokenizer, rows, prompt_messages, precision, cfg.loss_batch)
+        loss_seconds = time.perf_counter() - started
     return Contender(
         metrics={**scored.metrics, **loss},
         ci=confidence_intervals(task, scored, predictions, references, labels, cfg.seed),
         prompt_tokens_mean=sum(g.prompt_tokens for g in run.generations) / len(rows),
         shared_prefix_tokens=run.shared_prefix_tokens,
         seconds=run.seconds,
-        loss_seconds=time.perf_counter() - started,
+        loss_seconds=loss_seconds,
         ms_per_request=1000 * run.seconds / len(rows),
         never_stopped=sum(not g.stopped for g in run.generations),
         sampling=Sampling(**dataclasses.asdict(run.sampling)),
@@ -218,6 +224,44 @@ def _run_contender(
         scores=scored.scores,
         confusion=Confusion(**scored.confusion) if scored.confusion else None,
     )
+
+
+def reference_answers(tokenizer: PreTrainedTokenizerBase, rows: list[Conversation],
+                      prompt_messages: list[tuple[Message, ...]], prompts: list[list[int]]) -> list[Reference | None] | None:
+    """Each row's reference answer as the tokens that follow its prompt, for generation to score on the way.
+
+    The tokens are the training tokenization of (prompt, answer) after the prompt: the answer and the
+    end-of-turn, exactly what `reference_loss` scores. A row longer than MAX_LOSS_LENGTH is None (left out,
+    counted). None for all when some row's tokens do not start with its prompt's own (a template that
+    renders a prompt differently once an answer follows): then `reference_loss` runs a pass of its own.
+    """
+    convs = [Conversation((*m, Message("assistant", r.answer)), r.source) for m, r in zip(prompt_messages, rows)]
+    examples, _ = tokenize_conversations(tokenizer, convs, max_length=sys.maxsize)
+    answers: list[Reference | None] = []
+    for prompt, example in zip(prompts, examples, strict=True):
+        n = len(prompt)
+        if (example.input_ids[:n] != prompt or len(example.input_ids) <= n
+                or any(label != IGNORE_INDEX for label in example.labels[:n])):
+            return None
+        if len(example.input_ids) > MAX_LOSS_LENGTH:
+            answers.append(None)
+            continue
+        answers.append(Reference(tuple(example.input_ids[n:]), tuple(x != IGNORE_INDEX for x in example.labels[n:])))
+    return answers
+
+
+def shared_pass_loss(run: GenerationRun, answers: list[Reference | None] | None) -> dict[str, float | None] | None:
+    """`reference_loss`'s figures from the losses generation read off its prompt pass; None if it read none."""
+    if answers is None:
+        return None
+    scored = [(g.reference_loss, g.reference_tokens) for g, a in zip(run.generations, answers) if a is not None]
+    if any(loss is None for loss, _ in scored):
+        return None
+    tokens = sum(n for _, n in scored)
+    if not tokens:
+        return {"loss": None, "perplexity": None}
+    loss = sum(x for x, _ in scored) / tokens
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "loss_rows_dropped": answers.count(None)}
 
 
 @torch.no_grad()

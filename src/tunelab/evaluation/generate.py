@@ -38,11 +38,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from transformers import DynamicCache, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicLayer
 
 from tunelab.errors import TunelabError
-from tunelab.evaluation.kv_cache import reserved_cache
+from tunelab.evaluation.kv_cache import ReservedLayer, reserved_cache
 from tunelab.model.kernels import attention
 from tunelab.model.kernels.attention import generation_kernels
 from tunelab.model.kernels.prefix import (
@@ -63,6 +64,7 @@ from tunelab.model.precision import Precision
 AUTO_TOKEN_BUDGET = 24_576  # rows x (longest cached prompt part in the batch + max_new_tokens)
 AUTO_MAX_ROWS = 128
 PREFILL_MAX_PADDING = 128  # padding tokens a prompt-pass chunk may carry before a new chunk starts (see prefill)
+WHOLE_LAYERS = (ReservedLayer, DynamicLayer)  # cache layers that hold every token seen (no sliding window)
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,21 @@ class Generation:
     token_ids: list[int]
     prompt_tokens: int  # full prompt length, shared prefix included
     stopped: bool  # True when a stop token ended it (False: hit max_new_tokens)
+    reference_loss: float | None = None  # summed loss of its Reference's trained tokens; None: none scored
+    reference_tokens: int = 0  # trained tokens of its Reference
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A known answer to score after a prompt (teacher forcing): its token ids, and which of them carry loss.
+
+    E.g. SmolLM2's template after an answer "card_arrival": ids of "card", "_arr", "ival", "<|im_end|>",
+    all trained. Token 0's loss is read off the prompt pass's last logits, token t's off one more pass
+    over tokens 0..t-1 on the prompt's KV cache, so a prompt is computed once for its answer and its loss.
+    """
+
+    ids: tuple[int, ...]
+    trained: tuple[bool, ...]
 
 
 @dataclass(frozen=True)
@@ -101,6 +118,7 @@ class GenerationRun:
     shared_prefix_tokens: int
     batches: int
     sampling: Sampling = Sampling()  # the settings it ran with, for eval.json: dataclasses.asdict(run.sampling)
+    scoring_seconds: float = 0.0  # of the run, spent scoring references (not counted in `seconds`)
 
 
 @torch.no_grad()
@@ -120,6 +138,7 @@ def generate(
     temperature: float = 0.0,
     top_p: float = 1.0,
     seed: int = 0,
+    references: list[Reference | None] | None = None,
 ) -> GenerationRun:
     """Decode every prompt (lists of token ids); returns generations in input order.
 
@@ -130,8 +149,14 @@ def generate(
     prompt, never on `batch_size` or the other prompts.
     Generation of a row ends at a stop token (default: eos, the end-of-turn; not part of
     the text) or once its text contains a stop string (the text is cut before it).
+    `references` (one per prompt, or None for a row not to score): each Reference's loss under
+    its prompt, in `Generation.reference_loss`, from the prompt pass generation makes anyway.
+    A model whose cache keeps only a window (sliding-window attention) scores nothing: every
+    `reference_loss` stays None and the caller scores another way.
     """
     sampling = Sampling(temperature, top_p, seed)  # raises on bad settings before any compute
+    if references is not None and len(references) != len(prompts):
+        raise ValueError(f"{len(references)} references for {len(prompts)} prompts: give one per prompt (None: skip)")
     if not prompts:
         return GenerationRun([], 0.0, 0, 0, sampling)
     stop = set(stop_token_ids if stop_token_ids is not None else [tokenizer.eos_token_id])
@@ -163,23 +188,29 @@ def generate(
     results: list[Generation | None] = [None] * len(prompts)
     batches = 0
     held = [len(p) - prefix_len + cached_prefix for p in prompts]  # tokens each row's cache holds before decoding
+    scoring_seconds = 0.0
     for idx in length_batches(order, held, max_new_tokens, batch_size):
         # Keyed on the caller's index i, not the batch row: the same prompt gets the same draws in any batch.
         gens = None if sampling.greedy else [_prompt_generator(seed, i, model.device) for i in idx]
+        refs = [references[i] for i in idx] if references is not None else None
         with attention.behind_shared_prefix(prefix_kv) if prefix_kv else contextlib.nullcontext():
-            outs = _generate_batch(
+            batch = _generate_batch(
                 body, head, model.config, [prompts[i][prefix_len:] for i in idx], prefix_len, cached_prefix,
                 None if in_place else prefix_cache, max_new_tokens, stop, ending, pad_id, precision, sampling, gens,
+                refs,
             )
-        for i, (ids, stopped) in zip(idx, outs):
+        scoring_seconds += batch.scoring_seconds
+        for row, (i, (ids, stopped)) in enumerate(zip(idx, batch.outputs)):
             text = tokenizer.decode(ids, skip_special_tokens=True)
             for s in stop_strings or []:
                 text = text.split(s, 1)[0]
-            results[i] = Generation(text, ids, len(prompts[i]), stopped)
+            loss, tokens = batch.scores[row] if batch.scores is not None else (None, 0)
+            results[i] = Generation(text, ids, len(prompts[i]), stopped, loss, tokens)
         batches += 1
         if on_batch:
             on_batch(len(idx))
-    return GenerationRun([r for r in results if r is not None], time.perf_counter() - started, prefix_len, batches, sampling)
+    seconds = time.perf_counter() - started - scoring_seconds
+    return GenerationRun([r for r in results if r is not None], seconds, prefix_len, batches, sampling, scoring_seconds)
 
 
 def length_batches(order: list[int], lengths: list[int], max_new_tokens: int, batch_size: int | None) -> list[list[int]]:
@@ -357,11 +388,17 @@ def _generate_batch(
     precision: Precision,
     sampling: Sampling,
     generators: list[torch.Generator] | None,  # one per row of `suffixes` when sampling, else None
-) -> list[tuple[list[int], bool]]:
+    references: list[Reference | None] | None,  # one per row of `suffixes` to score, else None
+) -> BatchOutput:
     b = len(suffixes)
     cache, logits, mask = prefill(body, head, config, suffixes, prefix_len, cached_prefix, prefix_cache, pad_id,
                                    precision, reserve=max_new_tokens)
     positions = torch.tensor([[prefix_len + len(s) - 1] for s in suffixes])  # (B, 1): each row's last prompt token
+    scores, scoring_seconds = None, 0.0
+    if references is not None and any(references) and all(type(layer) in WHOLE_LAYERS for layer in cache.layers):
+        scoring_started = time.perf_counter()
+        scores = score_references(body, head, cache, logits, mask, positions, references, pad_id, precision)
+        scoring_seconds = time.perf_counter() - scoring_started
 
     new_tokens: list[list[int]] = [[] for _ in range(b)]
     stopped = [False] * b
@@ -392,7 +429,89 @@ def _generate_batch(
                 input_ids=next_ids[:, None], attention_mask=mask, position_ids=positions, cache=cache, use_cache=True
             ).last_hidden_state  # (A, 1, H), A = active rows
             logits = head(hidden[:, -1].contiguous())  # (A, vocab)
-    return list(zip(new_tokens, stopped))
+    return BatchOutput(list(zip(new_tokens, stopped)), scores, scoring_seconds)
+
+
+@dataclass(frozen=True)
+class BatchOutput:
+    outputs: list[tuple[list[int], bool]]  # per row: new token ids, stopped by a stop token
+    scores: list[tuple[float | None, int]] | None  # per row: (summed reference loss, its tokens); None: not scored
+    scoring_seconds: float
+
+
+def score_references(
+    body: torch.nn.Module,
+    head: torch.nn.Module,
+    cache: DynamicCache,  # the batch's prompts (left-padded, every row ending in the last column); not changed
+    first_logits: torch.Tensor,  # (B, vocab): the prompt pass's last position, which predicts reference token 0
+    mask: torch.Tensor,  # (B, C + W): the prompts' attention mask
+    last_positions: torch.Tensor,  # (B, 1): each row's last prompt position
+    references: list[Reference | None],
+    pad_id: int,
+    precision: Precision,
+) -> list[tuple[float | None, int]]:
+    """Per row, (summed cross-entropy of its reference's trained tokens, their count): teacher forcing.
+
+    A pass over each row's reference but its last token, right-padded, on a copy of its prompt's cache
+    (decoding goes on with the original):
+
+        cache [ ... prompt ] + fed [ r0 r1 r2 pad ]      targets: r0 <- prompt's last logits,
+                                                                  r1 <- fed r0, r2 <- fed r1, r3 <- fed r2
+
+    Rows go through in runs of similar reference length (`prefill_chunks`), since answer lengths do not
+    follow the prompt lengths the batch is sorted by (Banking77 labels: 1 to 17 tokens).
+    """
+    rows = [list(r.ids) if r is not None else [] for r in references]
+    fed_lengths = [max(len(ids) - 1, 0) for ids in rows]  # tokens fed: all but each row's last
+    hidden: dict[int, torch.Tensor] = {}  # row -> (its fed length, H)
+    order = sorted((row for row in range(len(rows)) if fed_lengths[row]), key=lambda row: fed_lengths[row])
+    for run in prefill_chunks([fed_lengths[row] for row in order], PREFILL_MAX_PADDING):
+        chunk = [order[i] for i in run]
+        width = max(fed_lengths[row] for row in chunk)
+        fed = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        fed_mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for i, row in enumerate(chunk):
+            fed[i, : fed_lengths[row]] = torch.tensor(rows[row][:-1], dtype=torch.long)
+            fed_mask[i, : fed_lengths[row]] = 1
+        index = torch.tensor(chunk)
+        positions = last_positions[index] + 1 + torch.arange(width)[None, :]  # pads past a row's end are masked
+        with precision.autocast():
+            out = body(
+                input_ids=fed, attention_mask=torch.cat([mask[index], fed_mask], dim=1), position_ids=positions,
+                cache=_rows_of(cache, body.config, index, width), use_cache=True,
+            ).last_hidden_state  # (b, width, H)
+        hidden.update((row, out[i, : fed_lengths[row]]) for i, row in enumerate(chunk))
+    first_rows = [row for row, r in enumerate(references) if r is not None and r.trained[0]]
+    later = [(row, t) for row, r in enumerate(references) if r is not None
+             for t in range(1, len(r.ids)) if r.trained[t]]
+    parts, targets, owners = [], [], []
+    if first_rows:
+        parts.append(first_logits[first_rows].float())
+        targets += [rows[row][0] for row in first_rows]
+        owners += first_rows
+    if later:
+        states = torch.stack([hidden[row][t - 1] for row, t in later])  # (N, H): position t-1 predicts token t
+        with precision.autocast():
+            parts.append(head(states).float())  # (N, vocab)
+        targets += [rows[row][t] for row, t in later]
+        owners += [row for row, _ in later]
+    sums = [0.0] * len(rows)
+    if parts:
+        losses = F.cross_entropy(torch.cat(parts), torch.tensor(targets), reduction="none").tolist()
+        for row, loss in zip(owners, losses):
+            sums[row] += loss
+    return [(sums[row], sum(r.trained)) if r is not None else (None, 0) for row, r in enumerate(references)]
+
+
+def _rows_of(cache: DynamicCache, config: PretrainedConfig, rows: torch.Tensor, room: int) -> DynamicCache:
+    """A cache of copies of some rows of `cache`, with `room` free slots per layer to write into."""
+    filled = cache.get_seq_length()
+    buffers = []
+    for layer in cache.layers:
+        keys, values = layer.keys[rows], layer.values[rows]  # (b, Hkv, filled, D) copies
+        pad = keys.new_empty((*keys.shape[:2], room, keys.shape[-1]))
+        buffers.append((torch.cat([keys, pad], dim=2), torch.cat([values, pad], dim=2)))
+    return reserved_cache(config, buffers, filled)
 
 
 def ids_containing(tokenizer: PreTrainedTokenizerBase, strings: list[str]) -> set[int]:
