@@ -110,8 +110,8 @@ def evaluate_run_dir(run_dir: Path, data: Path | None = None, data_format: str |
     evaluation = evaluation.model_copy(update={"data": source})
     summary = summarize(evaluation, run, cfg, time.perf_counter() - started)
     previous = run.manifest().summary if data is None else None
-    if previous is not None:  # the run's training figures stay in its summary
-        summary = previous.model_copy(update={k: getattr(summary, k) for k in _EVAL_FIELDS})
+    if previous is not None:  # the run's training figures stay in its summary; where it lives now is news
+        summary = previous.model_copy(update={k: getattr(summary, k) for k in (*_EVAL_FIELDS, "run_dir")})
     write_evaluation(run, name, evaluation, summary if data is None else None)
     return summary
 

@@ -70,3 +70,18 @@ def test_eval_command_evaluates_a_run_on_another_file_beside_its_own(trained_run
         assert manifest["files"][rel]["sha256"] == hashlib.sha256((run / rel).read_bytes()).hexdigest()
     bad = CliRunner().invoke(app, ["eval", str(run), "--set", "train.epochs=2"])
     assert bad.exit_code != 0 and "only takes eval.* keys" in str(bad.exception)
+
+
+def test_eval_command_on_a_moved_run_names_where_the_run_is_now(trained_run, tmp_path):
+    """A run copied elsewhere and evaluated again: its summary names the copy, not where it was trained."""
+    import shutil
+
+    run = tmp_path / "moved"
+    shutil.copytree(trained_run.path, run)
+    result = CliRunner().invoke(app, ["eval", str(run), "--set", "eval.max_rows=4",
+                                      "--set", "eval.forgetting_probe=false", "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["run_dir"] == str(run.resolve()) != json.loads((trained_run.path / "manifest.json").read_text())[
+        "summary"]["run_dir"]
+    assert json.loads((run / "manifest.json").read_text())["summary"]["run_dir"] == str(run.resolve())
