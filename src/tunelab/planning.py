@@ -11,7 +11,9 @@ The estimate comes from measuring this machine, not from constants, and takes se
 4. evaluation: for each contender, a few prompts are decoded for 1 and for a few tokens at two
    batch sizes: that gives the prompt pass per row and a decode step's cost as a function of the
    batch, which are scaled to the rows, the batches and the answer length the evaluation will
-   use; the forgetting probe is estimated the same way, its general-text loss timed whole.
+   use, plus the reference answers' loss (the validation pass's time per row, scaled to the share of
+   answer tokens: the prompts are computed once, by generation); the forgetting probe is estimated
+   the same way, its general-text loss timed whole.
 
 Every hyperparameter is shown with where its value came from: set in the config, tunelab's
 default, or chosen automatically (and why). Nothing is written: no run directory, no adapter.
@@ -28,6 +30,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict
 
 from tunelab.config import RunConfig
+from tunelab.data.batches import Batch
 from tunelab.data.report import DataReport
 from tunelab.model.kernels.compiled import restore_eager
 from tunelab.model.precision import detect_hardware
@@ -184,8 +187,10 @@ def _evaluation_seconds(s: Setup) -> tuple[float, int]:
         ids = [render_prompt(s.tokenizer, m) for m in messages]
         with _weights(s.model, name):
             seconds += _generation_seconds(s, ids, rows, max_new, batch)
-            # The reference-answer loss: about one forward per row, like a validation batch's.
-            seconds += _validation_seconds(s) * rows / max(len(s.data.validation), 1) if s.val_batches else 0.0
+            # The reference-answer loss: the answers' tokens on generation's prompt cache, about a validation
+            # row's forward scaled to the share of its tokens that are answer (trained) tokens.
+            seconds += (_validation_seconds(s) * rows / max(len(s.data.validation), 1) * _answer_share(s.val_batches)
+                        if s.val_batches else 0.0)
     if cfg.forgetting_probe and cfg.compare_base:
         probe = [render_prompt(s.tokenizer, [_user(item.prompt)]) for item in load_probe()]
         text = _text_batches(s.tokenizer)
@@ -198,6 +203,11 @@ def _evaluation_seconds(s: Setup) -> tuple[float, int]:
             seconds += text_seconds
     s.model.train(was_training)
     return seconds, rows
+
+
+def _answer_share(batches: list[Batch]) -> float:
+    """Trained tokens / real tokens over `batches`: what a loss pass costs when the prompts are already computed."""
+    return min(1.0, sum(b.trained_tokens for b in batches) / max(sum(b.real_tokens for b in batches), 1))
 
 
 def _generation_seconds(s: Setup, prompts: list[list[int]], rows: int, max_new: int, batch: int) -> float:
