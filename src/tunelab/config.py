@@ -216,6 +216,11 @@ class EvalConfig(_Strict):
     forgetting_threshold: float = Field(
         0.05, ge=0, description="Flag a regression when the probe score falls by more than this (absolute)."
     )
+    reuse_base: bool = Field(
+        True, description="Read the base model's results (its contenders, its half of the forgetting check) back from "
+        "an earlier evaluation on this machine with the same base, prompts and settings ($TUNELAB_HOME/base-results; "
+        "eval.json marks them `reused`); false computes them afresh."
+    )
 
     @field_validator("batch_size")
     @classmethod

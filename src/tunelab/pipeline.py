@@ -22,10 +22,11 @@ import torch
 from tunelab.config import EvalConfig, RunConfig
 from tunelab.data.read import Records
 from tunelab.errors import TunelabError
+from tunelab.evaluation.base_results import BaseResults
 from tunelab.evaluation.report import write_report
 from tunelab.evaluation.result import EvalResult
 from tunelab.io import file_sha256
-from tunelab.model.load import load_model, resolve_model
+from tunelab.model.load import ResolvedModel, load_model, resolve_model, weights_fingerprint
 from tunelab.model.precision import Precision, choose_precision
 from tunelab.rundir import (
     HELD_OUT,
@@ -76,7 +77,7 @@ def evaluate_trained(result: TrainResult) -> EvalResult:
     test_rows, train_rows = s.data.held_out()
     base_model = _separate_base(s.cfg, s.cfg.eval, s.precision)
     evaluation = s.objective.evaluate(result.model, result.tokenizer, test_rows, train_rows, s.cfg.eval, s.precision,
-                                      base_model=base_model)
+                                      base_model=base_model, reuse=_reuse(s.cfg, s.cfg.eval, s.resolved, s.precision))
     return evaluation.model_copy(update={"data": f"{s.data.report.path} (the run's test split)"})
 
 
@@ -106,7 +107,8 @@ def evaluate_run_dir(run_dir: Path, data: Path | None = None, data_format: str |
     if not test_rows:
         raise TunelabError(f"no test rows in {source}", fix="pass --data FILE with rows to evaluate", where=str(run.path))
     evaluation = objective.evaluate(model, tokenizer, test_rows, train_rows, eval_cfg, precision,
-                                    base_model=_separate_base(cfg, eval_cfg, precision))
+                                    base_model=_separate_base(cfg, eval_cfg, precision),
+                                    reuse=_reuse(cfg, eval_cfg, resolve_model(cfg.model.name), precision))
     evaluation = evaluation.model_copy(update={"data": source})
     summary = summarize(evaluation, run, cfg, time.perf_counter() - started)
     previous = run.manifest().summary if data is None else None
@@ -114,6 +116,16 @@ def evaluate_run_dir(run_dir: Path, data: Path | None = None, data_format: str |
         summary = previous.model_copy(update={k: getattr(summary, k) for k in (*_EVAL_FIELDS, "run_dir")})
     write_evaluation(run, name, evaluation, summary if data is None else None)
     return summary
+
+
+def _reuse(cfg: RunConfig, eval_cfg: EvalConfig, resolved: ResolvedModel, precision: Precision) -> BaseResults | None:
+    """Where the base's results are read back and kept (evaluation/base_results.py), unless eval.reuse_base is off.
+    The base is named by its weights, the kernels computing it, and, under an adapter, its quantization."""
+    if not eval_cfg.reuse_base:
+        return None
+    quantized = cfg.lora.quantize_base if cfg.tuning != "full" else "none"  # full tuning evaluates the plain base
+    return BaseResults(base=f"{weights_fingerprint(resolved)} kernels={cfg.model.kernels} quantize={quantized}",
+                       precision=precision)
 
 
 def _separate_base(cfg: RunConfig, eval_cfg: EvalConfig, precision: Precision) -> torch.nn.Module | None:

@@ -43,6 +43,7 @@ from tunelab.config import EvalConfig
 from tunelab.data.batches import collate, shared_prefix_length
 from tunelab.data.records import Conversation, Message
 from tunelab.data.tokenize import IGNORE_INDEX, render_prompt, tokenize_conversations
+from tunelab.evaluation.base_results import BaseResults
 from tunelab.evaluation.compare import RowText, compare, confidence_intervals
 from tunelab.evaluation.forgetting import run_forgetting_check
 from tunelab.evaluation.generate import GenerationRun, Reference, generate
@@ -58,6 +59,8 @@ log = logging.getLogger(__name__)
 
 LABELS_INSTRUCTION = "Answer with exactly one label from this list and nothing else.\nLabels: {labels}"
 CONTENDERS = ("finetune", "base_zero_shot", "base_few_shot")
+# The eval settings a contender's answers and scores depend on (beyond its prompts): part of a reused result's key.
+GENERATION_SETTINGS = {"temperature", "top_p", "seed", "batch_size", "max_new_tokens", "metric"}
 MAX_LOSS_LENGTH = 4096  # tokens; longer prompt + answer rows are left out of the loss (counted)
 
 
@@ -121,10 +124,12 @@ def evaluate_run(
     base_model: PreTrainedModel | None = None,
     contenders: tuple[str, ...] | None = None,
     forgetting_items: list | None = None,
+    reuse: BaseResults | None = None,
 ) -> EvalResult:
     """Every contender on the same rows, compared, and the forgetting check: eval.json's object.
 
-    `contenders` limits which run (all by default); `forgetting_items` replaces the shipped probe (tests).
+    `contenders` limits which run (all by default); `forgetting_items` replaces the shipped probe (tests);
+    `reuse`: where the base's results from an earlier evaluation are read back and kept (base_results.py).
     """
     rows = test_rows[: cfg.max_rows] if cfg.max_rows else list(test_rows)
     references = [r.answer for r in rows]
@@ -140,9 +145,24 @@ def evaluate_run(
     model.eval()
     ran: dict[str, Contender] = {}
     for name in names:
+        ids = [render_prompt(tokenizer, m) for m in prompts[name]]
+        key = None
+        if reuse is not None and name != "finetune":
+            # What the base answers depends on the prompts (ids: template and tokenizer included), the references
+            # (loss, scores), the labels and the settings; the fine-tune is never part of it.
+            key = reuse.key("contender", tokenizer, name=name, separate_base=base_model is not None, prompts=ids,
+                            references=references, task=task, labels=labels, max_new=max_new,
+                            settings=cfg.model_dump(include=GENERATION_SETTINGS))
+            stored = reuse.get(key)
+            if stored is not None:
+                ran[name] = Contender.model_validate({**stored, "reused": True})
+                log.info("eval %s: read back from an earlier evaluation (%s)", name, reuse.root)
+                continue
         with _weights_of(name, model, base_model) as contender:
-            ran[name] = _run_contender(name, contender, tokenizer, rows, prompts[name], references, task, labels,
+            ran[name] = _run_contender(name, contender, tokenizer, rows, prompts[name], ids, references, task, labels,
                                        max_new, cfg, precision)
+        if key is not None:
+            reuse.put(key, ran[name].model_dump(mode="json"))
     texts = [RowText(r.source, _user_text(r), ref) for r, ref in zip(rows, references)]
     finetune = ran.get("finetune")
     comparisons = {name: compare(finetune, ran[name], texts, metric, seed=cfg.seed)
@@ -150,7 +170,8 @@ def evaluate_run(
     forgetting = None
     if cfg.forgetting_probe and (cfg.compare_base and (isinstance(model, PeftModel) or base_model is not None)):
         forgetting = run_forgetting_check(model, tokenizer, precision, cfg.forgetting_threshold,
-                                          batch_size=cfg.generation_batch, base_model=base_model, items=forgetting_items)
+                                          batch_size=cfg.generation_batch, base_model=base_model, items=forgetting_items,
+                                          reuse=reuse)
     model.train(was_training)
     return EvalResult(
         task=task, metric=metric, metric_why=why, test_rows=len(rows), labels=len(labels) if labels else None,
@@ -189,10 +210,9 @@ def _max_new_tokens(tokenizer: PreTrainedTokenizerBase, references: list[str], l
 
 def _run_contender(
     name: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: list[Conversation],
-    prompt_messages: list[tuple[Message, ...]], references: list[str], task: str, labels: list[str] | None,
-    max_new: int, cfg: EvalConfig, precision: Precision,
+    prompt_messages: list[tuple[Message, ...]], prompts: list[list[int]], references: list[str], task: str,
+    labels: list[str] | None, max_new: int, cfg: EvalConfig, precision: Precision,
 ) -> Contender:
-    prompts = [render_prompt(tokenizer, m) for m in prompt_messages]
     answers = reference_answers(tokenizer, rows, prompt_messages, prompts)
     with bar(f"eval {name}", len(prompts)) as (progress, task_id):
         run = generate(

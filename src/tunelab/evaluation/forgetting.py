@@ -22,6 +22,7 @@ the `forgetting` object of eval.json (docs/eval-format.md).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import re
@@ -36,6 +37,7 @@ from tunelab.data.batches import Batch, collate
 from tunelab.data.records import Message
 from tunelab.data.tokenize import TokenizedExample, render_prompt
 from tunelab.errors import TunelabError
+from tunelab.evaluation.base_results import BaseResults
 from tunelab.evaluation.generate import generate
 from tunelab.evaluation.result import CategoryShift, Forgetting, ProbeItemResult, Shift
 from tunelab.model.precision import Precision
@@ -193,12 +195,14 @@ def run_forgetting_check(
     base_model: PreTrainedModel | None = None,
     loss_tolerance: float = LOSS_TOLERANCE,
     items: list[ProbeItem] | None = None,
+    reuse: BaseResults | None = None,
 ) -> Forgetting:
     """Probe and general text loss for the base and the fine-tune: eval.json's `forgetting` object.
 
     `model` is the fine-tune. The base is `model` with its adapter disabled, or `base_model` when
     given (full fine-tuning: the original weights, loaded separately; same tokenizer). `items`
-    replaces the shipped probe (tests use a few items).
+    replaces the shipped probe (tests use a few items). `reuse`: where the base's answers and text
+    loss from an earlier evaluation on this machine are read back, and kept (base_results.py).
     """
     if base_model is None and not isinstance(model, PeftModel):
         raise TunelabError(
@@ -217,6 +221,16 @@ def run_forgetting_check(
     contenders = {"base": (base_model if base_model is not None else model, base_state), "finetune": (model, contextlib.nullcontext)}
     ok: dict[str, list[bool]] = {}
     loss: dict[str, float] = {}
+    key = None
+    if reuse is not None:
+        key = reuse.key("forgetting", tokenizer, separate_base=base_model is not None, prompts=prompts,
+                        items=[dataclasses.astuple(item) for item in items], text=[b.input_ids.tolist() for b in text_batches],
+                        max_new_tokens=max_new_tokens, batch_size=batch_size)
+        stored = reuse.get(key)
+        if stored is not None and len(stored.get("ok", [])) == len(items) and isinstance(stored.get("loss"), float):
+            ok["base"], loss["base"] = [bool(x) for x in stored["ok"]], stored["loss"]
+            del contenders["base"]
+            log.info("forgetting: the base's answers read back from an earlier evaluation (%s)", reuse.root)
     for name, (net, state) in contenders.items():
         with bar(f"forgetting probe {name}", len(prompts), transient=True) as (progress, task):
             with state():
@@ -227,6 +241,8 @@ def run_forgetting_check(
                 )
                 loss[name] = validation_loss(net, text_batches, precision)
         ok[name] = [score_probe_answer(item, g.text) for item, g in zip(items, run.generations)]
+        if name == "base" and key is not None:
+            reuse.put(key, {"ok": ok["base"], "loss": loss["base"]})
     model.train(was_training)
 
     n = len(items)
@@ -248,6 +264,7 @@ def run_forgetting_check(
         threshold=threshold, loss_tolerance=loss_tolerance, flagged=flagged, why=why, categories=categories,
         items=[ProbeItemResult(id=item.id, category=item.category, base_ok=b, finetune_ok=f)
                for item, b, f in zip(items, ok["base"], ok["finetune"])],
+        base_reused="base" not in contenders,
     )
 
 

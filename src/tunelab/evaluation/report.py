@@ -129,6 +129,9 @@ def name(key: str) -> str:
     return DISPLAY_NAMES.get(key, key)
 
 
+REUSED = "computed by an earlier evaluation on this machine with the same base, prompts and settings"
+
+
 def summary_rows(ev: EvalResult) -> tuple[list[str], list[list[str]]]:
     """Contender x (primary metric with CI, other metrics, prompt tokens, ms/request)."""
     primary = ev.metric or ""
@@ -136,7 +139,8 @@ def summary_rows(ev: EvalResult) -> tuple[list[str], list[list[str]]]:
     header = ["contender", f"{primary} (95% CI)", *others, "prompt tokens", "ms/request"]
     rows = []
     for key, c in ev.contenders.items():
-        rows.append([name(key), f"{fmt(c.metrics.get(primary))} {fmt_ci(c.ci.get(primary))}".strip(),
+        shown = f"{name(key)} (read back: {REUSED})" if c.reused else name(key)
+        rows.append([shown, f"{fmt(c.metrics.get(primary))} {fmt_ci(c.ci.get(primary))}".strip(),
                      *(fmt(c.metrics.get(k)) for k in others), fmt(c.prompt_tokens_mean, 1), fmt(c.ms_per_request, 1)])
     return header, rows
 
@@ -156,7 +160,8 @@ def verdict(ev: EvalResult | None) -> list[str]:
     out = [_verdict(key, c) for key, c in ev.comparisons.items()] or ["eval.json has no comparisons against a baseline."]
     if ev.forgetting:
         fg = ev.forgetting
-        out.append(f"Forgetting check ({'FLAGGED' if fg.flagged else 'not flagged'}): {fg.why}")
+        out.append(f"Forgetting check ({'FLAGGED' if fg.flagged else 'not flagged'}): {fg.why}"
+                   + (f" The base's half was read back: {REUSED}." if fg.base_reused else ""))
     else:
         out.append("The forgetting check did not run.")
     return out

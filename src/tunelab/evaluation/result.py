@@ -62,6 +62,8 @@ class Contender(_Record):
     correct: list[bool] = Field(description="per row: right or wrong under the task metric")
     scores: list[float] = Field(description="per row score of the primary metric (the paired bootstrap's input)")
     confusion: Confusion | None = None
+    reused: bool = Field(False, description="read back from an earlier evaluation on this machine with the same base, "
+                         "prompts and settings (a base contender; evaluation/base_results.py)")
 
 
 class Example(_Record):
@@ -121,6 +123,8 @@ class Forgetting(_Record):
     why: str
     categories: dict[str, CategoryShift] = Field(default_factory=dict)
     items: list[ProbeItemResult] = Field(default_factory=list)
+    base_reused: bool = Field(False, description="the base's probe answers and text loss read back from an earlier "
+                              "evaluation on this machine (evaluation/base_results.py)")
 
 
 class FewShot(_Record):

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
     from tunelab.config import DataConfig, EvalConfig
     from tunelab.data.read import Records
+    from tunelab.evaluation.base_results import BaseResults
     from tunelab.evaluation.result import EvalResult
     from tunelab.model.precision import Precision
 
@@ -67,6 +68,8 @@ class Objective(Protocol):
         """Every row of `cfg.path` as this objective's records (to evaluate on a file of its own)."""
 
     def evaluate(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, test_rows: list, train_rows: list,
-                 cfg: EvalConfig, precision: Precision, base_model: PreTrainedModel | None = None) -> EvalResult:
+                 cfg: EvalConfig, precision: Precision, base_model: PreTrainedModel | None = None,
+                 reuse: BaseResults | None = None) -> EvalResult:
         """The fine-tune against the base on `test_rows` (`train_rows`: where few-shot examples come from;
-        `base_model`: when the base is not the fine-tune with its adapter off, i.e. after full fine-tuning)."""
+        `base_model`: when the base is not the fine-tune with its adapter off, i.e. after full fine-tuning;
+        `reuse`: where the base's results of an earlier evaluation are read back, evaluation/base_results.py)."""

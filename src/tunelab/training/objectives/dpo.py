@@ -35,6 +35,7 @@ from tunelab.data.prepare import PreparedPairs, prepare_preference_data, split_p
 from tunelab.data.read import Records, read_preference_pairs
 from tunelab.data.records import PreferencePair
 from tunelab.errors import TunelabError
+from tunelab.evaluation.base_results import BaseResults
 from tunelab.evaluation.result import EvalResult
 from tunelab.model.precision import Precision
 from tunelab.model.scoring import sequence_logprobs
@@ -160,7 +161,7 @@ class Dpo:
 
     def evaluate(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, test_rows: list[PreferencePair],
                  train_rows: list[PreferencePair], cfg: EvalConfig, precision: Precision,
-                 base_model: PreTrainedModel | None = None) -> EvalResult:
+                 base_model: PreTrainedModel | None = None, reuse: BaseResults | None = None) -> EvalResult:
         from tunelab.evaluation.preference import evaluate_preferences
 
         return evaluate_preferences(require_adapter(model), tokenizer, test_rows, cfg, precision)

@@ -23,6 +23,7 @@ from tunelab.data.read import Records, read_conversations
 from tunelab.data.records import Conversation
 from tunelab.data.split import split_conversations
 from tunelab.data.tokenize import TokenizedExample
+from tunelab.evaluation.base_results import BaseResults
 from tunelab.evaluation.result import EvalResult
 from tunelab.model.precision import Precision
 from tunelab.model.scoring import token_loss_sum, validation_metrics, validation_sums
@@ -78,9 +79,10 @@ class Sft:
 
     def evaluate(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, test_rows: list[Conversation],
                  train_rows: list[Conversation], cfg: EvalConfig, precision: Precision,
-                 base_model: PreTrainedModel | None = None) -> EvalResult:
+                 base_model: PreTrainedModel | None = None, reuse: BaseResults | None = None) -> EvalResult:
         from tunelab.evaluation.contenders import evaluate_run
 
         if not test_rows:
             return EvalResult(task=None, metric=None, test_rows=0)
-        return evaluate_run(model, tokenizer, test_rows, train_rows, cfg, precision, base_model=base_model)
+        return evaluate_run(model, tokenizer, test_rows, train_rows, cfg, precision, base_model=base_model,
+                            reuse=reuse)
