@@ -83,6 +83,13 @@ def test_a_second_evaluation_reads_the_base_back_and_computes_the_fine_tune(trai
     assert second.forgetting.general_text_loss.base == first.forgetting.general_text_loss.base
     assert second.comparisons["base_zero_shot"].model_dump() == first.comparisons["base_zero_shot"].model_dump()
 
+    for path in tmp_path.glob("*.json"):  # files edited by hand: valid JSON, not a result
+        path.write_text(json.dumps({"ok": 3, "loss": 1.0} if "loss" in json.loads(path.read_text()) else {"x": 1}))
+    ran.clear()
+    edited = evaluate_run(model, tokenizer, rows, train, cfg, FP32, forgetting_items=ITEMS, reuse=reuse)
+    assert ran == ["finetune", "base_zero_shot", "base_few_shot"] and not edited.forgetting.base_reused
+    assert edited.contenders["base_zero_shot"].predictions == first.contenders["base_zero_shot"].predictions
+
     ran.clear()
     other_rows = evaluate_run(model, tokenizer, rows[:4], train, cfg.model_copy(update={"forgetting_probe": False}),
                               FP32, reuse=reuse)

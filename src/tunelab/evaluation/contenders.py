@@ -37,6 +37,7 @@ import time
 
 import torch
 from peft import PeftModel
+from pydantic import ValidationError
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tunelab.config import EvalConfig
@@ -153,9 +154,9 @@ def evaluate_run(
             key = reuse.key("contender", tokenizer, name=name, separate_base=base_model is not None, prompts=ids,
                             references=references, task=task, labels=labels, max_new=max_new,
                             settings=cfg.model_dump(include=GENERATION_SETTINGS))
-            stored = reuse.get(key)
+            stored = _stored_contender(reuse.get(key))
             if stored is not None:
-                ran[name] = Contender.model_validate({**stored, "reused": True})
+                ran[name] = stored
                 log.info("eval %s: read back from an earlier evaluation (%s)", name, reuse.root)
                 continue
         with _weights_of(name, model, base_model) as contender:
@@ -180,6 +181,17 @@ def evaluate_run(
                               stop="end-of-turn" + (", newline" if task == "classification" else "")),
         contenders=ran, comparisons=comparisons, forgetting=forgetting,
     )
+
+
+def _stored_contender(stored: dict | None) -> Contender | None:
+    """A stored base contender, marked reused; None for none, or for one that is not a Contender (an edited file)."""
+    if stored is None:
+        return None
+    try:
+        return Contender.model_validate({**stored, "reused": True})
+    except ValidationError as e:
+        log.warning("a stored base contender does not read as one (%s): computing it again", e.errors()[0]["msg"])
+        return None
 
 
 def _weights_of(name: str, model: PeftModel | PreTrainedModel, base_model: PreTrainedModel | None):

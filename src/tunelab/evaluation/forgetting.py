@@ -227,7 +227,8 @@ def run_forgetting_check(
                         items=[dataclasses.astuple(item) for item in items], text=[b.input_ids.tolist() for b in text_batches],
                         max_new_tokens=max_new_tokens, batch_size=batch_size)
         stored = reuse.get(key)
-        if stored is not None and len(stored.get("ok", [])) == len(items) and isinstance(stored.get("loss"), float):
+        if (stored is not None and isinstance(stored.get("ok"), list) and len(stored["ok"]) == len(items)
+                and isinstance(stored.get("loss"), float)):  # anything else (an edited file) is computed again
             ok["base"], loss["base"] = [bool(x) for x in stored["ok"]], stored["loss"]
             del contenders["base"]
             log.info("forgetting: the base's answers read back from an earlier evaluation (%s)", reuse.root)
