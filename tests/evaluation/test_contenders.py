@@ -195,3 +195,13 @@ def test_the_loss_read_off_generation_equals_a_pass_of_its_own(trained_run, monk
     fallback = evaluate_run(model, tokenizer, rows, train, cfg, FP32, contenders=("finetune",))
     assert len(passes) == 1
     assert fallback.contenders["finetune"].metrics["loss"] == pytest.approx(own_pass["finetune"], rel=1e-4)
+    # A model whose cache keeps a window (no cache layer generation can score on): generation scores nothing,
+    # and the loss comes from the pass of its own.
+    import tunelab.evaluation.generate as gen
+
+    monkeypatch.undo()
+    monkeypatch.setattr(contenders, "reference_loss", lambda *a, **k: passes.append(1) or real(*a, **k))
+    monkeypatch.setattr(gen, "WHOLE_LAYERS", ())
+    windowed = evaluate_run(model, tokenizer, rows, train, cfg, FP32, contenders=("finetune",))
+    assert len(passes) == 2
+    assert windowed.contenders["finetune"].metrics["loss"] == pytest.approx(own_pass["finetune"], rel=1e-4)

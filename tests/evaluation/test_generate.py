@@ -7,7 +7,8 @@ import torch
 
 from tunelab.data.records import Message
 from tunelab.data.tokenize import render_prompt
-from tunelab.evaluation.generate import Reference, generate
+from tunelab.evaluation.generate import generate
+from tunelab.evaluation.reference_scoring import Reference
 from tunelab.model.kernels.prefix import MIN_GENERATION_PREFIX, common_prefix_length
 from tunelab.model.precision import choose_precision
 
@@ -184,7 +185,7 @@ def test_generations_do_not_depend_on_the_batching(model_and_tokenizer):
 
 
 def test_prefill_chunks_bound_the_padding():
-    from tunelab.evaluation.generate import prefill_chunks
+    from tunelab.evaluation.prefill import prefill_chunks
 
     assert prefill_chunks([10, 10, 12, 40], 8) == [range(0, 3), range(3, 4)]  # with 40: 4 x 40 - 72 = 88 pads
     assert prefill_chunks([10, 10, 12, 40], 1000) == [range(0, 4)]
@@ -203,15 +204,15 @@ def test_prefill_chunks_bound_the_padding():
 @pytest.mark.parametrize("temperature", [0.0, 0.9])
 def test_prompt_pass_in_chunks_generates_the_same(model_and_tokenizer, monkeypatch, temperature):
     """Chunks of one row each (max padding 0) and one chunk for the batch give the same tokens as the plain path."""
-    import tunelab.evaluation.generate as gen
+    import tunelab.evaluation.prefill as pre
 
     model, tokenizer = model_and_tokenizer
     ps = prompts(tokenizer)
     suffix_lengths = sorted(len(p) - common_prefix_length(ps) for p in ps)
-    assert len(gen.prefill_chunks(suffix_lengths, 0)) == len(ps)  # every row its own prompt pass
+    assert len(pre.prefill_chunks(suffix_lengths, 0)) == len(ps)  # every row its own prompt pass
     runs = {}
     for max_padding in (0, 10_000):
-        monkeypatch.setattr(gen, "PREFILL_MAX_PADDING", max_padding)
+        monkeypatch.setattr(pre, "PREFILL_MAX_PADDING", max_padding)
         runs[max_padding] = generate(model, tokenizer, ps, max_new_tokens=6, batch_size=len(ps), precision=FP32,
                                      temperature=temperature, seed=3)
     assert [g.token_ids for g in runs[0].generations] == [g.token_ids for g in runs[10_000].generations]
@@ -260,13 +261,14 @@ def plain_reference_loss(model, prompt: list[int], reference: Reference) -> floa
 def test_references_are_scored_on_the_prompt_pass_and_leave_generation_unchanged(model_and_tokenizer, monkeypatch,
                                                                                   in_place):
     """Each reference's loss equals a plain forward over prompt + reference; the generated tokens are those
-    of a run without references (the cache is cut back to the prompt after scoring)."""
+    of a run without references (scoring reads a copy of the prompts' cache)."""
     import tunelab.evaluation.generate as gen
+    import tunelab.evaluation.prefill as pre
 
     model, tokenizer = model_and_tokenizer
     ps = prompts(tokenizer, system="Classify the intent of the message into one of the labels. " * 3)
     monkeypatch.setattr(gen, "IN_PLACE_PREFIX", 1 if in_place else 10_000)
-    monkeypatch.setattr(gen, "PREFILL_MAX_PADDING", 0)  # a prompt-pass chunk per row: the cache laid out from parts
+    monkeypatch.setattr(pre, "PREFILL_MAX_PADDING", 0)  # a prompt-pass chunk per row: the cache laid out from parts
     eot = tokenizer.eos_token_id
     references = [
         Reference((11, 12, 13, eot), (True, True, True, True)),
@@ -282,10 +284,10 @@ def test_references_are_scored_on_the_prompt_pass_and_leave_generation_unchanged
     assert scored.scoring_seconds > 0
     for p, ref, g in zip(ps, references, scored.generations):
         if ref is None:
-            assert (g.reference_loss, g.reference_tokens) == (None, 0)
+            assert (g.reference_loss_sum, g.reference_tokens) == (None, 0)
         else:
             assert g.reference_tokens == sum(ref.trained)
-            assert g.reference_loss == pytest.approx(plain_reference_loss(model, p, ref), rel=1e-4)
+            assert g.reference_loss_sum == pytest.approx(plain_reference_loss(model, p, ref), rel=1e-4)
 
 
 def test_references_need_one_per_prompt(tiny_loaded):
@@ -297,18 +299,19 @@ def test_references_need_one_per_prompt(tiny_loaded):
 
 def test_scoring_references_leaves_the_prompt_cache_as_it_was(tiny_loaded):
     """Decoding continues on the cache scoring read: it must hold the prompts again, and only them."""
-    import tunelab.evaluation.generate as gen
+    from tunelab.evaluation.prefill import prefill
+    from tunelab.evaluation.reference_scoring import score_references
     from tunelab.model.load import body_and_head
 
     model, tokenizer = tiny_loaded
     suffixes = prompts(tokenizer)[:3]
     body, head = body_and_head(model)
     with torch.no_grad():
-        cache, logits, mask = gen.prefill(body, head, model.config, suffixes, 0, 0, None, tokenizer.pad_token_id,
+        cache, logits, mask = prefill(body, head, model.config, suffixes, 0, 0, None, tokenizer.pad_token_id,
                                           FP32, reserve=2)
         before = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
         positions = torch.tensor([[len(s) - 1] for s in suffixes])
         refs = [Reference((5, 6, 7, 8, 9), (True,) * 5), Reference((5,), (True,)), None]
-        gen.score_references(body, head, cache, logits, mask, positions, refs, tokenizer.pad_token_id, FP32)
+        score_references(body, head, cache, logits, mask, positions, refs, tokenizer.pad_token_id, FP32)
     assert all(torch.equal(layer.keys, k) and torch.equal(layer.values, v)
                for layer, (k, v) in zip(cache.layers, before, strict=True))

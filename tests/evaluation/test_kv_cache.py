@@ -6,8 +6,8 @@ import torch
 from transformers import LlamaConfig
 from transformers.cache_utils import DynamicLayer
 
-from tunelab.evaluation.generate import _place
 from tunelab.evaluation.kv_cache import ReservedLayer, reserved_cache
+from tunelab.evaluation.prefill import _place
 
 
 def _kv(rows: int, tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

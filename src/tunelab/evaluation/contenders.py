@@ -47,8 +47,9 @@ from tunelab.data.tokenize import IGNORE_INDEX, render_prompt, tokenize_conversa
 from tunelab.evaluation.base_results import BaseResults
 from tunelab.evaluation.compare import RowText, compare, confidence_intervals
 from tunelab.evaluation.forgetting import run_forgetting_check
-from tunelab.evaluation.generate import GenerationRun, Reference, generate
+from tunelab.evaluation.generate import GenerationRun, generate
 from tunelab.evaluation.metrics import score, task_for_metric_setting
+from tunelab.evaluation.reference_scoring import Reference
 from tunelab.evaluation.result import Confusion, Contender, EvalResult, FewShot, Generation, Sampling
 from tunelab.model.kernels.prefix import IN_PLACE_PREFIX, reads_prefix_in_place, shared_prefix_kv
 from tunelab.model.load import body_and_head
@@ -286,7 +287,7 @@ def shared_pass_loss(run: GenerationRun, answers: list[Reference | None] | None)
     """`reference_loss`'s figures from the losses generation read off its prompt pass; None if it read none."""
     if answers is None:
         return None
-    scored = [(g.reference_loss, g.reference_tokens) for g, a in zip(run.generations, answers) if a is not None]
+    scored = [(g.reference_loss_sum, g.reference_tokens) for g, a in zip(run.generations, answers) if a is not None]
     if any(loss is None for loss, _ in scored):
         return None
     tokens = sum(n for _, n in scored)

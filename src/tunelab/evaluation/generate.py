@@ -18,7 +18,7 @@ Everything else is the plain algorithm:
     token (the end-of-turn) or `max_new_tokens` is reached. Rows are grouped by
     length so little work goes to padding; results come back in input order.
     The prompt pass runs on smaller runs of similar length than decoding does
-    (`prefill`): decoding gains from many rows per step, the prompt pass only
+    (`prefill`, evaluation/prefill.py): decoding gains from many rows per step, the prompt pass only
     pays for their padding.
 
 Each step's token is the argmax (temperature 0, the default) or a draw from the
@@ -30,7 +30,6 @@ has its own random generator, so batch size and batch neighbours change nothing.
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import hashlib
 import time
@@ -38,12 +37,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from transformers import DynamicCache, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicLayer
 
 from tunelab.errors import TunelabError
-from tunelab.evaluation.kv_cache import ReservedLayer, reserved_cache
+from tunelab.evaluation.kv_cache import ReservedLayer
+from tunelab.evaluation.prefill import prefill
+from tunelab.evaluation.reference_scoring import Reference, score_references
 from tunelab.model.kernels import attention
 from tunelab.model.kernels.attention import generation_kernels
 from tunelab.model.kernels.prefix import (
@@ -63,7 +63,6 @@ from tunelab.model.precision import Precision
 # (IN_PLACE_PREFIX; the 77-label prompt, ~36 of ~607 tokens: 128 rows, where with the prefix copied it was 39).
 AUTO_TOKEN_BUDGET = 24_576  # rows x (longest cached prompt part in the batch + max_new_tokens)
 AUTO_MAX_ROWS = 128
-PREFILL_MAX_PADDING = 128  # padding tokens a prompt-pass chunk may carry before a new chunk starts (see prefill)
 WHOLE_LAYERS = (ReservedLayer, DynamicLayer)  # cache layers that hold every token seen (no sliding window)
 
 
@@ -73,21 +72,8 @@ class Generation:
     token_ids: list[int]
     prompt_tokens: int  # full prompt length, shared prefix included
     stopped: bool  # True when a stop token ended it (False: hit max_new_tokens)
-    reference_loss: float | None = None  # summed loss of its Reference's trained tokens; None: none scored
+    reference_loss_sum: float | None = None  # summed loss of its Reference's trained tokens; None: none scored
     reference_tokens: int = 0  # trained tokens of its Reference
-
-
-@dataclass(frozen=True)
-class Reference:
-    """A known answer to score after a prompt (teacher forcing): its token ids, and which of them carry loss.
-
-    E.g. SmolLM2's template after an answer "card_arrival": ids of "card", "_arr", "ival", "<|im_end|>",
-    all trained. Token 0's loss is read off the prompt pass's last logits, token t's off one more pass
-    over tokens 0..t-1 on the prompt's KV cache, so a prompt is computed once for its answer and its loss.
-    """
-
-    ids: tuple[int, ...]
-    trained: tuple[bool, ...]
 
 
 @dataclass(frozen=True)
@@ -150,9 +136,9 @@ def generate(
     Generation of a row ends at a stop token (default: eos, the end-of-turn; not part of
     the text) or once its text contains a stop string (the text is cut before it).
     `references` (one per prompt, or None for a row not to score): each Reference's loss under
-    its prompt, in `Generation.reference_loss`, from the prompt pass generation makes anyway.
+    its prompt, in `Generation.reference_loss_sum`, from the prompt pass generation makes anyway.
     A model whose cache keeps only a window (sliding-window attention) scores nothing: every
-    `reference_loss` stays None and the caller scores another way.
+    `reference_loss_sum` stays None and the caller scores another way.
     """
     sampling = Sampling(temperature, top_p, seed)  # raises on bad settings before any compute
     if references is not None and len(references) != len(prompts):
@@ -272,107 +258,6 @@ def _prompt_generator(seed: int, index: int, device: torch.device) -> torch.Gene
     return torch.Generator(device=device).manual_seed(int.from_bytes(digest, "little"))
 
 
-def prefill_chunks(lengths: list[int], max_padding: int) -> list[range]:
-    """Consecutive runs of rows for the prompt pass, each left-padded to its own longest row.
-
-    A run grows while its padding (rows x longest - sum of lengths) stays within `max_padding`
-    tokens. Rows arrive sorted by length, so a run's newest row is its longest. E.g. lengths
-    [10, 10, 12, 40] with max_padding 8: [10, 10, 12] pads 4 tokens; adding 40 would pad 88,
-    so 40 starts a second run.
-    """
-    chunks: list[range] = []
-    start, longest, total = 0, 0, 0
-    for i, n in enumerate(lengths):
-        if i > start and (i - start + 1) * max(longest, n) - (total + n) > max_padding:
-            chunks.append(range(start, i))
-            start, longest, total = i, 0, 0
-        longest, total = max(longest, n), total + n
-    if lengths:
-        chunks.append(range(start, len(lengths)))
-    return chunks
-
-
-def _left_padded(suffixes: list[list[int]], width: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, mask), both (B, width): every row's last token in the last column."""
-    ids = torch.full((len(suffixes), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(suffixes), width), dtype=torch.long)
-    for row, s in enumerate(suffixes):
-        ids[row, width - len(s) :] = torch.tensor(s)
-        mask[row, width - len(s) :] = 1
-    return ids, mask
-
-
-def prefill(
-    body: torch.nn.Module,
-    head: torch.nn.Module,
-    config: PretrainedConfig,
-    suffixes: list[list[int]],
-    prefix_len: int,  # P: the suffixes' positions start here
-    cached_prefix: int,  # prefix columns of the cache and mask: P when `prefix_cache` is copied into rows, else 0
-    prefix_cache: DynamicCache | None,
-    pad_id: int,
-    precision: Precision,
-    reserve: int,  # decode steps to come: slots kept free in every layer's cache (see kv_cache)
-    each_chunk: Callable[[range], contextlib.AbstractContextManager] | None = None,  # around each chunk's forward
-) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
-    """The prompt pass: (KV cache of the whole batch, first-token logits (B, vocab), attention mask (B, C + W)).
-
-    Why in chunks: decoding wants many rows per step (a step's fixed cost is shared), but the
-    prompt pass pays for every padded token, and one batch of 128 length-sorted rows can span
-    10 to 88 tokens (Banking77: 51% of its prompt-pass tokens were padding). So the prompt pass
-    runs on runs of similar length (`prefill_chunks`), and their caches are laid side by side,
-    each row left-padded to the batch's width W behind the shared prefix (when the cache holds
-    it, C = P; read in place, C = 0 and the rows start with their padding):
-
-        cache row   [ P P P | 0 0 0 s s ]   mask [1 1 1 | 0 0 0 1 1]
-    """
-    width = max(len(s) for s in suffixes)
-    buffers: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer: (B, Hkv, C + W + reserve, D) keys, values
-    logits: list[torch.Tensor] = []
-    for rows in prefill_chunks([len(s) for s in suffixes], PREFILL_MAX_PADDING):
-        chunk = suffixes[rows.start : rows.stop]
-        chunk_width = max(len(s) for s in chunk)
-        ids, suffix_mask = _left_padded(chunk, chunk_width, pad_id)
-        mask = torch.cat([torch.ones((len(chunk), cached_prefix), dtype=torch.long), suffix_mask], dim=1)
-        positions = prefix_len + (suffix_mask.cumsum(dim=1) - 1).clamp(min=0)  # pads get a dummy position
-        if prefix_cache is not None:
-            cache = copy.deepcopy(prefix_cache)
-            cache.batch_repeat_interleave(len(chunk))
-        else:
-            cache = DynamicCache(config=config)
-        # The server says here which adapter each row of this chunk uses (serve/multi_lora.py).
-        with precision.autocast(), each_chunk(rows) if each_chunk else contextlib.nullcontext():
-            hidden = body(
-                input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True
-            ).last_hidden_state  # (b, w, H)
-            # The head on a contiguous (b, H) matrix: only the last position, one plain matmul.
-            # (Through a PEFT wrapper, transformers' `logits_to_keep` slice became a batched matmul that
-            # copied the whole 49,152 x 576 head weight per row: 4x slower generation on the 2-core AMX VM.)
-            logits.append(head(hidden[:, -1].contiguous()))
-        if not buffers:
-            buffers = [_cache_buffers(layer, len(suffixes), cached_prefix + width + reserve) for layer in cache.layers]
-        for (key_buffer, value_buffer), cached in zip(buffers, cache.layers):
-            _place(key_buffer[rows.start : rows.stop], cached.keys, cached_prefix, width - chunk_width)
-            _place(value_buffer[rows.start : rows.stop], cached.values, cached_prefix, width - chunk_width)
-    _, suffix_mask = _left_padded(suffixes, width, pad_id)
-    mask = torch.cat([torch.ones((len(suffixes), cached_prefix), dtype=torch.long), suffix_mask], dim=1)
-    return reserved_cache(config, buffers, cached_prefix + width), torch.cat(logits), mask
-
-
-def _cache_buffers(layer: DynamicLayer, rows: int, slots: int) -> tuple[torch.Tensor, torch.Tensor]:
-    _, heads, _, dim = layer.keys.shape
-    return tuple(kv.new_empty((rows, heads, slots, dim)) for kv in (layer.keys, layer.values))  # type: ignore[return-value]
-
-
-def _place(dest: torch.Tensor, kv: torch.Tensor, prefix_len: int, gap: int) -> None:
-    """Copy a chunk's (b, Hkv, P + w, D) cache into the batch's buffer rows: the prefix, then `gap`
-    zero (masked) slots, then the suffix, so every row ends at the batch's width."""
-    end = kv.shape[2] + gap
-    dest[:, :, :prefix_len] = kv[:, :, :prefix_len]
-    dest[:, :, prefix_len : prefix_len + gap].zero_()  # masked, but must be finite: 0 x NaN would poison the sum
-    dest[:, :, prefix_len + gap : end] = kv[:, :, prefix_len:]
-
-
 def _generate_batch(
     body: torch.nn.Module,
     head: torch.nn.Module,
@@ -437,81 +322,6 @@ class BatchOutput:
     outputs: list[tuple[list[int], bool]]  # per row: new token ids, stopped by a stop token
     scores: list[tuple[float | None, int]] | None  # per row: (summed reference loss, its tokens); None: not scored
     scoring_seconds: float
-
-
-def score_references(
-    body: torch.nn.Module,
-    head: torch.nn.Module,
-    cache: DynamicCache,  # the batch's prompts (left-padded, every row ending in the last column); not changed
-    first_logits: torch.Tensor,  # (B, vocab): the prompt pass's last position, which predicts reference token 0
-    mask: torch.Tensor,  # (B, C + W): the prompts' attention mask
-    last_positions: torch.Tensor,  # (B, 1): each row's last prompt position
-    references: list[Reference | None],
-    pad_id: int,
-    precision: Precision,
-) -> list[tuple[float | None, int]]:
-    """Per row, (summed cross-entropy of its reference's trained tokens, their count): teacher forcing.
-
-    A pass over each row's reference but its last token, right-padded, on a copy of its prompt's cache
-    (decoding goes on with the original):
-
-        cache [ ... prompt ] + fed [ r0 r1 r2 pad ]      targets: r0 <- prompt's last logits,
-                                                                  r1 <- fed r0, r2 <- fed r1, r3 <- fed r2
-
-    Rows go through in runs of similar reference length (`prefill_chunks`), since answer lengths do not
-    follow the prompt lengths the batch is sorted by (Banking77 labels: 1 to 17 tokens).
-    """
-    rows = [list(r.ids) if r is not None else [] for r in references]
-    fed_lengths = [max(len(ids) - 1, 0) for ids in rows]  # tokens fed: all but each row's last
-    hidden: dict[int, torch.Tensor] = {}  # row -> (its fed length, H)
-    order = sorted((row for row in range(len(rows)) if fed_lengths[row]), key=lambda row: fed_lengths[row])
-    for run in prefill_chunks([fed_lengths[row] for row in order], PREFILL_MAX_PADDING):
-        chunk = [order[i] for i in run]
-        width = max(fed_lengths[row] for row in chunk)
-        fed = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        fed_mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for i, row in enumerate(chunk):
-            fed[i, : fed_lengths[row]] = torch.tensor(rows[row][:-1], dtype=torch.long)
-            fed_mask[i, : fed_lengths[row]] = 1
-        index = torch.tensor(chunk)
-        positions = last_positions[index] + 1 + torch.arange(width)[None, :]  # pads past a row's end are masked
-        with precision.autocast():
-            out = body(
-                input_ids=fed, attention_mask=torch.cat([mask[index], fed_mask], dim=1), position_ids=positions,
-                cache=_rows_of(cache, body.config, index, width), use_cache=True,
-            ).last_hidden_state  # (b, width, H)
-        hidden.update((row, out[i, : fed_lengths[row]]) for i, row in enumerate(chunk))
-    first_rows = [row for row, r in enumerate(references) if r is not None and r.trained[0]]
-    later = [(row, t) for row, r in enumerate(references) if r is not None
-             for t in range(1, len(r.ids)) if r.trained[t]]
-    parts, targets, owners = [], [], []
-    if first_rows:
-        parts.append(first_logits[first_rows].float())
-        targets += [rows[row][0] for row in first_rows]
-        owners += first_rows
-    if later:
-        states = torch.stack([hidden[row][t - 1] for row, t in later])  # (N, H): position t-1 predicts token t
-        with precision.autocast():
-            parts.append(head(states).float())  # (N, vocab)
-        targets += [rows[row][t] for row, t in later]
-        owners += [row for row, _ in later]
-    sums = [0.0] * len(rows)
-    if parts:
-        losses = F.cross_entropy(torch.cat(parts), torch.tensor(targets), reduction="none").tolist()
-        for row, loss in zip(owners, losses):
-            sums[row] += loss
-    return [(sums[row], sum(r.trained)) if r is not None else (None, 0) for row, r in enumerate(references)]
-
-
-def _rows_of(cache: DynamicCache, config: PretrainedConfig, rows: torch.Tensor, room: int) -> DynamicCache:
-    """A cache of copies of some rows of `cache`, with `room` free slots per layer to write into."""
-    filled = cache.get_seq_length()
-    buffers = []
-    for layer in cache.layers:
-        keys, values = layer.keys[rows], layer.values[rows]  # (b, Hkv, filled, D) copies
-        pad = keys.new_empty((*keys.shape[:2], room, keys.shape[-1]))
-        buffers.append((torch.cat([keys, pad], dim=2), torch.cat([values, pad], dim=2)))
-    return reserved_cache(config, buffers, filled)
 
 
 def ids_containing(tokenizer: PreTrainedTokenizerBase, strings: list[str]) -> set[int]:

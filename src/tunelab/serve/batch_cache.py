@@ -12,7 +12,7 @@ step writes every row's new token into the next column (evaluation/kv_cache.Rese
       row 1 (joined)   0 0 0 b b b |        mask 0 0 0 1 1 1
       row 2 (joined)   0 c c c c c |        mask 0 1 1 1 1 1
 
-A row joins by copying its prompt's cache (from `evaluation.generate.prefill`) right-aligned to
+A row joins by copying its prompt's cache (from `evaluation.prefill.prefill`) right-aligned to
 `width`; a prompt wider than `width` first shifts everyone right. A row leaves by moving the last
 active row into its place, so active rows stay 0..n-1 and a step's view (`buffers[:n, :, :width]`)
 needs no copy. Each row keeps its own positions (position ids), so padding changes no result.

@@ -10,7 +10,7 @@ Every step of the engine thread:
     3. admission: waiting requests join, oldest first, while the batch has rows (`max_batch_rows`),
        the prompts fit the step's token budget (`token_budget`; one prompt always may) and the
        adapters in the batch stay within `max_adapters_per_step`; their prompts are computed
-       together (`evaluation.generate.prefill`, the evaluation's prompt pass) and their first
+       together (`evaluation.prefill.prefill`, the evaluation's prompt pass) and their first
        tokens sent
 
 The decode arithmetic is evaluation's (`sample_next`, `prefill`, the reserved KV layers); what is
@@ -33,7 +33,8 @@ from typing import Literal, Protocol
 import torch
 from transformers import PreTrainedModel
 
-from tunelab.evaluation.generate import prefill, sample_next
+from tunelab.evaluation.generate import sample_next
+from tunelab.evaluation.prefill import prefill
 from tunelab.model.kernels.attention import generation_kernels
 from tunelab.model.load import body_and_head
 from tunelab.model.precision import Precision
