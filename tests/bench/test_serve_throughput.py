@@ -72,3 +72,20 @@ def test_a_smoke_run_serves_every_request_on_both_servers(tmp_path):
             assert row["errors"] == 0 and row["requests"] == 3 and row["output_tokens"] > 0
     assert result["precision"].startswith("fp32 (set")
     assert rows["swap"]["uniform/banking/c2"]["same_text_as_tunelab"] == "3/3"  # greedy fp32: the engine answers as PEFT
+
+
+@pytest.mark.integration
+def test_engine_step_smoke_run_times_every_mix(tmp_path):
+    out = tmp_path / "steps.json"
+    run = subprocess.run(
+        [sys.executable, str(BENCH / "engine_step.py"), "--tiny", "--rows", "4", "--rounds", "1", "--steps", "2",
+         "--precision", "fp32", "--json", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.startswith("CPU: ")
+    result = json.loads(next(x for x in run.stdout.splitlines() if x.startswith("RESULT ")).removeprefix("RESULT "))
+    assert result == json.loads(out.read_text())
+    steps = result["ms_per_step"]["4"]
+    assert set(steps) == {"base only", "1 adapter", "8 adapters", "8 + base rows"}
+    assert all(ms > 0 for ms in steps.values())

@@ -24,11 +24,12 @@ def _layer(ranks: dict[int, int], seed: int = 0, out: int = 16) -> tuple[MultiLo
     return layer, weights
 
 
+@pytest.mark.parametrize("slots", [[0, 2, 1, 0, 3, 2, 2], [3, 0, 2, 3], [0, 3, 0, 3]],
+                         ids=["all slots and base rows", "a span from slot 2", "one adapter and base rows"])
 @pytest.mark.parametrize("out", [16, 10])
 @pytest.mark.parametrize("kernel", [*KERNELS, "auto"])
-def test_each_row_gets_its_own_adapter(kernel, out):
+def test_each_row_gets_its_own_adapter(kernel, out, slots):
     layer, weights = _layer({1: 4, 2: 8, 3: 2}, out=out)
-    slots = [0, 2, 1, 0, 3, 2, 2]
     x = torch.randn(len(slots), 5, 12)  # (B, T, in)
     with rows_use(RowSlots.of(slots, kernel)):
         y = layer(x)

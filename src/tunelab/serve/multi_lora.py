@@ -3,13 +3,15 @@
 Every linear layer an adapter may target is wrapped once, at server start, in a `MultiLoraLinear`
 that holds the base layer and a table of adapter slots:
 
-    A: (in, S, R)   slot s's down-projection in A[:, s]; R is the largest rank served, and a
-                    smaller rank is padded with zero columns, which adds exactly nothing
+    A: (S, R, in)   slot s's down-projection in A[s], as PEFT stores it (r, in); R is the largest rank
+                    served, and a smaller rank is padded with zero rows, which adds exactly nothing.
+                    Each slot is one contiguous block, and so is any run of adjacent slots: a decode step
+                    reads them sequentially (a slot strided across the others' columns read ~5x slower)
     B: (S, R, out)  slot s's up-projection with its scale (alpha / r) folded in; zero rows pad
 
     slot 0 holds zeros: the base model. A slot whose adapter does not target this layer holds zeros too.
 
-    y = x W^T + ((x A_s) B_s)   for each row, s = that row's slot; the r-wide middle in fp32
+    y = x W^T + ((x A_s^T) B_s)   for each row, s = that row's slot; the r-wide middle in fp32
 
 Which slot each row uses is set once per forward by the engine (`rows_use`), not passed through
 transformers' forward signature: the model's own forward stays untouched. The grouping of rows by
@@ -19,7 +21,8 @@ How the adapters' part is computed is a choice between equivalent arithmetics (`
 picks per forward from what `bench/lora_kernels.py` measured (docs/benchmarks.md has the numbers):
 
     grouped    for each adapter in the batch: its rows' x, times A_s, times B_s, added to their rows
-    masked     every row through all slots at once (x A_all), the other slots' columns zeroed, times B_all
+    masked     every row through the span of slots in use at once (x A_lo..hi: adjacent slots are one block
+               of A, so the span is a view, no copy), the columns of the row's other slots zeroed, times B_lo..hi
     gathered   each row's own A and B gathered into a (rows, in, R) batch and multiplied (vLLM's CPU path)
     segmented  rows sorted by slot, then one grouped product through the A slots and one through the B
                slots (torch's grouped_mm: each segment of rows times its own slot, no copy of any weight)
@@ -38,13 +41,14 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 LoraKernel = Literal["auto", "grouped", "masked", "gathered", "segmented"]
 KERNELS: tuple[str, ...] = ("grouped", "masked", "gathered", "segmented")  # what "auto" chooses from
-# auto: `grouped` when one adapter serves every row (a plain x A B, no sorting), else `segmented`: on a 2-core
-# AMD EPYC (Zen 4) it cost the least or within a few percent of the least in every decode and prompt batch with
-# two or more adapters or base rows (bench/lora_kernels.py; the table is in docs/benchmarks.md, "Serving").
+# auto: `grouped` when one adapter serves every row (a plain x A B, no sorting), else `segmented`. On a 2-core AMD
+# EPYC (Zen 4) they cost the least in the engine's own decode steps (8 and 32 rows; 1 adapter, 8, 8 with base rows:
+# bench/engine_step.py) and per layer (bench/lora_kernels.py); the tables are in docs/benchmarks.md, "Serving".
 
 
 @dataclass(frozen=True)
@@ -56,7 +60,9 @@ class RowSlots:
     kernel: LoraKernel
     order: torch.Tensor | None  # the rows sorted by slot (segmented); None: they already are
     inverse: torch.Tensor | None  # where each sorted row goes back to
+    span: tuple[int, int]  # the lowest and highest adapter slot in use (masked); (0, -1) when none is
     _offsets: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
+    _keep: dict[int, torch.Tensor | None] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def of(cls, slots: list[int], kernel: LoraKernel = "auto") -> RowSlots:
@@ -70,7 +76,25 @@ class RowSlots:
         if any(a > b for a, b in zip(slots, slots[1:])):
             order = torch.argsort(tensor, stable=True)
             inverse = torch.argsort(order)
-        return cls(tensor, groups, kernel, order, inverse)
+        span = (used[0], used[-1]) if used else (0, -1)
+        return cls(tensor, groups, kernel, order, inverse, span)
+
+    @property
+    def used(self) -> frozenset[int]:
+        return frozenset(slot for slot, _ in self.groups)
+
+    def keep(self, rank: int) -> torch.Tensor | None:
+        """(B, 1, span width) fp32: 1 on the columns of each row's own slot, else 0 (masked); None when one
+        adapter serves every row (nothing to zero). Once per forward, then read by every layer."""
+        if rank not in self._keep:
+            lo, hi = self.span
+            if lo == hi and 0 not in self.slots:
+                self._keep[rank] = None
+            else:
+                keep = torch.zeros(len(self.slots), hi - lo + 2, rank)  # column 0: the base rows' (dropped below)
+                keep[torch.arange(len(self.slots)), torch.where(self.slots > 0, self.slots - lo + 1, 0)] = 1.0
+                self._keep[rank] = keep[:, 1:].reshape(len(self.slots), 1, -1)
+        return self._keep[rank]
 
     def offsets(self, n_slots: int, tokens: int) -> torch.Tensor:
         """(n_slots,) int32: where each slot's segment of the sorted (rows x tokens) ends (grouped_mm's `offs`)."""
@@ -102,40 +126,41 @@ class MultiLoraLinear(nn.Module):
         self.base = base
         in_features, out_features = base.in_features, base.out_features
         # Buffers, not parameters: never trained here, and not part of any state dict a user saves.
-        self.register_buffer("lora_a", torch.zeros(in_features, slots, rank), persistent=False)  # (in, S, R)
+        self.register_buffer("lora_a", torch.zeros(slots, rank, in_features), persistent=False)  # (S, R, in)
         self.register_buffer("lora_b", torch.zeros(slots, rank, out_features), persistent=False)  # (S, R, out)
         self.filled: set[int] = set()  # slots whose adapter targets this layer (others are zeros)
 
     def write_slot(self, slot: int, a: torch.Tensor | None, b_scaled: torch.Tensor | None) -> None:
         """Put one adapter's (r, in) A and (out, r) B (scale already folded in) into `slot`; None clears it."""
-        self.lora_a[:, slot].zero_()
+        self.lora_a[slot].zero_()
         self.lora_b[slot].zero_()
         self.filled.discard(slot)
         if a is None or b_scaled is None:
             return
         r = a.shape[0]
-        self.lora_a[:, slot, :r] = a.t().float()
+        self.lora_a[slot, :r] = a.float()
         self.lora_b[slot, :r] = b_scaled.t().float()
         self.filled.add(slot)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         rows = _ROWS.get()
-        if rows is None or not self.filled or not any(slot in self.filled for slot, _ in rows.groups):
+        if rows is None or self.filled.isdisjoint(rows.used):
             return y
         kernel = rows.kernel
         if kernel == "auto":
             kernel = "grouped" if len(rows.groups) == 1 and rows.groups[0][1] is None else "segmented"
         with torch.autocast(x.device.type, enabled=False):  # the r-wide middle in fp32, whatever the base computes in
             delta = _DELTA[kernel](x.float(), self.lora_a, self.lora_b, rows)
+        # y is this call's own output, so it is updated in place: one rounding to its dtype (bf16 or fp32)
         if isinstance(delta, list):
             for idx, part in delta:
                 if idx is None:
-                    y = y + part.to(y.dtype)
+                    y.add_(part)
                 else:
-                    y = y.index_add(0, idx, part.to(y.dtype))
+                    y.index_add_(0, idx, part.to(y.dtype))
             return y
-        return y + delta.to(y.dtype)
+        return y.add_(delta)
 
 
 def _grouped(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rows: RowSlots):
@@ -143,34 +168,38 @@ def _grouped(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rows: RowSlots):
     parts = []
     for slot, idx in rows.groups:
         xs = x if idx is None else x.index_select(0, idx)  # (b, T, in)
-        parts.append((idx, (xs @ a[:, slot]) @ b[slot]))
+        parts.append((idx, F.linear(xs, a[slot]) @ b[slot]))
     return parts
 
 
 def _masked(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rows: RowSlots) -> torch.Tensor:
-    """(B, T, out): x through every slot's A at once, all but the row's own slot zeroed, through every B."""
-    in_features, slots, rank = a.shape
-    h = x @ a.reshape(in_features, slots * rank)  # (B, T, S*R)
-    keep = torch.zeros(x.shape[0], slots, rank, dtype=h.dtype, device=h.device)
-    keep[torch.arange(x.shape[0]), rows.slots] = 1.0
-    return (h * keep.reshape(x.shape[0], 1, slots * rank)) @ b.reshape(slots * rank, -1)
+    """(B, T, out): x through the A of every slot in rows.span at once, the columns of each row's other slots
+    zeroed, through those slots' B. The span's slots are adjacent columns of A and rows of B: views, no copy."""
+    _, rank, in_features = a.shape
+    lo, hi = rows.span
+    columns = slice(lo * rank, (hi + 1) * rank)
+    h = F.linear(x, a.reshape(-1, in_features)[columns])  # (B, T, span * R)
+    keep = rows.keep(rank)
+    if keep is not None:
+        h.mul_(keep)
+    return h @ b.reshape(-1, b.shape[2])[columns]
 
 
 def _gathered(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rows: RowSlots) -> torch.Tensor:
     """(B, T, out): each row's own (in, R) and (R, out) gathered, then batched matmuls."""
-    a_rows = a.permute(1, 0, 2)[rows.slots]  # (B, in, R)
+    a_rows = a.transpose(1, 2)[rows.slots]  # (B, in, R)
     return torch.bmm(torch.bmm(x, a_rows), b[rows.slots])
 
 
 def _segmented(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rows: RowSlots) -> torch.Tensor:
     """(B, T, out): the rows sorted by slot, each segment through its own slot's A, then its own B."""
     batch, tokens, in_features = x.shape
-    if not all(n % 4 == 0 for n in (in_features, a.shape[2], b.shape[2])):  # grouped_mm wants 16-byte strides
+    if not all(n % 4 == 0 for n in (in_features, a.shape[1], b.shape[2])):  # grouped_mm wants 16-byte strides
         return _grouped(x, a, b, rows)
     xs = x if rows.order is None else x.index_select(0, rows.order)
-    offs = rows.offsets(a.shape[1], tokens)
-    h = torch.nn.functional.grouped_mm(xs.reshape(batch * tokens, in_features), a.permute(1, 0, 2), offs=offs)
-    delta = torch.nn.functional.grouped_mm(h, b, offs=offs).reshape(batch, tokens, -1)  # (B, T, out), sorted
+    offs = rows.offsets(a.shape[0], tokens)
+    h = F.grouped_mm(xs.reshape(batch * tokens, in_features), a.transpose(1, 2), offs=offs)
+    delta = F.grouped_mm(h, b, offs=offs).reshape(batch, tokens, -1)  # (B, T, out), sorted
     return delta if rows.inverse is None else delta.index_select(0, rows.inverse)
 
 
