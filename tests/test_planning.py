@@ -34,3 +34,22 @@ def test_the_plan_says_which_values_were_set_which_are_defaults_and_which_were_c
     assert plan.hyperparameters["grad_accumulation"].why == "tunelab's default"
     raw["train"]["epochs"] = 2
     assert make_plan(RunConfig.model_validate(raw), probe_steps=1).hyperparameters["epochs"].source == "config"
+
+
+def test_the_evaluation_estimate_prices_one_loss_pass_however_often_training_validates(classification_csv,
+                                                                                          make_config, monkeypatch):
+    """The reference loss is about one validation-like pass per contender: it must not be multiplied by the number of
+    validations training runs (eval_every), as it once was."""
+    import tunelab.planning as planning
+
+    monkeypatch.setattr(planning, "time_validation_pass", lambda s: 2.0)
+    monkeypatch.setattr(planning, "_generation_seconds", lambda *a, **k: 0.0)
+    estimates = []
+    for eval_every in (0, 1):
+        cfg = make_config(classification_csv)
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"eval_every": eval_every}),
+                                     "eval": cfg.eval.model_copy(update={"forgetting_probe": False})})
+        plan = make_plan(cfg, probe_steps=1)
+        estimates.append(plan.estimate_seconds)
+    assert estimates[0].evaluation == estimates[1].evaluation > 0
+    assert estimates[1].validation > estimates[0].validation  # training's own validations do scale with eval_every

@@ -22,7 +22,6 @@ The probe's optimizer steps change only the in-memory copy that is thrown away a
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from typing import Literal
@@ -34,6 +33,7 @@ from tunelab.data.batches import Batch
 from tunelab.data.report import DataReport
 from tunelab.model.kernels.compiled import restore_eager
 from tunelab.model.precision import detect_hardware
+from tunelab.training.budget import time_validation_pass, time_validations
 from tunelab.training.memory import peak_memory_mb
 from tunelab.training.setup import Setup, setup
 from tunelab.training.step import backward_on
@@ -120,7 +120,7 @@ def make_plan(cfg: RunConfig, probe_steps: int = 3, price_per_hour: float = DEFA
     seconds_per_token = probe_seconds / max(probe_tokens, 1)
     train_seconds = s.tokens_to_train * seconds_per_token
 
-    validation_seconds = _validation_seconds(s)
+    validation_seconds = time_validations(s)
     restore_eager(s.model)  # as training leaves the model for evaluation
     eval_seconds, eval_rows = _evaluation_seconds(s)
     total = setup_seconds + train_seconds + validation_seconds + eval_seconds
@@ -144,20 +144,6 @@ def make_plan(cfg: RunConfig, probe_steps: int = 3, price_per_hour: float = DEFA
     )
 
 
-def _validation_seconds(s: Setup) -> float:
-    """One validation batch timed (after an untimed one: a forward without gradients compiles its own graph),
-    scaled to the batches of a validation and the number of validations."""
-    if not s.val_batches:
-        return 0.0
-    t = s.cfg.train
-    validations = (s.steps - 1) // t.eval_every + 1 if t.eval_every else 1
-    one = dataclasses.replace(s, val_batches=s.val_batches[:1])
-    s.objective.validation_sums(s.model, one.val_batches, s.precision)  # untimed
-    started = time.perf_counter()
-    s.objective.validation_sums(s.model, one.val_batches, s.precision)
-    return (time.perf_counter() - started) * len(s.val_batches) * validations
-
-
 def _evaluation_seconds(s: Setup) -> tuple[float, int]:
     """(seconds, rows) of the held-out evaluation, from short timed probes (see the module docstring)."""
     from tunelab.data.tokenize import render_prompt
@@ -170,7 +156,7 @@ def _evaluation_seconds(s: Setup) -> tuple[float, int]:
     cfg = s.cfg.eval
     test_rows, train_rows = s.data.held_out()
     if s.cfg.objective != "sft" or not test_rows:  # preference runs score pairs: about one validation pass
-        return _validation_seconds(s) if test_rows else 0.0, len(test_rows)
+        return time_validation_pass(s) if test_rows else 0.0, len(test_rows)
     rows = min(cfg.max_rows or len(test_rows), len(test_rows))
     sample_rows = test_rows[:rows]
     task, _, _ = task_for_metric_setting(cfg.metric, [r.answer for r in train_rows + list(test_rows)])
@@ -181,16 +167,16 @@ def _evaluation_seconds(s: Setup) -> tuple[float, int]:
     was_training = s.model.training
     s.model.eval()
     seconds = 0.0
+    # The reference-answer loss: the answers' tokens on generation's prompt cache, about a validation row's forward
+    # scaled to the share of its tokens that are answer (trained) tokens; the same for every contender.
+    loss_seconds = (time_validation_pass(s) * rows / max(len(s.data.validation), 1) * _answer_share(s.val_batches)
+                    if s.val_batches else 0.0)
     for name, messages in prompts.items():
         if name != "finetune" and not cfg.compare_base:
             continue
         ids = [render_prompt(s.tokenizer, m) for m in messages]
         with _weights(s.model, name):
-            seconds += _generation_seconds(s, ids, rows, max_new, batch)
-            # The reference-answer loss: the answers' tokens on generation's prompt cache, about a validation
-            # row's forward scaled to the share of its tokens that are answer (trained) tokens.
-            seconds += (_validation_seconds(s) * rows / max(len(s.data.validation), 1) * _answer_share(s.val_batches)
-                        if s.val_batches else 0.0)
+            seconds += _generation_seconds(s, ids, rows, max_new, batch) + loss_seconds
     if cfg.forgetting_probe and cfg.compare_base:
         probe = [render_prompt(s.tokenizer, [_user(item.prompt)]) for item in load_probe()]
         text = _text_batches(s.tokenizer)

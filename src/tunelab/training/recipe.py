@@ -40,7 +40,7 @@ from tunelab.model.template_canary import record_template
 from tunelab.progress import bar
 from tunelab.rundir import BaseModelIdentity, Hyperparameter, Lengths, RunData, RunDir
 from tunelab.training import distributed
-from tunelab.training.budget import budget_check
+from tunelab.training.budget import budget_check, time_validations
 from tunelab.training.checkpoint import (
     best_checkpoint,
     complete_checkpoints,
@@ -141,7 +141,8 @@ def train(cfg: RunConfig, resume: Path | None = None, records: Records | None = 
     last_step = start
     budget = None if resume is not None or not world.is_main else budget_check(
         t.time_budget_minutes, setup_seconds, s.tokens_to_train,
-        round(sum(len(mb) for mb in s.stream) / t.epochs), "bf16" if s.precision.bf16 else "fp32")
+        round(sum(len(mb) for mb in s.stream) / t.epochs), "bf16" if s.precision.bf16 else "fp32",
+        validations=None if world.active else (lambda: time_validations(s)))
     columns = (TextColumn("loss {task.fields[loss]:.3f}"), TextColumn("{task.fields[tps]:.0f} tok/s"),
                TextColumn("eta"), TimeRemainingColumn())
     with bar("train", s.steps, *columns, fields={"loss": float("nan"), "tps": 0.0}, completed=start) as (
