@@ -3,10 +3,10 @@
 `train.time_budget_minutes` is what the user (or the demo) allows for setup and training. The run's own
 first steps are the probe: after one untimed warm-up step (first calls allocate and build kernels) and
 `PROBE_STEPS` timed ones, seconds per input token times the tokens still to train, plus the time
-already spent, is the estimate. That costs nothing extra (the steps are the run's own, not a separate
-probe like `tunelab plan`'s), and comes seconds into a run that may take many minutes; the run log
-then says how long, why (the measured tokens/s and precision) and what fits: `data.max_train_rows`
-scaled to the budget. The run goes on (Ctrl-C stops it at a checkpoint; `--resume` continues it).
+already spent, is the estimate. It costs two validation batches (below) and no separate probe like
+`tunelab plan`'s (the steps are the run's own), and it comes seconds into a run that may take many
+minutes; the run log then says how long, why (the measured tokens/s and precision) and what fits:
+`data.max_train_rows` scaled to the budget. The run goes on (Ctrl-C stops it at a checkpoint; `--resume` continues it).
 
 Validations count too: none has run yet at step 4, so at the estimate one validation batch is timed
 (after an untimed one, which builds the no-gradient graph the first validation would build anyway) and
