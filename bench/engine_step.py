@@ -69,7 +69,7 @@ def main() -> None:
     parser.add_argument("--rows", default="8,32")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
-    parser.add_argument("--kernel", default="auto", choices=["auto", *KERNELS])
+    parser.add_argument("--kernel", default="auto", choices=["auto", *KERNELS, "fused"])
     parser.add_argument("--steps", type=int, default=12, help="decode steps timed per round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--json", type=Path)

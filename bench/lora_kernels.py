@@ -1,4 +1,4 @@
-"""How to compute many LoRA adapters in one batch on this CPU: the three arithmetics of serve/multi_lora.py.
+"""How to compute many LoRA adapters in one batch on this CPU: the arithmetics of serve/multi_lora.py.
 
     python bench/lora_kernels.py [--json out.json]
 
@@ -8,8 +8,10 @@ token; prefill: 4 prompts of 64 tokens), each with 1, 2 or 8 distinct adapters (
 of the rows on the base), it times one forward of all seven layers per kernel:
 
     grouped    per adapter in the batch: its rows through A then B      (PEFT's mixed batch, LoRAX's fallback)
-    masked     all rows through every slot, other slots' columns zeroed (HabanaAI vllm-fork #223)
+    masked     all rows through the slots in use, other slots' columns zeroed (HabanaAI vllm-fork #223)
     gathered   each row's A and B gathered, then batched matmuls       (vLLM's CPU path)
+    segmented  rows sorted by slot, torch's grouped_mm through A then B
+    fused      one native call per layer (serve/native_lora.cpp), where it builds
 
 and reports each as a ratio to the base layers alone (1.00 = LoRA costs nothing), measured in the
 same run. The server's default (`serve.lora_kernel`) is whichever these numbers favour; the table for
@@ -26,6 +28,7 @@ import time
 import torch
 
 from tunelab.model.precision import detect_hardware
+from tunelab.serve import native_lora
 from tunelab.serve.multi_lora import KERNELS, MultiLoraLinear, RowSlots, rows_use
 
 SHAPES = {"q_proj": (576, 576), "k_proj": (576, 192), "v_proj": (576, 192), "o_proj": (576, 576),
@@ -76,11 +79,13 @@ def main() -> None:
     cpu = detect_hardware().describe()
     print(f"CPU: {cpu}; torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock")
     stack = layers()
+    native = native_lora.load()  # the fused kernel, where it builds
+    kernels = [*KERNELS, "fused"] if native is not None else list(KERNELS)
     results = []
     for batch_name, (rows, tokens) in BATCHES.items():
         x = {w: torch.randn(rows, tokens, w) for w in {576, 1536}}
         for mix_name, mix in MIXES.items():
-            contenders = {"base": None, **{k: RowSlots.of(mix(rows), k) for k in KERNELS}}
+            contenders = {"base": None, **{k: RowSlots.of(mix(rows), k, native) for k in kernels}}
             times: dict[str, list[float]] = {name: [] for name in contenders}
             # Interleaved rounds, medians: a slow moment of the machine lands on every contender alike.
             for round_ in range(args.rounds + 2):
@@ -90,13 +95,13 @@ def main() -> None:
                         times[name].append(elapsed)
             base = statistics.median(times["base"])
             row = {"batch": batch_name, "mix": mix_name, "base_ms": base * 1e3}
-            for kernel in KERNELS:
+            for kernel in kernels:
                 row[kernel] = statistics.median(times[kernel]) / base
             results.append(row)
-    header = f"{'batch':14} {'adapters':14} {'base ms':>8} " + " ".join(f"{k:>9}" for k in KERNELS)
+    header = f"{'batch':14} {'adapters':14} {'base ms':>8} " + " ".join(f"{k:>9}" for k in kernels)
     print(header)
     for row in results:
-        print(f"{row['batch']:14} {row['mix']:14} {row['base_ms']:8.3f} " + " ".join(f"{row[k]:9.2f}" for k in KERNELS))
+        print(f"{row['batch']:14} {row['mix']:14} {row['base_ms']:8.3f} " + " ".join(f"{row[k]:9.2f}" for k in kernels))
     print("(each kernel: time of the seven layers with LoRA / without; lower is better)")
     summary = {"cpu": cpu, "results": results}
     print("RESULT " + json.dumps(summary))

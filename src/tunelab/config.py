@@ -395,9 +395,10 @@ class ServeConfig(_Strict):
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 weights where a decode-sized "
                                                        f"product measures {SERVE_BF16_MIN_SPEEDUP}x faster in bf16 "
                                                        "at start, else fp32.")
-    lora_kernel: Literal["auto", "grouped", "masked", "gathered", "segmented"] = Field(
+    lora_kernel: Literal["auto", "grouped", "masked", "gathered", "segmented", "fused"] = Field(
         "auto", description="How rows of different adapters are computed together (serve/multi_lora.py); auto: "
-        "grouped when one adapter serves every row, else segmented. bench/lora_kernels.py measures each on this CPU."
+        "fused (one native call per layer, built at start with the system's C++ compiler) for decode steps where it "
+        "builds; else grouped when one adapter serves every row, else segmented. bench/engine_step.py measures them."
     )
     weight_layout: Literal["auto", "packed", "plain"] = Field(
         "auto", description="packed: the base's weights packed once in oneDNN's layout (model/kernels/packed.py); "

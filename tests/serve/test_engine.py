@@ -95,7 +95,7 @@ def test_a_mixed_batch_matches_the_reference(state, references, adapter_runs):
     assert state.engine.running() == 0 and all(r == 0 for r in state.engine.slots.refs)
 
 
-@pytest.mark.parametrize("kernel", ["grouped", "masked", "gathered", "segmented"])
+@pytest.mark.parametrize("kernel", ["grouped", "masked", "gathered", "segmented", "fused"])
 def test_every_lora_kernel_gives_the_same_answers(kernel, tiny_model_dir, adapter_runs, tmp_path_factory, references):
     state = _state(tiny_model_dir, adapter_runs, tmp_path_factory, max_batch_rows=6, lora_kernel=kernel)
     try:

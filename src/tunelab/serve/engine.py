@@ -28,6 +28,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Literal, Protocol
 
 import torch
@@ -117,7 +118,7 @@ class EngineStats:
 class Engine:
     def __init__(self, model: PreTrainedModel, slots: SlotTable, precision: Precision, *, pad_token_id: int,
                  max_batch_rows: int, token_budget: int, max_adapters_per_step: int, queue_size: int,
-                 lora_kernel: LoraKernel = "auto") -> None:
+                 lora_kernel: LoraKernel = "auto", native_lora: ModuleType | None = None) -> None:
         self.model = model
         self.body, self.head = body_and_head(model)
         self.slots = slots
@@ -128,6 +129,7 @@ class Engine:
         self.max_adapters_per_step = max_adapters_per_step
         self.queue_size = queue_size
         self.lora_kernel = lora_kernel
+        self.native_lora = native_lora  # serve/native_lora.py's module where it built: the fused LoRA update
         self.cache = self._new_cache()
         self.rows: list[_Row] = []  # row i of the batch cache
         self.stats = EngineStats()
@@ -203,7 +205,8 @@ class Engine:
         ids = torch.tensor([[r.next_token] for r in rows])  # (B, 1)
         positions = torch.tensor([[r.position] for r in rows])  # (B, 1)
         cache, mask = self.cache.step_view()
-        with self.precision.autocast(), rows_use(RowSlots.of([r.slot for r in rows], self.lora_kernel)):
+        with self.precision.autocast(), rows_use(RowSlots.of([r.slot for r in rows], self.lora_kernel,
+                                                                           self.native_lora)):
             hidden = self.body(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
                                use_cache=True).last_hidden_state  # (B, 1, H)
             logits = self.head(hidden[:, -1].contiguous())  # (B, vocab)
@@ -252,7 +255,7 @@ class Engine:
             cache, logits, mask = prefill(
                 self.body, self.head, self.model.config, prompts, 0, 0, None, self.pad_token_id, self.precision,
                 reserve=0, each_chunk=lambda rows: rows_use(RowSlots.of(slots[rows.start : rows.stop],
-                                                                         self.lora_kernel)),
+                                                                         self.lora_kernel, self.native_lora)),
             )
         except Exception as exc:
             for request, slot in admitted:

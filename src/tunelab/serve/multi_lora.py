@@ -26,6 +26,7 @@ picks per forward from what `bench/lora_kernels.py` measured (docs/benchmarks.md
     gathered   each row's own A and B gathered into a (rows, in, R) batch and multiplied (vLLM's CPU path)
     segmented  rows sorted by slot, then one grouped product through the A slots and one through the B
                slots (torch's grouped_mm: each segment of rows times its own slot, no copy of any weight)
+    fused      one native call per layer does every row's update (serve/native_lora.cpp), where it built
 
 The base rows are never touched by any of them (grouped skips slot 0; the others multiply by slot 0's
 zeros): a base request batched next to adapter requests gets exactly the base's answer (vLLM PR #48421
@@ -38,17 +39,19 @@ import contextlib
 import contextvars
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-LoraKernel = Literal["auto", "grouped", "masked", "gathered", "segmented"]
-KERNELS: tuple[str, ...] = ("grouped", "masked", "gathered", "segmented")  # what "auto" chooses from
-# auto: `grouped` when one adapter serves every row (a plain x A B, no sorting), else `segmented`. On a 2-core AMD
-# EPYC (Zen 4) they cost the least in the engine's own decode steps (8 and 32 rows; 1 adapter, 8, 8 with base rows:
-# bench/engine_step.py) and per layer (bench/lora_kernels.py); the tables are in docs/benchmarks.md, "Serving".
+LoraKernel = Literal["auto", "grouped", "masked", "gathered", "segmented", "fused"]
+KERNELS: tuple[str, ...] = ("grouped", "masked", "gathered", "segmented")  # torch operators only
+# auto: a decode step (one token per row) is `fused` where the native update built; a prompt pass, or a decode step
+# without it, is `grouped` when one adapter serves every row (a plain x A B, no sorting), else `segmented`. On a
+# 2-core AMD EPYC (Zen 4) they cost the least in the engine's own decode steps (8 and 32 rows; 1 adapter, 8, 8 with
+# base rows: bench/engine_step.py) and per layer (bench/lora_kernels.py); the tables are in docs/benchmarks.md.
 
 
 @dataclass(frozen=True)
@@ -61,11 +64,13 @@ class RowSlots:
     order: torch.Tensor | None  # the rows sorted by slot (segmented); None: they already are
     inverse: torch.Tensor | None  # where each sorted row goes back to
     span: tuple[int, int]  # the lowest and highest adapter slot in use (masked); (0, -1) when none is
+    used: frozenset[int]  # the adapter slots in use (0, the base, is never one)
+    native: ModuleType | None = None  # serve/native_lora.py's module, where it built (fused)
     _offsets: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
     _keep: dict[int, torch.Tensor | None] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
-    def of(cls, slots: list[int], kernel: LoraKernel = "auto") -> RowSlots:
+    def of(cls, slots: list[int], kernel: LoraKernel = "auto", native: ModuleType | None = None) -> RowSlots:
         tensor = torch.tensor(slots, dtype=torch.long)
         used = sorted(set(slots) - {0})
         if len(used) == 1 and 0 not in slots:
@@ -77,11 +82,9 @@ class RowSlots:
             order = torch.argsort(tensor, stable=True)
             inverse = torch.argsort(order)
         span = (used[0], used[-1]) if used else (0, -1)
-        return cls(tensor, groups, kernel, order, inverse, span)
-
-    @property
-    def used(self) -> frozenset[int]:
-        return frozenset(slot for slot, _ in self.groups)
+        if kernel == "fused" and native is None:
+            raise ValueError("lora_kernel fused needs the native update (serve/native_lora.load())")
+        return cls(tensor, groups, kernel, order, inverse, span, frozenset(used), native)
 
     def keep(self, rank: int) -> torch.Tensor | None:
         """(B, 1, span width) fp32: 1 on the columns of each row's own slot, else 0 (masked); None when one
@@ -148,7 +151,15 @@ class MultiLoraLinear(nn.Module):
         if rows is None or self.filled.isdisjoint(rows.used):
             return y
         kernel = rows.kernel
-        if kernel == "auto":
+        if kernel == "auto" and rows.native is not None and x.shape[1] == 1:
+            kernel = "fused"
+        if kernel == "fused" and _native_takes(x, y):
+            tokens = x.shape[1]
+            slots = rows.slots if tokens == 1 else rows.slots.repeat_interleave(tokens)
+            rows.native.lora_add_(y.view(-1, y.shape[-1]), x.reshape(-1, x.shape[-1]).contiguous(), self.lora_a,
+                                  self.lora_b, slots)
+            return y
+        if kernel in ("auto", "fused"):  # fused: activations the native update does not take go the torch way
             kernel = "grouped" if len(rows.groups) == 1 and rows.groups[0][1] is None else "segmented"
         with torch.autocast(x.device.type, enabled=False):  # the r-wide middle in fp32, whatever the base computes in
             delta = _DELTA[kernel](x.float(), self.lora_a, self.lora_b, rows)
@@ -161,6 +172,12 @@ class MultiLoraLinear(nn.Module):
                     y.index_add_(0, idx, part.to(y.dtype))
             return y
         return y.add_(delta)
+
+
+def _native_takes(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """The native update's inputs: CPU tensors, x and y in one dtype of fp32 or bf16, y laid out plainly."""
+    return (x.device.type == "cpu" and x.dtype == y.dtype and y.dtype in (torch.float32, torch.bfloat16)
+            and y.is_contiguous())
 
 
 def _grouped(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rows: RowSlots):

@@ -23,6 +23,7 @@ from tunelab.model.kernels.packed import pack_linears, packing_speedup
 from tunelab.model.load import decoder_layers, load_model, load_tokenizer, resolve_model, weights_fingerprint
 from tunelab.model.precision import choose_serving_precision
 from tunelab.registry import Registry
+from tunelab.serve import native_lora
 from tunelab.serve.adapters import SlotTable
 from tunelab.serve.app import ServerState, create_app
 from tunelab.serve.catalog import Catalog, NotServable, PrivateModels, UnknownModel
@@ -78,9 +79,15 @@ def build_state(cfg: ServeConfig, registry: Registry | None = None) -> ServerSta
         head = next(n for n, m in model.named_modules() if m is model.get_output_embeddings())
         pack_linears(model, [f"{n}.base" for n in names] + [head], rows_hint=PACKED_ROWS_HINT)
     slots = SlotTable(layers, cfg.max_adapters, catalog.adapter_configs)
+    native = native_lora.load() if cfg.lora_kernel in ("auto", "fused") else None
+    if cfg.lora_kernel == "fused" and native is None:
+        raise TunelabError("lora_kernel fused: the native LoRA update could not be built here (the log says why)",
+                           fix="install a C++ compiler (g++), or leave lora_kernel at auto")
+    log.info("LoRA update: %s", "native in decode steps, torch operators in prompt passes" if native is not None
+             else f"torch operators ({cfg.lora_kernel})")
     engine = Engine(model, slots, precision, pad_token_id=tokenizer.pad_token_id, max_batch_rows=cfg.max_batch_rows,
                     token_budget=cfg.token_budget, max_adapters_per_step=cfg.max_adapters_per_step,
-                    queue_size=cfg.queue_size, lora_kernel=cfg.lora_kernel)
+                    queue_size=cfg.queue_size, lora_kernel=cfg.lora_kernel, native_lora=native)
     engine.start()
     if service is not None and service.supervisor is not None:
         service.supervisor.start()

@@ -1,0 +1,53 @@
+"""The adapters' update of a decode step in one native call per layer (native_lora.cpp), built on first use.
+
+    native = load()          # the compiled module, or None (with the reason logged) where it cannot be built
+    native.lora_add_(y, x, lora_a, lora_b, slots)    # y (N, out) += each row's (x A_s^T) B_s, in place
+
+Why by hand: a decode step's LoRA update is a few thousand multiply-adds per layer, and with torch
+operators it costs seven operators' dispatch and allocations (~80 us a layer measured inside the engine,
+against ~25 for their arithmetic and reads), in every one of 210 layers per step; no library offers a
+fused multi-adapter update on CPU (vLLM's CPU path gathers each row's weights with torch operators).
+docs/benchmarks.md ("Serving, session 21") has the numbers.
+
+It is compiled once per machine with the system's C++ compiler (torch.utils.cpp_extension, cached under
+$TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions) for this CPU's own vector instructions
+(-march=native); the module's name carries a hash of the CPU's identity, so a cache shared between
+different machines never hands one a binary built for another. Where no compiler is found or the build
+fails, the server says so and computes the update with torch operators (serve/multi_lora.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import shutil
+from pathlib import Path
+from types import ModuleType
+
+log = logging.getLogger("tunelab.serve")
+SOURCE = Path(__file__).with_name("native_lora.cpp")
+
+
+@functools.cache
+def load() -> ModuleType | None:
+    """The compiled module (built on the first call on this machine, then read from the cache), or None."""
+    from tunelab.model.precision import detect_hardware
+
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        log.info("LoRA update: torch operators (no C++ compiler found to build the native one)")
+        return None
+    try:
+        from torch.utils.cpp_extension import load as build
+    except ImportError as exc:  # a torch without its extension tools
+        log.info("LoRA update: torch operators (%s)", exc)
+        return None
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + detect_hardware().identity().encode()).hexdigest()[:12]
+    try:
+        module = build(name=f"tunelab_lora_{key}", sources=[str(SOURCE)],
+                       extra_cflags=["-O3", "-march=native", "-fopenmp-simd"], verbose=False)
+    except Exception as exc:  # noqa: BLE001 - a compiler error, a missing header: the torch path still serves
+        log.warning("LoRA update: torch operators (the native one did not build: %s)", str(exc).splitlines()[0])
+        return None
+    return module
