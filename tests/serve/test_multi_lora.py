@@ -120,3 +120,27 @@ def test_the_native_update_refuses_what_it_cannot_compute(native):
         native.lora_add_(y, x.double(), a, b, torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="needs the native update"):
         RowSlots.of([1], "fused", None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_native_update_equals_the_plain_arithmetic_at_odd_sizes(native, dtype):
+    """A slot rank that is not a multiple of the kernel's four-at-a-time shrink, odd widths, a smaller rank padded
+    with zeros, and every row's own slot: each row is y + (x A_s^T) B_s, base rows untouched."""
+    gen = torch.Generator().manual_seed(3)
+    rows, fan_in, fan_out, rank = 6, 13, 11, 7
+    a = torch.zeros(4, rank, fan_in)
+    b = torch.zeros(4, rank, fan_out)
+    for slot, r in ((1, 7), (2, 3), (3, 5)):
+        a[slot, :r] = torch.randn(r, fan_in, generator=gen)
+        b[slot, :r] = torch.randn(r, fan_out, generator=gen)
+    x = torch.randn(rows, fan_in, generator=gen).to(dtype)
+    y = torch.randn(rows, fan_out, generator=gen).to(dtype)
+    slots = torch.tensor([3, 0, 1, 2, 1, 0])
+    expected = y.float().clone()
+    for n, s in enumerate(slots.tolist()):
+        expected[n] += (x[n].float() @ a[s].t()) @ b[s]
+    got = y.clone()
+    native.lora_add_(got, x, a, b, slots)
+    assert torch.equal(got[1], y[1]) and torch.equal(got[5], y[5])
+    tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
+    torch.testing.assert_close(got.float(), expected.to(dtype).float(), **tolerance)

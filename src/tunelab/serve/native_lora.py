@@ -11,8 +11,9 @@ docs/benchmarks.md ("Serving, session 21") has the numbers.
 
 It is compiled once per machine with the system's C++ compiler (torch.utils.cpp_extension, cached under
 $TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions) for this CPU's own vector instructions
-(-march=native); the module's name carries a hash of the CPU's identity, so a cache shared between
-different machines never hands one a binary built for another. Where no compiler is found or the build
+(-march=native; without AVX-512 where torch is held to AVX2, as `ATEN_CPU_CAPABILITY=avx2` does to
+emulate an AVX2-only CPU); the module's name carries a hash of the CPU's identity and the flags, so a
+cache shared between different machines never hands one a binary built for another. Where no compiler is found or the build
 fails, the server says so and computes the update with torch operators (serve/multi_lora.py).
 """
 
@@ -21,9 +22,12 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import platform
 import shutil
 from pathlib import Path
 from types import ModuleType
+
+import torch
 
 log = logging.getLogger("tunelab.serve")
 SOURCE = Path(__file__).with_name("native_lora.cpp")
@@ -42,11 +46,13 @@ def load() -> ModuleType | None:
     except ImportError as exc:  # a torch without its extension tools
         log.info("LoRA update: torch operators (%s)", exc)
         return None
+    flags = ["-O3", "-march=native", "-fopenmp-simd"]
+    if torch.backends.cpu.get_cpu_capability() == "AVX2" and platform.machine() in ("x86_64", "AMD64"):
+        flags.append("-mno-avx512f")  # torch held to AVX2 (ATEN_CPU_CAPABILITY=avx2): so is this kernel
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + detect_hardware().identity().encode()).hexdigest()[:12]
+    key = hashlib.sha256(source + " ".join(flags).encode() + detect_hardware().identity().encode()).hexdigest()[:12]
     try:
-        module = build(name=f"tunelab_lora_{key}", sources=[str(SOURCE)],
-                       extra_cflags=["-O3", "-march=native", "-fopenmp-simd"], verbose=False)
+        module = build(name=f"tunelab_lora_{key}", sources=[str(SOURCE)], extra_cflags=flags, verbose=False)
     except Exception as exc:  # noqa: BLE001 - a compiler error, a missing header: the torch path still serves
         log.warning("LoRA update: torch operators (the native one did not build: %s)", str(exc).splitlines()[0])
         return None
