@@ -51,6 +51,7 @@ def load() -> ModuleType | None:
         flags.append("-mno-avx512f")  # torch held to AVX2 (ATEN_CPU_CAPABILITY=avx2): so is this kernel
     source = SOURCE.read_bytes()
     key = hashlib.sha256(source + " ".join(flags).encode() + detect_hardware().identity().encode()).hexdigest()[:12]
+    log.info("LoRA update: loading the native kernel (built once per machine, which takes about half a minute)")
     try:
         module = build(name=f"tunelab_lora_{key}", sources=[str(SOURCE)], extra_cflags=flags, verbose=False)
     except Exception as exc:  # noqa: BLE001 - a compiler error, a missing header: the torch path still serves
