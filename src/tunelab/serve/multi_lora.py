@@ -6,7 +6,7 @@ that holds the base layer and a table of adapter slots:
     A: (S, R, in)   slot s's down-projection in A[s], as PEFT stores it (r, in); R is the largest rank
                     served, and a smaller rank is padded with zero rows, which adds exactly nothing.
                     Each slot is one contiguous block, and so is any run of adjacent slots: a decode step
-                    reads them sequentially (a slot strided across the others' columns read ~5x slower)
+                    reads them sequentially (a slot strided across the others' columns read 3-5x slower)
     B: (S, R, out)  slot s's up-projection with its scale (alpha / r) folded in; zero rows pad
 
     slot 0 holds zeros: the base model. A slot whose adapter does not target this layer holds zeros too.
@@ -191,7 +191,7 @@ def _grouped(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rows: RowSlots):
 
 def _masked(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rows: RowSlots) -> torch.Tensor:
     """(B, T, out): x through the A of every slot in rows.span at once, the columns of each row's other slots
-    zeroed, through those slots' B. The span's slots are adjacent columns of A and rows of B: views, no copy."""
+    zeroed, through those slots' B. The span's slots are adjacent rows of A and of B: views, no copy."""
     _, rank, in_features = a.shape
     lo, hi = rows.span
     columns = slice(lo * rank, (hi + 1) * rank)

@@ -13,8 +13,9 @@ It is compiled once per machine with the system's C++ compiler (torch.utils.cpp_
 $TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions) for this CPU's own vector instructions
 (-march=native; without AVX-512 where torch is held to AVX2, as `ATEN_CPU_CAPABILITY=avx2` does to
 emulate an AVX2-only CPU); the module's name carries a hash of the CPU's identity and the flags, so a
-cache shared between different machines never hands one a binary built for another. Where no compiler is found or the build
-fails, the server says so and computes the update with torch operators (serve/multi_lora.py).
+cache shared between different machines never hands one a binary built for another. Where no compiler
+is found or the build fails, the server says so and computes the update with torch operators
+(serve/multi_lora.py).
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ first steps are the probe: after one untimed warm-up step (first calls allocate 
 already spent, is the estimate. It costs two validation batches (below) and no separate probe like
 `tunelab plan`'s (the steps are the run's own), and it comes seconds into a run that may take many
 minutes; the run log then says how long, why (the measured tokens/s and precision) and what fits:
-`data.max_train_rows` scaled to the budget. The run goes on (Ctrl-C stops it at a checkpoint; `--resume` continues it).
+`data.max_train_rows` scaled to the budget. The run goes on (Ctrl-C stops it at a checkpoint;
+`--resume` continues it).
 
 Validations count too: none has run yet at step 4, so at the estimate one validation batch is timed
 (after an untimed one, which builds the no-gradient graph the first validation would build anyway) and
@@ -17,7 +18,6 @@ step of all of them, and only the main process estimates); the message says whic
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -97,8 +97,8 @@ def time_validation_pass(s: Setup) -> float:
     gradients builds its own graph), times the batches."""
     if not s.val_batches:
         return 0.0
-    one = dataclasses.replace(s, val_batches=s.val_batches[:1])
-    s.objective.validation_sums(s.model, one.val_batches, s.precision)  # untimed
+    one = s.val_batches[:1]
+    s.objective.validation_sums(s.model, one, s.precision)  # untimed
     started = time.perf_counter()
-    s.objective.validation_sums(s.model, one.val_batches, s.precision)
+    s.objective.validation_sums(s.model, one, s.precision)
     return (time.perf_counter() - started) * len(s.val_batches)
