@@ -112,8 +112,17 @@ class BatchCache:
         for keys, values in self.buffers:
             pair = []
             for kv in (keys, values):
-                grown = kv.new_zeros((self.rows_cap, kv.shape[1], cap, kv.shape[3]))
+                grown = _uninitialized(kv, (self.rows_cap, kv.shape[1], cap, kv.shape[3]))
+                grown[: self.n, :, :offset].zero_()  # masked, but must be finite (0 x NaN is NaN)
                 grown[: self.n, :, offset:new_width] = kv[: self.n, :, start : self.width]
                 pair.append(grown)
             buffers.append(tuple(pair))
         self.buffers, self.mask, self.width = buffers, mask, new_width
+
+
+def _uninitialized(like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """A buffer left as the allocator gives it. Zero-filling it all would touch every row of `rows_cap` and every
+    spare column at each reallocation (hundreds of MB for SmolLM2 at 32 rows), most of it memory fresh from the
+    kernel; nothing reads a slot before it is written: a joining row's columns are zeroed or copied in `add`,
+    a step writes its column before attending to it, and views stop at the active rows."""
+    return like.new_empty(shape)
