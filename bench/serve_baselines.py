@@ -233,7 +233,7 @@ def _tunelab_app(spec: dict):
 
     registry = Registry(Path(tempfile.mkdtemp(prefix="bench-registry-")))  # empty: only the run dirs are served
     cfg = ServeConfig(base=spec["base"], models=spec["models"], port=0, threads=spec.get("threads"),
-                      precision=spec["precision"])
+                      prefill_threads=spec.get("prefill_threads"), precision=spec["precision"])
     state = build_state(cfg, registry=registry)
     return create_app(state), lambda: state.engine.stop(grace_seconds=5)
 

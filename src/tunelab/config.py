@@ -405,6 +405,12 @@ class ServeConfig(_Strict):
         f"auto: packed where a decode-sized product measures {PACKED_MIN_SPEEDUP}x faster that way at start.")
     threads: int | None = Field(None, ge=1, description="torch threads for the engine; None: all cores but one "
                                 "(the HTTP side needs one of its own).")
+    prefill_threads: int | None = Field(None, ge=1, description="torch threads for a step that computes at least "
+                                        "`prefill_parallel_tokens` prompt tokens; None: all cores. A prompt pass "
+                                        "is compute-bound and the HTTP side waits on it anyway; decode steps keep "
+                                        "`threads`.")
+    prefill_parallel_tokens: int = Field(256, ge=1, description="Prompt tokens in one step from which it runs on "
+                                         "`prefill_threads`.")
     api_keys: list[str] = Field(default_factory=list, description="Bearer keys accepted besides the store's "
                                 "(`tunelab keys create`); they act for the project 'default'. With no key at all, "
                                 "none is checked (then binding beyond 127.0.0.1 prints a warning).")

@@ -107,6 +107,37 @@ def test_every_lora_kernel_gives_the_same_answers(kernel, tiny_model_dir, adapte
         state.engine.stop(grace_seconds=5)
 
 
+def test_a_prompt_heavy_step_runs_on_the_prefill_threads_and_decoding_on_the_others(tiny_model_dir, adapter_runs,
+                                                                                    tmp_path_factory, references):
+    """Answers are the same; the step that computes many prompt tokens ran on 2 threads, every other on 1."""
+    import torch
+
+    state = _state(tiny_model_dir, adapter_runs, tmp_path_factory, max_batch_rows=8, threads=1, prefill_threads=2,
+                   prefill_parallel_tokens=40)
+    seen: list[tuple[int, int]] = []  # (tokens in the forward, torch threads while it ran), on the engine thread
+    body = state.engine.body
+
+    def recording_body(*args, **kwargs):
+        seen.append((kwargs["input_ids"].numel(), torch.get_num_threads()))
+        return body(*args, **kwargs)
+
+    state.engine.body = recording_body
+    try:
+        alone = _submit(state, adapter_runs, None, PROMPTS[0], max_new_tokens=3).wait()  # one prompt: < 40 tokens
+        pending = [(name, prompt, _submit(state, adapter_runs, name, prompt))
+                   for prompt, name in itertools.product(PROMPTS[:3], [None, *adapter_runs])]
+        for name, prompt, got in pending:
+            assert got.wait().tokens == references[(name, prompt)], (name, prompt)
+    finally:
+        state.engine.stop(grace_seconds=5)
+    assert alone.tokens == references[(None, PROMPTS[0])][:3]
+    prompt_passes = [(tokens, threads) for tokens, threads in seen if tokens > 8]  # decode steps: one per row
+    decode_steps = [(tokens, threads) for tokens, threads in seen if tokens <= 8]
+    assert prompt_passes[0][1] == 1, "the first request's prompt alone is under prefill_parallel_tokens"
+    assert any(threads == 2 for _, threads in prompt_passes), prompt_passes
+    assert decode_steps and {threads for _, threads in decode_steps} == {1}
+
+
 def test_adapters_evicted_and_reloaded_under_load_still_answer_right(tiny_model_dir, adapter_runs, tmp_path_factory,
                                                                         references):
     """Two slots for three adapters: slots are freed and refilled while other rows decode (vLLM #47724 served a

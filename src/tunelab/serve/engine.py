@@ -22,11 +22,12 @@ logits, and a sampled row draws from its own generator, seeded by the request's 
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Literal, Protocol
@@ -118,7 +119,8 @@ class EngineStats:
 class Engine:
     def __init__(self, model: PreTrainedModel, slots: SlotTable, precision: Precision, *, pad_token_id: int,
                  max_batch_rows: int, token_budget: int, max_adapters_per_step: int, queue_size: int,
-                 lora_kernel: LoraKernel = "auto", native_lora: ModuleType | None = None) -> None:
+                 lora_kernel: LoraKernel = "auto", native_lora: ModuleType | None = None,
+                 prefill_threads: int | None = None, prefill_parallel_tokens: int = 256) -> None:
         self.model = model
         self.body, self.head = body_and_head(model)
         self.slots = slots
@@ -130,6 +132,9 @@ class Engine:
         self.queue_size = queue_size
         self.lora_kernel = lora_kernel
         self.native_lora = native_lora  # serve/native_lora.py's module where it built: the fused LoRA update
+        # A step with this many prompt tokens runs on prefill_threads (None: the thread count it finds), see _admit.
+        self.prefill_threads = prefill_threads
+        self.prefill_parallel_tokens = prefill_parallel_tokens
         self.cache = self._new_cache()
         self.rows: list[_Row] = []  # row i of the batch cache
         self.stats = EngineStats()
@@ -251,12 +256,19 @@ class Engine:
         admitted.sort(key=lambda a: len(a[0].prompt))  # prefill groups neighbours of similar length
         prompts = [req.prompt for req, _ in admitted]
         slots = [slot for _, slot in admitted]
+        # A prompt pass of many tokens is compute-bound and the HTTP side has little to do while it runs (it waits
+        # for these first tokens), so it may take every core. Decode steps stay on fewer: torch's idle workers
+        # spin for a while after each parallel region, which on a small machine stalls the HTTP thread that
+        # streams every step's tokens (docs/benchmarks.md, serving).
+        many = sum(len(p) for p in prompts) >= self.prefill_parallel_tokens
         try:
-            cache, logits, mask = prefill(
-                self.body, self.head, self.model.config, prompts, 0, 0, None, self.pad_token_id, self.precision,
-                reserve=0, each_chunk=lambda rows: rows_use(RowSlots.of(slots[rows.start : rows.stop],
-                                                                         self.lora_kernel, self.native_lora)),
-            )
+            with torch_threads(self.prefill_threads if many else None):
+                cache, logits, mask = prefill(
+                    self.body, self.head, self.model.config, prompts, 0, 0, None, self.pad_token_id,
+                    self.precision, reserve=0,
+                    each_chunk=lambda rows: rows_use(RowSlots.of(slots[rows.start : rows.stop], self.lora_kernel,
+                                                                 self.native_lora)),
+                )
         except Exception as exc:
             for request, slot in admitted:
                 self.slots.release(slot)
@@ -339,3 +351,21 @@ class Engine:
         # reads every row's whole history, and torch's CPU flash attention ran it several times slower in bf16
         # than in fp32 on an AVX512-BF16 CPU (docs/benchmarks.md, "Serving"); the cache is small beside the weights.
         return BatchCache(self.model.config, self.max_batch_rows, dtype=torch.float32)
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to `threads` for the block, then back (None: unchanged).
+
+    Called on the engine thread: OpenMP keeps the thread count per calling thread, and torch applies its own
+    setting to a thread before its first parallel region, so the switch is this thread's alone.
+    """
+    before = torch.get_num_threads()
+    if threads is None or threads == before:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -49,6 +49,10 @@ def build_state(cfg: ServeConfig, registry: Registry | None = None) -> ServerSta
     torch.set_num_threads(threads)
     log.info("threads: %d for the engine (%s)", threads, "set" if cfg.threads else
              f"{len(os.sched_getaffinity(0))} cores, one kept for HTTP, tokenizing and streaming")
+    prefill_threads = cfg.prefill_threads or len(os.sched_getaffinity(0))
+    if prefill_threads != threads:
+        log.info("threads: %d for a step with %d or more prompt tokens (%s)", prefill_threads,
+                 cfg.prefill_parallel_tokens, "set" if cfg.prefill_threads else "all cores")
     precision = choose_serving_precision(cfg.precision)
     log.info("precision: %s", precision.reason)
     resolved = resolve_model(cfg.base)
@@ -87,7 +91,8 @@ def build_state(cfg: ServeConfig, registry: Registry | None = None) -> ServerSta
              else f"torch operators ({cfg.lora_kernel})")
     engine = Engine(model, slots, precision, pad_token_id=tokenizer.pad_token_id, max_batch_rows=cfg.max_batch_rows,
                     token_budget=cfg.token_budget, max_adapters_per_step=cfg.max_adapters_per_step,
-                    queue_size=cfg.queue_size, lora_kernel=cfg.lora_kernel, native_lora=native)
+                    queue_size=cfg.queue_size, lora_kernel=cfg.lora_kernel, native_lora=native,
+                    prefill_threads=prefill_threads, prefill_parallel_tokens=cfg.prefill_parallel_tokens)
     engine.start()
     if service is not None and service.supervisor is not None:
         service.supervisor.start()
