@@ -36,6 +36,9 @@ result row each; a method is a branch of each side's model setup or collate:
              8-bit base (bitsandbytes LLM.int8 Linear8bitLt; it trains on CPU with
              bitsandbytes 0.50.2. Where it cannot, the row says "failed" with the error,
              never a number).
+    w8a8     tunelab: int8 weights as int8, and the base's products in int8 too (W8A8Linear: each input row
+             quantized on the fly, int32 sums; the input gradient likewise). TRL: as int8 (bitsandbytes'
+             LLM.int8, which also multiplies in int8).
     nf4      a frozen 4-bit NormalFloat base (QLoRA), bitsandbytes on both sides, the same
              BitsAndBytesConfig as tunelab's loader: nf4, double-quantized scales, compute
              dtype bf16 where the CPU has AMX (else fp32).
@@ -96,7 +99,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 SYSTEM = "Classify the intent."
 MAX_LENGTH = 128
-METHODS = ("lora", "dora", "int8", "nf4", "packed")
+METHODS = ("lora", "dora", "int8", "w8a8", "nf4", "packed")
 
 
 def _rows(n: int):
@@ -139,7 +142,7 @@ def run_tunelab(args: argparse.Namespace) -> dict:
 
     torch.manual_seed(0)
     precision = choose_precision("auto")
-    quantize = args.method if args.method in ("int8", "nf4") else "none"
+    quantize = args.method if args.method in ("int8", "w8a8", "nf4") else "none"
     model, tokenizer = load_model(resolve_model("smollm2-135m-instruct"), dtype=precision.weights_dtype,
                                   quantize=quantize)
     quantize_base(model, quantize, precision.weights_dtype)  # int8: here, in place; nf4: done while loading
@@ -210,7 +213,7 @@ def run_trl(args: argparse.Namespace) -> dict:
     path = resolve_model("smollm2-135m-instruct").path
     tokenizer = AutoTokenizer.from_pretrained(path)
     quantization = None
-    if args.method == "int8":
+    if args.method in ("int8", "w8a8"):
         quantization = BitsAndBytesConfig(load_in_8bit=True)
     elif args.method == "nf4":  # the same config as tunelab.model.quantize.quantization_config
         quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -355,7 +358,7 @@ def summarize(method: str, ours: dict, trl: dict, peaks: dict[str, float]) -> di
     # tunelab's step, its matrix products replayed alone (bench/matmul_replay.py). Not for a quantized base: its
     # base products run inside custom operators (tunelab::int8_linear, bitsandbytes'), which the recorder sees
     # as single calls, not as the products inside them, so the "ceiling" would leave most products out.
-    if "matmul_seconds" in ours and method not in ("int8", "nf4"):
+    if "matmul_seconds" in ours and method not in ("int8", "w8a8", "nf4"):
         row |= {
             "tunelab_matmul_share": ours["matmul_seconds"] / ours["seconds"],
             "tunelab_matmul_gflops": ours["matmul_flops"] / ours["matmul_seconds"] / 1e9,

@@ -25,16 +25,18 @@ from tunelab.model.load import attach_lora, load_model, resolve_model
 from tunelab.model.quantize import (
     Int8Linear,
     QuantizedInfo,
+    W8A8Linear,
     quantization_available,
     quantization_config,
     quantize_base,
+    quantize_rows,
     require_quantization,
     weight_bytes,
 )
 from tunelab.model.scoring import token_loss_sum
 from tunelab.training.step import make_optimizer
 
-METHODS = ["int8", pytest.param("nf4", marks=pytest.mark.skipif(
+METHODS = ["int8", "w8a8", pytest.param("nf4", marks=pytest.mark.skipif(
     importlib.util.find_spec("bitsandbytes") is None, reason="nf4 needs bitsandbytes: pip install 'tunelab[quant]'"))]
 
 
@@ -79,6 +81,35 @@ def test_int8_layer_matches_its_dequantized_weight_and_keeps_no_copy():
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
 
 
+def test_w8a8_layer_multiplies_int8_rows_and_keeps_no_copy():
+    """The forward and the input gradient are the int8 products of row-quantized inputs, exactly (int64 sums as the
+    reference), and within a few % of the float layer's."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(32, 24)
+    layer = W8A8Linear(linear)
+    q, scale = layer.weight, layer.weight_scale
+    x = torch.randn(5, 7, 32, requires_grad=True)
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = layer(x)
+    assert {t.dtype for t in saved} == {torch.int8, torch.float32} and sum(t.numel() for t in saved) == 24 * 32 + 24
+    grad = torch.randn_like(y)
+    y.backward(grad)
+
+    xq, xs = quantize_rows(x.detach().reshape(-1, 32))
+    expected = ((xq.long() @ q.long().t()).float() * xs * scale).reshape(5, 7, 24) + linear.bias
+    torch.testing.assert_close(y, expected, rtol=1e-6, atol=1e-6)
+    gq, gs = quantize_rows(grad.reshape(-1, 24) * scale)
+    torch.testing.assert_close(x.grad, ((gq.long() @ q.long()).float() * gs).reshape(5, 7, 32), rtol=1e-6, atol=1e-6)
+
+    def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a - b).norm() / b.norm())
+
+    assert relative(y, linear(x.detach())) < 0.03  # int8 rows and weights: ~1% here
+    assert relative(x.grad, grad.reshape(-1, 24).mm(linear.weight.detach()).reshape(5, 7, 32)) < 0.03
+    assert xq.dtype == torch.int8 and xq.abs().max() == 127  # every row's largest value is +-127
+
+
 def test_int8_under_bf16_autocast_computes_in_bf16():
     layer = Int8Linear(torch.nn.Linear(16, 8, bias=False))
     x = torch.randn(4, 16, requires_grad=True)
@@ -98,11 +129,12 @@ def test_base_weights_are_really_quantized(method, tiny_model_dir):
     assert info.bytes_before == weight_bytes(plain)
     assert info.bytes_after == weight_bytes(model)
     up = model.model.layers[0].mlp.up_proj
-    assert up.weight.dtype == (torch.int8 if method == "int8" else torch.uint8)  # nf4: two 4-bit codes per byte
+    int8 = method in ("int8", "w8a8")
+    assert up.weight.dtype == (torch.int8 if int8 else torch.uint8)  # nf4: two 4-bit codes per byte
     # The weight matrix itself: 1 byte (int8) or half a byte (nf4) per fp32 weight of 4 bytes. (nf4's
     # scales and code book cost more than that saves on this 16-wide model: only int8 shrinks it in total.)
-    assert up.weight.numel() * up.weight.element_size() == up.in_features * up.out_features // (1 if method == "int8" else 2)
-    if method == "int8":  # exact accounting: 3 of 4 bytes saved per weight, 4 bytes of scale added per row
+    assert up.weight.numel() * up.weight.element_size() == up.in_features * up.out_features // (1 if int8 else 2)
+    if int8:  # exact accounting: 3 of 4 bytes saved per weight, 4 bytes of scale added per row
         layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
         assert info.bytes_before - info.bytes_after == sum(3 * m.in_features * m.out_features - 4 * m.out_features
                                                            for m in layers)
@@ -160,8 +192,8 @@ def test_lora_over_quantized_base_learns_and_reloads(method, tiny_model_dir, tin
     relative = (got - expected).norm() / expected.norm()
     # nf4 moves this random 16-wide model's logits by ~60% (int8: ~1%), so part of what the adapter learned
     # there compensates nf4's error; SmolLM2's numbers are in bench/quantized_base.py's notes.
-    assert effect > {"int8": 0.99, "nf4": 0.3}[method]
-    if method == "int8":
+    assert effect > {"int8": 0.99, "w8a8": 0.99, "nf4": 0.3}[method]
+    if method in ("int8", "w8a8"):
         assert relative < 0.05
 
 
@@ -169,10 +201,11 @@ def test_unavailable_method_is_a_tunelab_error(monkeypatch):
     assert quantization_available("int8") == (True, "built in")
     with pytest.raises(TunelabError, match="unknown quantization 'fp8'") as err:
         require_quantization("fp8")
-    assert "none, int8 or nf4" in err.value.fix
+    assert "none, int8, w8a8 or nf4" in err.value.fix
 
-    with pytest.raises(TunelabError, match="DoRA cannot read int8"):
-        require_quantization("int8", use_dora=True)
+    for method in ("int8", "w8a8"):
+        with pytest.raises(TunelabError, match="DoRA cannot read int8"):
+            require_quantization(method, use_dora=True)
     with pytest.raises(TunelabError, match="cannot be trained"):
         require_quantization("int8", tuning="full")
     require_quantization("none", tuning="full")

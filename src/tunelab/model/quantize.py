@@ -1,6 +1,6 @@
-"""A quantized frozen base under LoRA (QLoRA-style): `int8` (ours, torch only) or `nf4` (bitsandbytes).
+"""A quantized frozen base under LoRA (QLoRA-style): `int8` or `w8a8` (ours, torch only) or `nf4` (bitsandbytes).
 
-    lora: {quantize_base: int8}     # or nf4, which needs `pip install 'tunelab[quant]'`
+    lora: {quantize_base: int8}     # or w8a8 (int8 products too), or nf4, which needs `pip install 'tunelab[quant]'`
 
 Every linear layer of the base except the LM head (tied to the embeddings in most
 small models) is stored quantized; embeddings and norms stay in the compute dtype.
@@ -33,7 +33,10 @@ this small model (SmolLM2-135M: the gap was ~0.1 nats after 8 LoRA steps).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,10 +45,14 @@ import torch.nn.functional as F
 
 from tunelab.errors import TunelabError
 
-METHODS = ("none", "int8", "nf4")
+log = logging.getLogger(__name__)
+
+METHODS = ("none", "int8", "w8a8", "nf4")
 INSTALL_FIX = "pip install 'tunelab[quant]'  (or: pip install --no-deps bitsandbytes)"
 DESCRIPTION = {
     "int8": "int8 weights, one scale per output row (tunelab Int8Linear)",
+    "w8a8": "int8 weights, one scale per output row; activations and gradients int8 per row, products in int8 "
+            "with int32 sums (tunelab W8A8Linear)",
     "nf4": "4-bit NormalFloat, blocks of 64, double-quantized scales (bitsandbytes Linear4bit, QLoRA)",
 }
 
@@ -143,12 +150,100 @@ class Int8Linear(torch.nn.Linear):
         return self.weight.float() * self.weight_scale[:, None]
 
 
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 codes, fp32 scales (rows, 1)) of a 2-D tensor: symmetric, one scale per row (its largest |value| / 127)."""
+    x = x.float()
+    scale = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127
+    return torch.round(x / scale).clamp(-127, 127).to(torch.int8), scale
+
+
+def _int8_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a (M, K) @ b (K, N), int8 in, int32 sums out: oneDNN's int8 GEMM (AVX512-VNNI / AMX-INT8 where the CPU has
+    them, AVX2's byte multiplies else)."""
+    return torch._int_mm(a, b)
+
+
+def _rescale(sums: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """int32 sums (rows, cols) -> sums * row_scale * col_scale in `dtype`."""
+    return (sums.float() * row_scale * col_scale).to(dtype)
+
+
+@functools.cache
+def _fused() -> tuple[Callable, Callable]:
+    """(quantize_rows, _rescale), each compiled into one loop over its tensor where torch.compile works here: eager,
+    they are 4-7 passes over memory per product, which took back much of what the int8 product saves. Eager
+    where compiling fails (no C++ compiler)."""
+    try:
+        quantize, rescale = (torch.compile(f, dynamic=True) for f in (quantize_rows, _rescale))
+        x = torch.randn(3, 8)
+        xq, xs = quantize(x)
+        rescale(_int8_product(xq, xq.t()), xs, xs.reshape(1, -1), torch.float32)
+        return quantize, rescale
+    except Exception as exc:  # noqa: BLE001 - whatever stops Inductor here, the eager functions compute the same
+        log.info("w8a8: row quantization runs eager (torch.compile failed: %s)", exc)
+        return quantize_rows, _rescale
+
+
+@torch.library.custom_op("tunelab::w8a8_linear", mutates_args=())
+def w8a8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """y = x (q * scale)^T in x's dtype, with x's rows quantized to int8 and the product in int8 (int32 sums)."""
+    quantize, rescale = _fused()
+    xq, xs = quantize(x.reshape(-1, x.shape[-1]))
+    y = rescale(_int8_product(xq, q.t()), xs, scale, x.dtype)  # (rows, out)
+    return y.reshape(*x.shape[:-1], q.shape[0])
+
+
+@w8a8_linear.register_fake
+def _(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], q.shape[0])
+
+
+@torch.library.custom_op("tunelab::w8a8_linear_grad", mutates_args=())
+def w8a8_linear_grad(grad: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The input gradient of `w8a8_linear`: (grad * scale) @ q, its rows quantized to int8 as the forward's
+    (SwitchBack, Wortsman et al. 2023, does the same for the input gradient); in grad's dtype."""
+    quantize, rescale = _fused()
+    gq, gs = quantize(grad.reshape(-1, grad.shape[-1]) * scale)
+    dx = rescale(_int8_product(gq, q), gs, 1.0, grad.dtype)  # (rows, in)
+    return dx.reshape(*grad.shape[:-1], q.shape[1])
+
+
+@w8a8_linear_grad.register_fake
+def _(grad: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return grad.new_empty(*grad.shape[:-1], q.shape[1])
+
+
+def _w8a8_linear_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+    q, scale = ctx.saved_tensors
+    return w8a8_linear_grad(grad, q, scale), None, None
+
+
+w8a8_linear.register_autograd(_w8a8_linear_backward, setup_context=_int8_linear_context)
+
+
+class W8A8Linear(Int8Linear):
+    """Int8Linear whose products run in int8: the input's rows are quantized on the fly (one scale per row), the
+    product sums in int32, and the result is scaled back; the input gradient likewise.
+
+    Why: the frozen base's two products per layer (forward, input gradient) are most of a LoRA step, and int8
+    multiplies run several times faster than fp32 ones on CPUs with int8 dot products (AVX512-VNNI, AMX-INT8;
+    docs/benchmarks.md has the figures per CPU class). The rounding of the activations and gradients is the price:
+    what it costs in accuracy is measured there too.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        y = w8a8_linear(x.to(dtype), self.weight, self.weight_scale)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+
 def quantization_available(method: str, device: str | None = None) -> tuple[bool, str]:
     """Whether `method` can quantize a base on `device` here, and if not, why."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if method not in METHODS:
         return False, f"unknown quantization '{method}' (choose one of {', '.join(METHODS)})"
-    if method in ("none", "int8"):  # int8 needs torch only
+    if method in ("none", "int8", "w8a8"):  # torch only
         return True, "built in"
     for package in ("bitsandbytes", "accelerate"):  # transformers' bitsandbytes loader needs both
         if importlib.util.find_spec(package) is None:
@@ -170,13 +265,13 @@ def require_quantization(method: str, device: str | None = None, *, tuning: str 
     ok, reason = quantization_available(method, device)
     if not ok:
         fix = (f"{INSTALL_FIX}, or set lora.quantize_base: int8 (built in) or none" if method in METHODS
-               else "set lora.quantize_base to none, int8 or nf4")
+               else "set lora.quantize_base to none, int8, w8a8 or nf4")
         raise TunelabError(f"lora.quantize_base '{method}' is not available: {reason}", fix=fix)
     if method != "none" and tuning != "lora":
         raise TunelabError(f"lora.quantize_base '{method}' with tuning '{tuning}': a quantized base cannot be trained",
                            fix="set lora.quantize_base: none for full tuning, or tuning: lora")
-    if method == "int8" and use_dora:  # PEFT's DoRA reads base_layer.weight, which would be the raw int8 codes
-        raise TunelabError("lora.use_dora with lora.quantize_base 'int8': PEFT's DoRA cannot read int8 weights",
+    if method in ("int8", "w8a8") and use_dora:  # PEFT's DoRA reads base_layer.weight: the raw int8 codes
+        raise TunelabError(f"lora.use_dora with lora.quantize_base '{method}': PEFT's DoRA cannot read int8 weights",
                            fix="set lora.quantize_base: nf4 or none, or lora.use_dora: false")
 
 
@@ -206,12 +301,13 @@ def quantize_base(model: torch.nn.Module, method: str, compute_dtype: torch.dtyp
         return None
     stored = weight_bytes(model)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if method == "int8":
+    if method in ("int8", "w8a8"):
+        layer_type = Int8Linear if method == "int8" else W8A8Linear
         targets = [(n, m) for n, m in model.named_modules() if type(m) is torch.nn.Linear and m is not head]
         for name, linear in targets:
             parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, Int8Linear(linear))
-        return QuantizedInfo("int8", len(targets), stored, weight_bytes(model))
+            setattr(model.get_submodule(parent), child, layer_type(linear))
+        return QuantizedInfo(method, len(targets), stored, weight_bytes(model))
 
     import bitsandbytes as bnb
 
