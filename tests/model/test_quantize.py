@@ -199,6 +199,8 @@ def test_lora_over_quantized_base_learns_and_reloads(method, tiny_model_dir, tin
 
 def test_unavailable_method_is_a_tunelab_error(monkeypatch):
     assert quantization_available("int8") == (True, "built in")
+    ok, reason = quantization_available("w8a8", "cuda")
+    assert not ok and "CPU only" in reason
     with pytest.raises(TunelabError, match="unknown quantization 'fp8'") as err:
         require_quantization("fp8")
     assert "none, int8, w8a8 or nf4" in err.value.fix

@@ -243,6 +243,8 @@ def quantization_available(method: str, device: str | None = None) -> tuple[bool
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if method not in METHODS:
         return False, f"unknown quantization '{method}' (choose one of {', '.join(METHODS)})"
+    if method == "w8a8" and device != "cpu":  # CUDA's int8 GEMM wants > 16 rows and sizes in multiples of 8
+        return False, f"w8a8 runs on the CPU only (not {device}); int8 or nf4 quantize a base there"
     if method in ("none", "int8", "w8a8"):  # torch only
         return True, "built in"
     for package in ("bitsandbytes", "accelerate"):  # transformers' bitsandbytes loader needs both
