@@ -69,6 +69,14 @@ def _submit(state, adapter_runs, name: str | None, text: str, **kwargs) -> Colle
     return collected
 
 
+def _every_model_answers_as_its_reference(state, adapter_runs, references, prompts: list[str]) -> None:
+    """Each prompt to the base and to every adapter, all submitted at once."""
+    pending = [(name, prompt, _submit(state, adapter_runs, name, prompt))
+               for prompt, name in itertools.product(prompts, [None, *adapter_runs])]
+    for name, prompt, got in pending:
+        assert got.wait().tokens == references[(name, prompt)], (name, prompt)
+
+
 def test_the_adapters_answer_differently(references, adapter_runs):
     """Else the tests below could not tell a request served with the wrong adapter."""
     for prompt in PROMPTS:
@@ -99,10 +107,7 @@ def test_a_mixed_batch_matches_the_reference(state, references, adapter_runs):
 def test_every_lora_kernel_gives_the_same_answers(kernel, tiny_model_dir, adapter_runs, tmp_path_factory, references):
     state = _state(tiny_model_dir, adapter_runs, tmp_path_factory, max_batch_rows=6, lora_kernel=kernel)
     try:
-        pending = [(name, prompt, _submit(state, adapter_runs, name, prompt))
-                   for prompt, name in itertools.product(PROMPTS[:3], [None, *adapter_runs])]
-        for name, prompt, got in pending:
-            assert got.wait().tokens == references[(name, prompt)], (name, prompt)
+        _every_model_answers_as_its_reference(state, adapter_runs, references, PROMPTS[:3])
     finally:
         state.engine.stop(grace_seconds=5)
 
@@ -124,10 +129,7 @@ def test_a_prompt_heavy_step_runs_on_the_prefill_threads_and_decoding_on_the_oth
     state.engine.body = recording_body
     try:
         alone = _submit(state, adapter_runs, None, PROMPTS[0], max_new_tokens=3).wait()  # one prompt: < 40 tokens
-        pending = [(name, prompt, _submit(state, adapter_runs, name, prompt))
-                   for prompt, name in itertools.product(PROMPTS[:3], [None, *adapter_runs])]
-        for name, prompt, got in pending:
-            assert got.wait().tokens == references[(name, prompt)], (name, prompt)
+        _every_model_answers_as_its_reference(state, adapter_runs, references, PROMPTS[:3])
     finally:
         state.engine.stop(grace_seconds=5)
     assert alone.tokens == references[(None, PROMPTS[0])][:3]
