@@ -38,7 +38,7 @@ result row each; a method is a branch of each side's model setup or collate:
              never a number).
     w8a8     tunelab: int8 weights as int8, and the base's products in int8 too (W8A8Linear: each input row
              quantized on the fly, int32 sums; the input gradient likewise). TRL: as int8 (bitsandbytes'
-             LLM.int8, which also multiplies in int8).
+             LLM.int8, what a TRL user reaches for; not run against w8a8 yet).
     nf4      a frozen 4-bit NormalFloat base (QLoRA), bitsandbytes on both sides, the same
              BitsAndBytesConfig as tunelab's loader: nf4, double-quantized scales, compute
              dtype bf16 where the CPU has AMX (else fp32).

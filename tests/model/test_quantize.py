@@ -201,6 +201,9 @@ def test_unavailable_method_is_a_tunelab_error(monkeypatch):
     assert quantization_available("int8") == (True, "built in")
     ok, reason = quantization_available("w8a8", "cuda")
     assert not ok and "CPU only" in reason
+    with pytest.raises(TunelabError, match="w8a8 runs on the CPU only") as err:
+        require_quantization("w8a8", "cuda")
+    assert "int8" in err.value.fix and "CUDA_VISIBLE_DEVICES" in err.value.fix
     with pytest.raises(TunelabError, match="unknown quantization 'fp8'") as err:
         require_quantization("fp8")
     assert "none, int8, w8a8 or nf4" in err.value.fix

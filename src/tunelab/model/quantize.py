@@ -266,8 +266,12 @@ def require_quantization(method: str, device: str | None = None, *, tuning: str 
     call it before loading anything."""
     ok, reason = quantization_available(method, device)
     if not ok:
-        fix = (f"{INSTALL_FIX}, or set lora.quantize_base: int8 (built in) or none" if method in METHODS
-               else "set lora.quantize_base to none, int8, w8a8 or nf4")
+        if method == "w8a8":
+            fix = "set lora.quantize_base: int8 or none, or train on a machine without CUDA (CUDA_VISIBLE_DEVICES=\"\")"
+        elif method in METHODS:
+            fix = f"{INSTALL_FIX}, or set lora.quantize_base: int8 (built in) or none"
+        else:
+            fix = "set lora.quantize_base to none, int8, w8a8 or nf4"
         raise TunelabError(f"lora.quantize_base '{method}' is not available: {reason}", fix=fix)
     if method != "none" and tuning != "lora":
         raise TunelabError(f"lora.quantize_base '{method}' with tuning '{tuning}': a quantized base cannot be trained",

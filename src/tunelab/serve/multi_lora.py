@@ -68,6 +68,7 @@ class RowSlots:
     native: ModuleType | None = None  # serve/native_lora.py's module, where it built (fused)
     _offsets: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
     _keep: dict[int, torch.Tensor | None] = field(default_factory=dict, compare=False, repr=False)
+    _per_token: dict[int, torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def of(cls, slots: list[int], kernel: LoraKernel = "auto", native: ModuleType | None = None) -> RowSlots:
@@ -98,6 +99,14 @@ class RowSlots:
                 keep[torch.arange(len(self.slots)), torch.where(self.slots > 0, self.slots - lo + 1, 0)] = 1.0
                 self._keep[rank] = keep[:, 1:].reshape(len(self.slots), 1, -1)
         return self._keep[rank]
+
+    def per_token(self, tokens: int) -> torch.Tensor:
+        """(rows x tokens,) each row's slot once per token of it (fused, on a prompt pass). Once per forward."""
+        if tokens == 1:
+            return self.slots
+        if tokens not in self._per_token:
+            self._per_token[tokens] = self.slots.repeat_interleave(tokens)
+        return self._per_token[tokens]
 
     def offsets(self, n_slots: int, tokens: int) -> torch.Tensor:
         """(n_slots,) int32: where each slot's segment of the sorted (rows x tokens) ends (grouped_mm's `offs`)."""
@@ -154,10 +163,8 @@ class MultiLoraLinear(nn.Module):
         if kernel == "auto" and rows.native is not None and x.shape[1] == 1:
             kernel = "fused"
         if kernel == "fused" and _native_takes(x, y):
-            tokens = x.shape[1]
-            slots = rows.slots if tokens == 1 else rows.slots.repeat_interleave(tokens)
             rows.native.lora_add_(y.view(-1, y.shape[-1]), x.reshape(-1, x.shape[-1]).contiguous(), self.lora_a,
-                                  self.lora_b, slots)
+                                  self.lora_b, rows.per_token(x.shape[1]))
             return y
         if kernel in ("auto", "fused"):  # fused: activations the native update does not take go the torch way
             kernel = "grouped" if len(rows.groups) == 1 and rows.groups[0][1] is None else "segmented"
